@@ -1,0 +1,96 @@
+"""The `rnnserve` command: train, archive, serve."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of a training config dataclass, typed from its default."""
+    for f in dataclasses.fields(cls):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.task == "lm":
+        from rnnserve.training.lm import LMTrainConfig, train_lm
+
+        cfg = LMTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMTrainConfig)
+                               if f.name != "extra"})
+        metrics = train_lm(cfg)
+    else:
+        from rnnserve.training.translation import TranslationTrainConfig, train_translation
+
+        cfg = TranslationTrainConfig(**{f.name: getattr(args, f.name)
+                                        for f in dataclasses.fields(TranslationTrainConfig) if f.name != "extra"})
+        metrics = train_translation(cfg)
+    metrics.pop("history", None)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from rnnserve.service.archive import build_archives
+
+    for path in build_archives(args.models_dir, args.model_store):
+        print(path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from rnnserve.service.launcher import serve
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in ("host", "port", "ts_inference_port", "ts_management_port", "ts_metrics_port",
+                          "ts_grpc_inference_port", "ts_grpc_management_port", "ts_worker_port") and v is not None}
+    return serve(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and write its folder")
+    tsub = p.add_subparsers(dest="task", required=True)
+    from rnnserve.training.lm import LMTrainConfig
+
+    _add_dataclass_args(tsub.add_parser("lm", help="character-level language model on Tiny Shakespeare"),
+                        LMTrainConfig)
+    try:
+        from rnnserve.training.translation import TranslationTrainConfig
+
+        _add_dataclass_args(tsub.add_parser("translation", help="German-English seq2seq on Multi30k"),
+                            TranslationTrainConfig)
+    except ImportError:
+        pass
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("archive", help="build a .mar for every model folder into the model store")
+    p.add_argument("--models-dir", default=None)
+    p.add_argument("--model-store", default=None)
+    p.set_defaults(func=_cmd_archive)
+
+    p = sub.add_parser("serve", help="start TorchServe and the gateway in the foreground")
+    p.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gateway port (default 8000)")
+    for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management", "worker"):
+        p.add_argument(f"--ts-{name}-port", type=int, help=f"TorchServe {name} port")
+    p.set_defaults(func=_cmd_serve)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

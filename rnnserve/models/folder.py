@@ -1,0 +1,64 @@
+"""A model folder: the unit that training writes, `rnnserve archive` packs and handlers load.
+
+    config.json        {"task": "lm", "model": {...LMConfig...}, ...}
+    tokenizer.json     vocabulary (JSON, no pickle)
+    model.safetensors  weights, fp16 to keep the repository small
+    metrics.json, loss.png  written by training
+
+Weights are read with safetensors, which cannot execute code, so a folder from an untrusted
+place can at worst hold wrong numbers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+from rnnserve.models.lm import LMConfig, RNNLanguageModel
+from rnnserve.tokenizer import CharTokenizer
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_FILE = "model.safetensors"
+FILES = (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE)
+
+
+@dataclass
+class LoadedLM:
+    model: RNNLanguageModel
+    tokenizer: CharTokenizer
+    meta: dict
+
+
+def save_lm(folder: str | Path, model: RNNLanguageModel, tokenizer: CharTokenizer,
+            meta: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"task": "lm", "model": model.config.to_dict(), **(meta or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    tokenizer.save(folder / TOKENIZER_FILE)
+    # save a converted copy so the live model keeps its training dtype
+    copy = RNNLanguageModel(model.config)
+    copy.load_state_dict(model.state_dict())
+    save_model(copy.to(dtype), str(folder / WEIGHTS_FILE))
+    return folder
+
+
+def load_lm(folder: str | Path, device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.float32) -> LoadedLM:
+    folder = Path(folder)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("task") != "lm":
+        raise ValueError(f"{folder} holds a {meta.get('task')!r} model, not a language model")
+    model = RNNLanguageModel(LMConfig(**meta["model"]))
+    weights = str(folder / WEIGHTS_FILE)
+    with safe_open(weights, "pt") as f:  # load in the stored dtype, then convert
+        stored = f.get_tensor(next(iter(f.keys()))).dtype
+    model.to(stored)
+    load_model(model, weights, strict=True)
+    model.to(device=device, dtype=dtype).eval()
+    return LoadedLM(model, CharTokenizer.load(folder / TOKENIZER_FILE), meta)

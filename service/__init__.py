@@ -1,0 +1,1 @@
+"""Gateway and TorchServe handlers (installed as `rnnserve.service`)."""

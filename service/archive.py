@@ -1,0 +1,92 @@
+"""Build one TorchServe archive (.mar) per committed model folder.
+
+The archive holds the handler module, the model folder's files (weights in safetensors, config,
+tokenizer) and a model-config.yaml. The handlers import the engine from the installed `rnnserve`
+package, so the worker's Python must be the project's environment (the launcher sees to that).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from rnnserve.models.folder import FILES
+from rnnserve.paths import MODEL_STORE, MODELS_DIR
+
+log = logging.getLogger(__name__)
+
+HANDLERS_DIR = Path(__file__).resolve().parent / "handlers"
+HANDLER_FILES = {"lm": HANDLERS_DIR / "lm_handler.py"}
+
+# Per-task TorchServe settings. Why these numbers:
+# - batchSize is the number of live sequences one worker decodes together. A recurrent step costs
+#   nearly the same for 1 or 64 rows on this CPU, so a wide batch is almost free throughput.
+# - maxBatchDelay 1 ms: with continuous batching a new request joins at the next step; 0 is
+#   silently replaced by TorchServe's default of 100 ms, which would add 100 ms to every first token.
+# - responseTimeout applies per streamed frame, not per request: a step lasts ~30 ms, so 60 s only
+#   trips on a hung worker.
+# - one worker: a second process on 2 cores would halve each one's threads and duplicate the model.
+MODEL_CONFIGS: dict[str, dict] = {
+    "lm": {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": 64,
+        "maxBatchDelay": 1,
+        "responseTimeout": 60,
+        "continuousBatching": True,
+        "handler": {
+            "max_batch_size": 64,  # = batchSize: every admitted request gets a row at once
+            "max_tokens_limit": 2048,
+            "max_prompt_chars": 8192,
+            "target_step_ms": 30,  # bounds the wait of a new request for the running step
+            "max_tokens_per_step": 16,
+            "half_precision": True,  # GPU only; CPU always runs fp32
+        },
+    },
+}
+
+
+def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
+    """(name, folder, task) for every folder under models_dir holding a complete model."""
+    found = []
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+        if not all((folder / f).exists() for f in FILES):
+            continue
+        task = json.loads((folder / "config.json").read_text()).get("task")
+        if task in HANDLER_FILES:
+            found.append((folder.name, folder, task))
+    return found
+
+
+def build_archive(name: str, folder: Path, task: str, model_store: Path) -> Path:
+    model_store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(MODEL_CONFIGS[task], sort_keys=False))
+        extra = ",".join(str(folder / f) for f in FILES)
+        cmd = [_archiver(), "--model-name", name, "--version", "1.0",
+               "--handler", str(HANDLER_FILES[task]), "--extra-files", extra, "--config-file", str(config_file),
+               "--export-path", str(model_store), "--force"]
+        subprocess.run(cmd, check=True)
+    path = model_store / f"{name}.mar"
+    log.info("built %s", path)
+    return path
+
+
+def _archiver() -> str:
+    beside = Path(sys.executable).with_name("torch-model-archiver")  # the project's environment first
+    return str(beside) if beside.exists() else "torch-model-archiver"
+
+
+def build_archives(models_dir: str | Path | None = None, model_store: str | Path | None = None) -> list[Path]:
+    models_dir = Path(models_dir) if models_dir else MODELS_DIR
+    model_store = Path(model_store) if model_store else MODEL_STORE
+    folders = model_folders(models_dir)
+    if not folders:
+        raise SystemExit(f"no model folders in {models_dir}")
+    return [build_archive(name, folder, task, model_store) for name, folder, task in folders]

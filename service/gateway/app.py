@@ -1,0 +1,132 @@
+"""The gateway's app factory: settings, shared clients, middleware and error handlers, in one place."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from rnnserve import __version__
+from rnnserve.service.gateway.errors import APIError, install_error_handlers
+from rnnserve.service.gateway.metrics import Metrics
+from rnnserve.service.gateway.readiness import Readiness
+from rnnserve.service.gateway.registry import Registry
+from rnnserve.service.gateway.upstream import Upstream
+from rnnserve.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every log record (format field %(request_id)s)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class RequestContextMiddleware:
+    """X-Request-Id (accepted when well-formed, else generated) and the request body size limit.
+
+    Plain ASGI rather than BaseHTTPMiddleware, which would buffer streams and swallow cancellation.
+    """
+
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app, self.max_body = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                err = APIError(413, f"request body is larger than {self.max_body} bytes", "invalid_request_error")
+                return await _send_json(send_with_id, err)
+            seen = 0
+
+            async def limited_receive():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_body:
+                        raise _BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            except _BodyTooLarge:
+                await _send_json(send_with_id, APIError(413, f"request body is larger than {self.max_body} bytes",
+                                                        "invalid_request_error"))
+        finally:
+            request_id_var.reset(token)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_json(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    registry = Registry.from_settings(settings)
+    metrics = Metrics()
+    for name in registry.models:
+        metrics.init_model(name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upstream = Upstream(settings)
+        app.state.upstream = upstream
+        app.state.readiness = Readiness(registry, upstream, settings.ready_probe_interval_s)
+        probe = asyncio.create_task(app.state.readiness.run(), name="readiness")
+        log.info("gateway %s serving %s, TorchServe at %s", __version__, sorted(registry.models),
+                 settings.inference_url)
+        try:
+            yield
+        finally:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+            await upstream.close()
+
+    app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan,
+                  description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
+    app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
+    install_error_handlers(app)
+
+    from rnnserve.service.gateway.routes import router
+
+    app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,50 @@
+"""Dependencies of the routes, as Annotated aliases."""
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from rnnserve.service.gateway.errors import APIError
+from rnnserve.service.gateway.metrics import Metrics
+from rnnserve.service.gateway.readiness import Readiness
+from rnnserve.service.gateway.registry import Registry
+from rnnserve.service.gateway.upstream import Upstream
+from rnnserve.service.settings import Settings
+
+
+def require_api_key(request: Request) -> None:
+    """`Authorization: Bearer <key>` when API keys are configured; every key compared in constant time."""
+    keys = request.app.state.settings.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode()
+    ok = False
+    for key in keys:  # no early exit: time does not tell which key (or how much of one) matched
+        ok |= hmac.compare_digest(given, key.get_secret_value().encode())
+    if scheme.lower() != "bearer" or not ok:
+        raise APIError(401, "missing or invalid API key; send `Authorization: Bearer <key>`",
+                       "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _state(name: str):
+    def get(request: Request):
+        return getattr(request.app.state, name)
+    return get
+
+
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+RegistryDep = Annotated[Registry, Depends(_state("registry"))]
+MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
+UpstreamDep = Annotated[Upstream, Depends(_state("upstream"))]
+ReadinessDep = Annotated[Readiness, Depends(_state("readiness"))]
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "-")
+
+
+RequestIdDep = Annotated[str, Depends(request_id)]

@@ -1,0 +1,36 @@
+"""Serving metrics of the gateway (prometheus-client, `rnnserve_` prefix, seconds, `model` label).
+
+One registry per app, so that several apps in one process (tests) do not clash.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# latency buckets from 5 ms (one decode step) to 2 min (the default request deadline)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("rnnserve_requests", "Requests by route and outcome (finish reason or failure)",
+                                ["model", "route", "outcome"], registry=r)
+        self.ttft = Histogram("rnnserve_time_to_first_token_seconds", "Time from request to first text",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("rnnserve_inter_token_latency_seconds",
+                             "Time between streamed chunks divided by the tokens they carry",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("rnnserve_e2e_request_latency_seconds", "Time from request to last byte",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("rnnserve_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("rnnserve_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.running = Gauge("rnnserve_requests_running", "Requests being served", ["model"], registry=r)
+        self.cancelled = Counter("rnnserve_client_disconnects", "Streams whose client went away before the end",
+                                 ["model"], registry=r)
+
+    def init_model(self, model: str) -> None:
+        """Create the label sets at start so dashboards see zeros instead of missing series."""
+        for m in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens, self.running,
+                  self.cancelled):
+            m.labels(model=model)

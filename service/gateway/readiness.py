@@ -1,0 +1,46 @@
+"""Readiness proven by real inference: TorchServe's /ping says Healthy even while workers crash-loop.
+
+A background task asks every served model for one token, at start and then every few seconds, so
+that /readyz reports an outage and the recovery after it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rnnserve.service.gateway.registry import Registry
+from rnnserve.service.gateway.upstream import Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+PROBES = {"lm": {"prompt": "a", "max_tokens": 1, "temperature": 0.0}}
+
+
+class Readiness:
+    def __init__(self, registry: Registry, upstream: Upstream, interval_s: float) -> None:
+        self.registry, self.upstream, self.interval_s = registry, upstream, interval_s
+        self.status: dict[str, str] = {name: "not probed yet" for name in registry.models}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.status) and all(s == "ready" for s in self.status.values())
+
+    async def probe(self, name: str) -> None:
+        info = self.registry.models[name]
+        try:
+            async with asyncio.timeout(30):
+                async for frame in self.upstream.frames(name, PROBES[info.task], "readiness-probe"):
+                    if "error" in frame:
+                        raise UpstreamError(502, frame["error"].get("message", "error frame"))
+            new = "ready"
+        except (UpstreamError, TimeoutError) as e:
+            new = f"not ready: {getattr(e, 'message', None) or 'probe timed out'}"
+        if new != self.status.get(name):
+            log.info("model %s: %s", name, new)
+        self.status[name] = new
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.gather(*(self.probe(n) for n in self.registry.models))
+            # probe quickly until ready, then at the configured interval
+            await asyncio.sleep(self.interval_s if self.ready else min(1.0, self.interval_s))

@@ -1,0 +1,91 @@
+"""All configuration of rnnserve in one pydantic-settings class (environment prefix RNNSERVE_).
+
+Read once, at start-up, and passed down; nothing else reads the environment.
+"""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rnnserve.paths import MODEL_STORE, MODELS_DIR, REPO_ROOT
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_file=None, extra="ignore")
+
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    allow_public_bind: bool = False  # binding a non-loopback address must be asked for explicitly
+    api_keys: list[SecretStr] = []  # empty: no auth; else `Authorization: Bearer <key>` on every API route
+    cors_origins: list[str] = []  # CORS stays off unless origins are listed
+    request_timeout_s: float = Field(120.0, gt=0)  # whole request, streams included
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+
+    # TorchServe (started by `rnnserve serve`, or reached at ts_url when run elsewhere)
+    ts_host: str = "127.0.0.1"
+    ts_inference_port: int = Field(8080, ge=1, le=65535)
+    ts_management_port: int = Field(8081, ge=1, le=65535)
+    ts_metrics_port: int = Field(8082, ge=1, le=65535)
+    ts_grpc_inference_port: int = Field(7070, ge=1, le=65535)
+    ts_grpc_management_port: int = Field(7071, ge=1, le=65535)
+    ts_worker_port: int = Field(9000, ge=1, le=65535)  # workers use Unix sockets /tmp/.ts.sock.<port>
+    ts_url: str | None = None  # inference URL of a TorchServe not started by us (compose, k8s)
+    ts_management_url: str | None = None
+    ts_key_file: Path | None = None  # TorchServe's key_file.json; default run_dir/key_file.json
+    ts_token_auth: bool = True
+    ts_start_timeout_s: float = Field(180.0, gt=0)
+    run_dir: Path = REPO_ROOT / "run"  # TorchServe's working directory: logs, key file, config
+    model_store: Path = MODEL_STORE
+    models_dir: Path = MODELS_DIR
+    models: list[str] = []  # served models; empty = every archive in the model store
+
+    # readiness: a real inference per model, repeated so that an outage shows
+    ready_probe_interval_s: float = Field(5.0, gt=0)
+    upstream_connect_timeout_s: float = Field(2.0, gt=0)
+
+    @field_validator("host", "ts_host")
+    @classmethod
+    def _known_host(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _loopback_unless_asked(self) -> "Settings":
+        if not self.allow_public_bind and not _is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is not a loopback address; set RNNSERVE_ALLOW_PUBLIC_BIND=true "
+                             "to serve on it (and set RNNSERVE_API_KEYS)")
+        ports = [self.port, self.ts_inference_port, self.ts_management_port, self.ts_metrics_port,
+                 self.ts_grpc_inference_port, self.ts_grpc_management_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"gateway and TorchServe ports must all differ, got {ports}")
+        return self
+
+    @property
+    def inference_url(self) -> str:
+        return self.ts_url or f"http://{self.ts_host}:{self.ts_inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return self.ts_management_url or f"http://{self.ts_host}:{self.ts_management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.ts_host}:{self.ts_metrics_port}/metrics"
+
+    @property
+    def key_file(self) -> Path:
+        return self.ts_key_file or self.run_dir / "key_file.json"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,158 @@
+"""Start and stop a hardened TorchServe as a child process group.
+
+Every port binds to loopback (or ts_host); the gateway is the only client. Token authorization stays
+on: the gateway reads the keys from the key file TorchServe writes into its working directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rnnserve.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JAVA_HELP = """TorchServe needs Java 17 (a JDK or JRE), and `java` was {problem}.
+Install it, then run the command again:
+  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless
+  Fedora/RHEL:    sudo dnf install -y java-17-openjdk-headless
+  macOS:          brew install openjdk@17
+  other:          https://adoptium.net/temurin/releases/?version=17
+or point JAVA_HOME at an existing Java 17 installation."""
+
+
+def java_problem() -> str | None:
+    """None when Java 17 or newer is on PATH (or JAVA_HOME); else what is wrong, for JAVA_HELP."""
+    java = shutil.which("java")
+    if os.environ.get("JAVA_HOME") and Path(os.environ["JAVA_HOME"], "bin", "java").exists():
+        java = str(Path(os.environ["JAVA_HOME"], "bin", "java"))
+    if not java:
+        return "not found on PATH"
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"found at {java} but did not run ({e})"
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not m:
+        return f"found at {java} but its version could not be read"
+    major = int(m.group(1)) if m.group(1) != "1" else int(m.group(2) or 0)
+    if major < 17:
+        return f"found at {java} but it is Java {major}"
+    return None
+
+
+def model_archives(settings: Settings) -> list[str]:
+    names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))
+    missing = [n for n in names if not (settings.model_store / f"{n}.mar").exists()]
+    if missing:
+        raise SystemExit(f"no archive for {missing} in {settings.model_store}; run `rnnserve archive`")
+    return names
+
+
+def write_config(settings: Settings, models: list[str]) -> Path:
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    h = settings.ts_host
+    store = settings.model_store.resolve()
+    props = {
+        "inference_address": f"http://{h}:{settings.ts_inference_port}",
+        "management_address": f"http://{h}:{settings.ts_management_port}",
+        "metrics_address": f"http://{h}:{settings.ts_metrics_port}",
+        "grpc_inference_address": h,
+        "grpc_management_address": h,
+        "grpc_inference_port": settings.ts_grpc_inference_port,
+        "grpc_management_port": settings.ts_grpc_management_port,
+        "initial_worker_port": settings.ts_worker_port,
+        "model_store": store,
+        "load_models": ",".join(f"{m}={m}.mar" for m in models),
+        # no registration of models by URL, no pip installs from archives, only the local store
+        "enable_model_api": "false",
+        "install_py_dep_per_model": "false",
+        "allowed_urls": f"file://{re.escape(str(store))}/.*",
+        "enable_envvars_config": "false",
+        "disable_token_authorization": "false" if settings.ts_token_auth else "true",
+        # keys would expire after 60 min; the gateway also refreshes them through the token API
+        "token_expiration_min": 24 * 60,
+        "metrics_mode": "prometheus",
+        "max_request_size": 1024 * 1024,
+        "max_response_size": 16 * 1024 * 1024,
+        "job_queue_size": 256,
+        "default_response_timeout": 120,
+        "python": sys.executable,  # workers import rnnserve from this environment
+        "vmargs": "-Xmx1g -XX:+ExitOnOutOfMemoryError",
+    }
+    path = run_dir / "config.properties"
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
+
+
+class TorchServeProcess:
+    """TorchServe in its own process group, so stopping it also stops its Python workers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        problem = java_problem()
+        if problem:
+            raise SystemExit(JAVA_HELP.format(problem=problem))
+        models = model_archives(self.settings)
+        config = write_config(self.settings, models)
+        run_dir = self.settings.run_dir
+        (run_dir / "key_file.json").unlink(missing_ok=True)  # a stale key file would mislead the gateway
+        env = dict(os.environ, LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"),
+                   TEMP=str(run_dir / "tmp"))
+        (run_dir / "tmp").mkdir(exist_ok=True)
+        ts = Path(sys.executable).with_name("torchserve")
+        cmd = [str(ts) if ts.exists() else "torchserve", "--start", "--foreground", "--ncs",
+               "--model-store", str(self.settings.model_store.resolve()), "--ts-config", str(config)]
+        log.info("starting TorchServe: inference %s, management %s, metrics %s (logs in %s)",
+                 self.settings.inference_url, self.settings.management_url, self.settings.metrics_url,
+                 run_dir / "logs")
+        self.out = open(run_dir / "torchserve.out", "ab")
+        self.proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=self.out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # leader of its own session/group
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(pgid):
+                self.proc.poll()  # reap the leader so a zombie does not look alive
+                time.sleep(0.1)
+            if not _group_alive(pgid):
+                break
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.out.close()
+        log.info("TorchServe stopped")
+        self.proc = None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

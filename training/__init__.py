@@ -1,0 +1,1 @@
+"""Training of the served recurrent models (installed as `rnnserve.training`)."""

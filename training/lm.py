@@ -1,0 +1,165 @@
+"""Train a character-level recurrent language model with truncated BPTT.
+
+The training text is cut into `batch_size` parallel streams; each step feeds the next `seq_len`
+characters of every stream and carries the (detached) hidden state into the next window, so the
+model sees context longer than one window while gradients flow through `seq_len` steps only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rnnserve.models.folder import save_lm
+from rnnserve.models.lm import LMConfig, RNNLanguageModel, detach_state
+from rnnserve.tokenizer import CharTokenizer
+from rnnserve.training.data import shakespeare_splits
+from rnnserve.training.loop import (ProgressBar, cosine_lr, load_checkpoint, save_checkpoint, seed_everything,
+                           write_metrics)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LMTrainConfig:
+    out: str = "models/lm-shakespeare"
+    name: str = "lm-shakespeare"
+    cell: str = "lstm"
+    embed_dim: int = 128
+    hidden_size: int = 512
+    num_layers: int = 2
+    dropout: float = 0.25
+    residual: bool = False
+    tie_weights: bool = False
+    batch_size: int = 64
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    epochs: int = 10
+    max_minutes: float = 60.0  # stop early (keeping the best checkpoint) when the budget is spent
+    patience: int = 3  # epochs without validation improvement before stopping
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    seed: int = 1337
+    threads: int = 0  # 0 = torch default
+    limit_chars: int = 0  # train on a prefix only (smoke runs, tests)
+    resume: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) -> (B, N // B): B contiguous streams of the text, one per batch row."""
+    n = ids.numel() // batch_size
+    return ids[: n * batch_size].view(batch_size, n)
+
+
+@torch.no_grad()
+def evaluate_lm(model: RNNLanguageModel, ids: torch.Tensor, batch_size: int = 32, seq_len: int = 256) -> float:
+    """Mean cross-entropy (nats per character) over the whole text, state carried across windows."""
+    model.eval()
+    data = batchify(ids, batch_size)
+    state = None
+    total, count = 0.0, 0
+    for i in range(0, data.size(1) - 1, seq_len):
+        x = data[:, i: i + seq_len]
+        y = data[:, i + 1: i + 1 + seq_len]
+        x = x[:, : y.size(1)]
+        _, loss, state = model(x, state, y)
+        total += loss.item() * y.numel()
+        count += y.numel()
+    return total / max(count, 1)
+
+
+def train_lm(cfg: LMTrainConfig) -> dict:
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_text, val_text = shakespeare_splits()
+    tokenizer = CharTokenizer.from_text(train_text + val_text)
+    if cfg.limit_chars:
+        train_text, val_text = train_text[: cfg.limit_chars], val_text[: max(cfg.limit_chars // 10, 2048)]
+    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+
+    model_cfg = LMConfig(vocab_size=tokenizer.vocab_size, cell=cfg.cell, embed_dim=cfg.embed_dim,
+                         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout,
+                         residual=cfg.residual, tie_weights=cfg.tie_weights)
+    model = RNNLanguageModel(model_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data = batchify(train_ids, cfg.batch_size)
+    steps_per_epoch = (data.size(1) - 1) // cfg.seq_len
+    total_steps = steps_per_epoch * cfg.epochs
+    out = Path(cfg.out)
+    ckpt_path = out / "train_state.pt"
+    history: list[dict] = []
+    best_val, best_state, start_epoch, bad_epochs = math.inf, None, 0, 0
+    if cfg.resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, model, opt)
+        history, best_val, start_epoch = ck["history"], ck["best_val"], ck["epoch"] + 1
+        best_state = ck.get("best_state")
+        bad_epochs = ck.get("bad_epochs", 0)
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters, %d steps/epoch", model_cfg, n_params / 1e6, steps_per_epoch)
+    t0 = time.monotonic()
+    out_of_time = False
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        state = None
+        # a random shift per epoch so windows do not always start at the same characters
+        shift = int(torch.randint(0, cfg.seq_len, (1,)))
+        bar = ProgressBar(steps_per_epoch - 1, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        run_loss, n = 0.0, 0
+        for s in range(steps_per_epoch - 1):
+            i = shift + s * cfg.seq_len
+            x = data[:, i: i + cfg.seq_len]
+            y = data[:, i + 1: i + 1 + cfg.seq_len]
+            if y.size(1) < x.size(1):
+                break
+            step = epoch * steps_per_epoch + s
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+            state = detach_state(state) if state is not None else None
+            _, loss, state = model(x, state, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            run_loss += loss.item()
+            n += 1
+            bar.update(loss=run_loss / n, lr=opt.param_groups[0]["lr"])
+            if (time.monotonic() - t0) / 60 > cfg.max_minutes:
+                out_of_time = True
+                break
+        bar.close()
+        val = evaluate_lm(model, val_ids)
+        history.append({"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), "val_loss": val,
+                        "val_perplexity": math.exp(val), "minutes": (time.monotonic() - t0) / 60})
+        log.info("epoch %d: train %.4f val %.4f (%.1f min)", epoch + 1, history[-1]["train_loss"], val,
+                 history[-1]["minutes"])
+        if val < best_val:
+            best_val, bad_epochs = val, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        save_checkpoint(ckpt_path, model, opt, epoch=epoch, history=history, best_val=best_val,
+                        best_state=best_state, bad_epochs=bad_epochs)
+        if out_of_time or bad_epochs >= cfg.patience:
+            break
+
+    model.load_state_dict(best_state)
+    metrics = {"name": cfg.name, "best_val_loss": best_val, "best_val_perplexity": math.exp(best_val),
+               "best_val_bits_per_char": best_val / math.log(2), "parameters": n_params,
+               "train_minutes": (time.monotonic() - t0) / 60, "history": history, "train_config": asdict(cfg)}
+    save_lm(out, model, tokenizer, meta={"name": cfg.name})
+    write_metrics(out, metrics)
+    ckpt_path.unlink(missing_ok=True)  # the finished folder replaces the resumable state
+    return metrics
