@@ -42,6 +42,15 @@ def serve(**overrides) -> int:
     server = uvicorn.Server(config)
     log.info("rnnserve: gateway http://%s:%d (docs at /docs), TorchServe %s; Ctrl-C stops both",
              settings.host, settings.port, settings.inference_url)
+    received: list[int] = []
+
+    def remember(signum, _frame) -> None:
+        received.append(signum)
+
+    # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place
+    # that re-raise lands here instead of killing the process before TorchServe is stopped
+    signal.signal(signal.SIGINT, remember)
+    signal.signal(signal.SIGTERM, remember)
     try:
         server.run()
     finally:

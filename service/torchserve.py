@@ -8,45 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from rnnserve.service.java import JAVA_HELP, java_problem
 from rnnserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-JAVA_HELP = """TorchServe needs Java 17 (a JDK or JRE), and `java` was {problem}.
-Install it, then run the command again:
-  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless
-  Fedora/RHEL:    sudo dnf install -y java-17-openjdk-headless
-  macOS:          brew install openjdk@17
-  other:          https://adoptium.net/temurin/releases/?version=17
-or point JAVA_HOME at an existing Java 17 installation."""
-
-
-def java_problem() -> str | None:
-    """None when Java 17 or newer is on PATH (or JAVA_HOME); else what is wrong, for JAVA_HELP."""
-    java = shutil.which("java")
-    if os.environ.get("JAVA_HOME") and Path(os.environ["JAVA_HOME"], "bin", "java").exists():
-        java = str(Path(os.environ["JAVA_HOME"], "bin", "java"))
-    if not java:
-        return "not found on PATH"
-    try:
-        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"found at {java} but did not run ({e})"
-    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
-    if not m:
-        return f"found at {java} but its version could not be read"
-    major = int(m.group(1)) if m.group(1) != "1" else int(m.group(2) or 0)
-    if major < 17:
-        return f"found at {java} but it is Java {major}"
-    return None
-
 
 def model_archives(settings: Settings) -> list[str]:
     names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))

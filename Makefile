@@ -1,0 +1,32 @@
+# The two commands of the README: `make serve` and `make test`. Both set up from nothing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test setup archive java clean
+
+serve: java archive
+	$(BIN)/rnnserve serve
+
+test: java archive
+	$(BIN)/pytest -q
+
+# stops at once, before installing anything, when Java 17 is missing
+java:
+	@$(PYTHON) service/java.py
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel (pyproject.toml); reinstall only when the project file changes
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "rnnserve needs Python 3.11 or newer")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+archive: setup
+	$(BIN)/rnnserve archive
+
+clean:
+	rm -rf run model_store/*.mar

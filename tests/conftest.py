@@ -1,0 +1,34 @@
+"""Shared fixtures: the committed model folders and a small random model for fast unit tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnserve.models.folder import load_lm, save_lm
+from rnnserve.models.lm import LMConfig, RNNLanguageModel
+from rnnserve.paths import MODELS_DIR
+from rnnserve.tokenizer import CharTokenizer
+from rnnserve.training.data import SHAKESPEARE
+
+LM_FOLDER = MODELS_DIR / "lm-shakespeare"
+
+
+@pytest.fixture(scope="session")
+def corpus_chars() -> set[str]:
+    return set(SHAKESPEARE.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory) -> Path:
+    """A small random LSTM with the real vocabulary: fast, and loads through the real folder code."""
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text(SHAKESPEARE.read_text())
+    model = RNNLanguageModel(LMConfig(vocab_size=tok.vocab_size, embed_dim=16, hidden_size=32, num_layers=2))
+    return save_lm(tmp_path_factory.mktemp("tiny") / "tiny-lm", model, tok, meta={"name": "tiny-lm"})
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_lm_folder):
+    return load_lm(tiny_lm_folder)

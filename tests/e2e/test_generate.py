@@ -1,0 +1,84 @@
+"""Generation through the real gateway and TorchServe, streamed and not."""
+import json
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def sse_events(resp) -> list:
+    events = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", f"unexpected SSE line {line!r}"
+    return events
+
+
+def test_non_streamed_generation_is_corpus_text_of_the_requested_length(stack, corpus_chars):
+    with stack.client() as c:
+        r = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "ROMEO:", "max_tokens": 120,
+                                          "temperature": 0.8, "seed": 11})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "model", "text", "finish_reason", "usage"}
+    assert body["id"] == r.headers["x-request-id"]
+    assert body["model"] == "lm-shakespeare" and body["finish_reason"] == "length"
+    assert len(body["text"]) == 120 and set(body["text"]) <= corpus_chars
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 120, "total_tokens": 126}
+    # a trained model writes words: mostly letters and spaces
+    letters = sum(ch.isalpha() or ch.isspace() for ch in body["text"])
+    assert letters / len(body["text"]) > 0.8, body["text"]
+
+
+def test_streamed_generation_matches_the_non_streamed_one_for_the_same_seed(stack, corpus_chars):
+    req = {"model": "lm-shakespeare", "prompt": "JULIET:\n", "max_tokens": 200, "temperature": 0.9, "seed": 5}
+    with stack.client() as c:
+        whole = c.post("/v1/generate", json=req).json()
+        with c.stream("POST", "/v1/generate", json={**req, "stream": True}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks, last = events[:-2], events[-2]
+    assert len(chunks) >= 2  # it really streamed
+    assert all(set(e) == {"id", "model", "text"} for e in chunks)
+    assert last["finish_reason"] == "length"
+    assert last["usage"] == {"prompt_tokens": 8, "completion_tokens": 200, "total_tokens": 208}
+    text = "".join(e["text"] for e in events[:-1])
+    assert text == whole["text"] and len(text) == 200 and set(text) <= corpus_chars
+
+
+def test_same_seed_same_text_different_seed_different_text(stack):
+    req = {"model": "lm-shakespeare", "prompt": "KING:", "max_tokens": 60, "seed": 123}
+    with stack.client() as c:
+        a = c.post("/v1/generate", json=req).json()["text"]
+        b = c.post("/v1/generate", json=req).json()["text"]
+        other = c.post("/v1/generate", json={**req, "seed": 124}).json()["text"]
+    assert a == b and a != other
+
+
+def test_health_readiness_and_models(stack):
+    with stack.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok", "models": {}}
+        assert c.get("/readyz").json() == {"status": "ready", "models": {"lm-shakespeare": "ready"}}
+        models = c.get("/v1/models").json()
+    assert models["object"] == "list"
+    (card,) = models["data"]
+    assert {k: card[k] for k in ("id", "object", "task", "cell", "vocab_size")} == {
+        "id": "lm-shakespeare", "object": "model", "task": "lm", "cell": "lstm", "vocab_size": 65}
+
+
+def test_invalid_request_gets_one_error_shape_and_changes_nothing(stack):
+    with stack.client() as c:
+        r = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "a", "max_tokens": 0})
+        assert r.status_code == 400
+        assert r.json() == {"error": {"message": "max_tokens: Input should be greater than or equal to 1",
+                                      "type": "invalid_request_error", "param": "max_tokens", "code": 400}}
+        r = c.post("/v1/generate", json={"model": "nope", "prompt": "a"})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        ok = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "a", "max_tokens": 3})
+        assert ok.status_code == 200 and len(ok.json()["text"]) == 3

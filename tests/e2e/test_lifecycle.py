@@ -1,0 +1,45 @@
+"""Starting and stopping `rnnserve serve`: Ctrl-C or SIGTERM leaves no java or worker process behind."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.conftest import start_stack, stop_stack
+
+pytestmark = pytest.mark.e2e
+
+
+def processes_of(run_dir) -> list[str]:
+    """TorchServe's java and its Python workers carry the stack's run directory on their command line."""
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(run_dir) in line and "ps -eww" not in line]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_gateway_torchserve_and_workers(tmp_path, sig):
+    stack = start_stack(tmp_path)
+    try:
+        procs = processes_of(stack.run_dir)
+        assert any("java" in p for p in procs) and any("model_service_worker" in p for p in procs)
+        stack.proc.send_signal(sig)
+        assert stack.proc.wait(timeout=60) == 0
+    finally:
+        stop_stack(stack)
+    deadline = time.monotonic() + 10
+    while processes_of(stack.run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(stack.run_dir) == []
+    assert "TorchServe stopped" in stack.log.read_text()
+
+
+def test_missing_java_stops_at_once_with_install_instructions(tmp_path):
+    env = {"PATH": "/nonexistent", "HOME": str(tmp_path)}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "rnnserve.cli", "serve", "--port", "8999"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "TorchServe needs Java 17 or newer" in r.stderr
+    assert "apt-get install -y openjdk-17-jre-headless" in r.stderr
+    assert time.monotonic() - t0 < 30

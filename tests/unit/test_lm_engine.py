@@ -1,0 +1,97 @@
+import pytest
+
+from rnnserve.engine.lm_engine import LMEngine
+from rnnserve.engine.sampling import SamplingParams
+
+
+def run(engine, num_tokens=1):
+    texts, finals = {}, {}
+    while engine.has_work():
+        for o in engine.step(num_tokens):
+            texts[o.request_id] = texts.get(o.request_id, "") + o.text
+            if o.finished:
+                finals[o.request_id] = o
+    return texts, finals
+
+
+def test_generates_exactly_max_tokens_from_the_vocabulary(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("a", "ROMEO:", SamplingParams(max_tokens=37, seed=1))
+    texts, finals = run(e, 4)
+    assert len(texts["a"]) == 37
+    assert set(texts["a"]) <= set(tiny_lm.tokenizer.chars)
+    assert finals["a"].finish_reason == "length"
+    assert (finals["a"].prompt_tokens, finals["a"].completion_tokens) == (6, 37)
+    assert e.num_running == 0 and e.request_ids() == []
+
+
+def test_seeded_output_does_not_depend_on_batch_or_step_size(tiny_lm):
+    alone = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    alone.add("x", "To be", SamplingParams(max_tokens=50, seed=42, top_p=0.9, top_k=20))
+    ref, _ = run(alone, 1)
+
+    shared = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    shared.add("o1", "Other text", SamplingParams(max_tokens=80, seed=1))
+    shared.step(3)  # x joins a batch that is already running
+    shared.add("x", "To be", SamplingParams(max_tokens=50, seed=42, top_p=0.9, top_k=20))
+    shared.add("o2", "", SamplingParams(max_tokens=5, temperature=0.0))
+    texts, _ = run(shared, 7)
+    assert texts["x"] == ref["x"]
+
+
+def test_stop_string_ends_the_text_before_it_and_is_never_streamed(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("g", "", SamplingParams(max_tokens=200, temperature=0.0))
+    full, _ = run(e)
+    stop = full["g"][20:23]  # greedy text is deterministic: stop where it is known to occur
+    first = full["g"].find(stop)
+    e.add("s", "", SamplingParams(max_tokens=200, temperature=0.0, stop=[stop]))
+    streamed = []
+    while e.has_work():
+        for o in e.step(1):
+            streamed.append(o.text)
+            final = o
+    assert "".join(streamed) == full["g"][:first]
+    assert final.finish_reason == "stop"
+    assert all(stop not in "".join(streamed[: i + 1]) for i in range(len(streamed)))
+
+
+def test_batch_capacity_queues_the_rest(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer, max_batch_size=2)
+    for i in range(3):
+        e.add(f"r{i}", "a", SamplingParams(max_tokens=3))
+    outs = e.step(1)
+    assert [o.request_id for o in outs] == ["r0", "r1"]
+    assert e.num_waiting == 1
+    texts, _ = run(e)
+    assert len(texts["r2"]) == 3
+
+
+def test_abort_frees_the_row_and_others_continue(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("keep", "a", SamplingParams(max_tokens=10, seed=3))
+    e.add("gone", "b", SamplingParams(max_tokens=10))
+    e.step(2)
+    assert e.abort("gone") and not e.abort("gone")
+    assert e.num_running == 1
+    texts, finals = run(e)
+    assert "gone" not in finals and finals["keep"].completion_tokens == 10
+
+
+def test_invalid_request_is_refused_and_leaves_no_trace(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer, max_tokens_limit=100, max_prompt_chars=10)
+    with pytest.raises(ValueError, match="at most 100"):
+        e.add("a", "x", SamplingParams(max_tokens=101))
+    with pytest.raises(ValueError, match="at most 10 characters"):
+        e.add("b", "x" * 11, SamplingParams())
+    assert not e.has_work() and e.request_ids() == []
+    e.add("a", "x", SamplingParams(max_tokens=2))  # the id is free again
+    with pytest.raises(ValueError, match="duplicate"):
+        e.add("a", "x", SamplingParams(max_tokens=2))
+
+
+def test_unknown_prompt_characters_are_served(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("u", "Ça va? \U0001F600 — ☃", SamplingParams(max_tokens=5))
+    texts, finals = run(e)
+    assert len(texts["u"]) == 5

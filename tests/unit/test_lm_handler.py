@@ -1,0 +1,103 @@
+"""The TorchServe handler driven as the continuous-batching frontend drives it (ContinuousBatching.java):
+each call re-sends the requests still in flight with an empty payload and adds new ones."""
+import json
+
+from rnnserve.service.handlers.lm_handler import LanguageModelHandler
+
+
+class FakeContext:
+    def __init__(self, model_dir, handler_cfg=None):
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.model_yaml_config = {"handler": handler_cfg or {"max_batch_size": 8, "target_step_ms": 5}}
+        self.request_ids = {}
+        self.stopping_criteria = None
+
+
+class Frontend:
+    def __init__(self, handler, ctx):
+        self.h, self.ctx = handler, ctx
+        self.inflight: list[str] = []
+        self.new: dict[str, dict] = {}
+        self.frames: dict[str, list[dict]] = {}
+
+    def submit(self, rid, body):
+        self.new[rid] = body
+
+    def step(self):
+        ids = self.inflight + list(self.new)
+        batch = [{"body": {}} for _ in self.inflight] + [{"body": b} for b in self.new.values()]
+        self.new = {}
+        self.ctx.request_ids = dict(enumerate(ids))
+        out = self.h.handle(batch, self.ctx)
+        assert len(out) == len(ids)
+        self.inflight = []
+        for i, (rid, frame) in enumerate(zip(ids, out)):
+            assert frame.endswith("\n") and frame.count("\n") == 1
+            self.frames.setdefault(rid, []).append(json.loads(frame))
+            if not self.ctx.stopping_criteria[i](frame):
+                self.inflight.append(rid)
+
+    def drain(self):
+        while self.inflight or self.new:
+            self.step()
+
+
+def make(tiny_lm_folder):
+    ctx = FakeContext(tiny_lm_folder)
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    return Frontend(h, ctx)
+
+
+def test_streams_end_with_usage_and_the_first_frame_is_never_the_last(tiny_lm_folder):
+    fe = make(tiny_lm_folder)
+    fe.submit("a", {"prompt": "ROMEO:", "max_tokens": 2, "seed": 1})  # finishes within its first step
+    fe.submit("b", {"prompt": "", "max_tokens": 40, "seed": 2})
+    fe.drain()
+    for rid, n in (("a", 2), ("b", 40)):
+        frames = fe.frames[rid]
+        assert len(frames) >= 2  # TorchServe cannot end a stream on its first frame
+        assert "finish_reason" not in frames[0]
+        assert frames[-1]["finish_reason"] == "length"
+        assert frames[-1]["usage"]["completion_tokens"] == n
+        assert len("".join(f["text"] for f in frames)) == n
+    assert fe.frames["a"][-1]["usage"]["prompt_tokens"] == 6
+
+
+def test_a_bad_request_gets_its_own_error_and_others_go_on(tiny_lm_folder):
+    fe = make(tiny_lm_folder)
+    fe.submit("good", {"prompt": "a", "max_tokens": 30, "seed": 1})
+    fe.step()
+    fe.submit("bad", {"prompt": "a", "max_tokens": 10**9})
+    fe.submit("junk", b"\xff\xfe not json")
+    fe.submit("extra", {"prompt": "a", "nope": 1})
+    fe.drain()
+    assert fe.frames["bad"][-1] == {"error": {"message": "max_tokens must be at most 2048",
+                                              "type": "invalid_request_error", "code": 400}}
+    assert fe.frames["junk"][-1]["error"]["message"].startswith("request body is not valid JSON")
+    assert fe.frames["extra"][-1]["error"]["message"] == "unknown fields: ['nope']"
+    assert fe.frames["good"][-1]["usage"]["completion_tokens"] == 30
+
+
+def test_a_request_that_disappears_frees_its_row(tiny_lm_folder):
+    fe = make(tiny_lm_folder)
+    fe.submit("stay", {"prompt": "a", "max_tokens": 60})
+    fe.submit("leave", {"prompt": "b", "max_tokens": 60})
+    fe.step()
+    assert fe.h.engine.num_running == 2
+    fe.inflight.remove("leave")  # the frontend dropped it: its client closed the connection
+    fe.step()
+    assert fe.h.engine.num_running == 1 and "leave" not in fe.h.engine
+    assert fe.h.aborted == 1
+    fe.drain()
+    assert fe.frames["stay"][-1]["finish_reason"] == "length"
+
+
+def test_same_seed_same_text_through_the_handler(tiny_lm_folder):
+    texts = []
+    for _ in range(2):
+        fe = make(tiny_lm_folder)
+        fe.submit("x", {"prompt": "KING:", "max_tokens": 25, "seed": 9, "temperature": 0.8})
+        fe.drain()
+        texts.append("".join(f["text"] for f in fe.frames["x"]))
+    assert texts[0] == texts[1] and len(texts[0]) == 25

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from rnnserve.engine.sampling import SamplingParams, make_generator, sample_rows
+
+
+def _params(B, temperature=1.0, top_k=0, top_p=1.0):
+    return (torch.full((B,), float(temperature)), torch.full((B,), top_k, dtype=torch.long),
+            torch.full((B,), float(top_p)))
+
+
+def test_greedy_rows_take_the_argmax_and_draw_nothing():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [2.0, 0.0, 1.0]])
+    g = [make_generator(1), make_generator(2)]
+    before = [x.get_state().clone() for x in g]
+    out = sample_rows(logits, *_params(2, temperature=0.0), g)
+    assert out.tolist() == [1, 0]
+    assert all(torch.equal(b, x.get_state()) for b, x in zip(before, g))
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 30)
+    g = [make_generator(i) for i in range(5)]
+    assert torch.equal(sample_rows(logits, *_params(5, top_k=1), g), logits.argmax(-1))
+    assert torch.equal(sample_rows(logits, *_params(5, top_p=1e-6), g), logits.argmax(-1))
+
+
+def test_top_k_only_samples_among_the_k_best():
+    logits = torch.tensor([[5.0, 4.0, 3.0, -1.0, -2.0]]).repeat(400, 1)
+    g = [make_generator(i) for i in range(400)]
+    out = sample_rows(logits, *_params(400, temperature=5.0, top_k=2), g)
+    assert set(out.tolist()) == {0, 1}
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log().unsqueeze(0).repeat(20000, 1)
+    g = [make_generator(i) for i in range(20000)]
+    out = sample_rows(logits, *_params(20000), g)
+    freq = torch.bincount(out, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def test_a_rows_draw_does_not_depend_on_its_neighbours():
+    torch.manual_seed(0)
+    row = torch.randn(1, 50)
+    alone = sample_rows(row, *_params(1, top_p=0.9), [make_generator(7)])
+    others = torch.randn(3, 50)
+    batch = torch.cat([others[:2], row, others[2:]])
+    mixed = sample_rows(batch, *_params(4, top_p=0.9), [make_generator(s) for s in (1, 2, 7, 3)])
+    assert mixed[2] == alone[0]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_tokens", 0, "max_tokens"), ("temperature", float("nan"), "temperature"), ("temperature", 9.0, "temperature"),
+    ("top_p", 0.0, "top_p"), ("top_k", -1, "top_k"), ("stop", [""], "stop"), ("seed", -5, "seed"),
+])
+def test_invalid_params_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value}).validate()
+
+
+def test_max_tokens_limit():
+    with pytest.raises(ValueError, match="at most 10"):
+        SamplingParams(max_tokens=11).validate(max_tokens_limit=10)
