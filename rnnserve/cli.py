@@ -47,13 +47,15 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from rnnserve.service.launcher import serve
+SERVE_OPTIONS = ("host", "port", "ts_host", "ts_inference_port", "ts_management_port", "ts_metrics_port",
+                 "ts_grpc_inference_port", "ts_grpc_management_port", "ts_worker_port")
 
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in ("host", "port", "ts_inference_port", "ts_management_port", "ts_metrics_port",
-                          "ts_grpc_inference_port", "ts_grpc_management_port", "ts_worker_port") and v is not None}
-    return serve(**overrides)
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from rnnserve.service import launcher
+
+    overrides = {k: v for k, v in vars(args).items() if k in SERVE_OPTIONS and v is not None}
+    return getattr(launcher, args.command)(**overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-store", default=None)
     p.set_defaults(func=_cmd_archive)
 
-    p = sub.add_parser("serve", help="start TorchServe and the gateway in the foreground")
-    p.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="gateway port (default 8000)")
-    for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management", "worker"):
-        p.add_argument(f"--ts-{name}-port", type=int, help=f"TorchServe {name} port")
-    p.set_defaults(func=_cmd_serve)
+    for command, text in (("serve", "start TorchServe and the gateway in the foreground"),
+                          ("gateway", "start the gateway only (TorchServe at RNNSERVE_TS_URL)"),
+                          ("torchserve", "start TorchServe only, in the foreground")):
+        p = sub.add_parser(command, help=text)
+        p.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="gateway port (default 8000)")
+        p.add_argument("--ts-host", help="TorchServe bind address (default 127.0.0.1)")
+        for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management", "worker"):
+            p.add_argument(f"--ts-{name}-port", type=int, help=f"TorchServe {name} port")
+        p.set_defaults(func=_cmd_serve)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,4 +1,5 @@
-"""`rnnserve serve`: TorchServe and the gateway together, in the foreground.
+"""Process entry points: `rnnserve serve` (TorchServe and the gateway together, in the foreground),
+`rnnserve gateway` and `rnnserve torchserve` (one each, for containers and clusters).
 
 SIGINT or SIGTERM stops uvicorn first (open streams end), then TorchServe's whole process group,
 so no java or worker process outlives the command.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 import uvicorn
 
@@ -29,32 +31,63 @@ def configure_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-def serve(**overrides) -> int:
-    configure_logging()
-    settings = Settings(**overrides)
+def _record_signals() -> list[int]:
+    """Handlers that only note SIGINT/SIGTERM.
+
+    uvicorn re-raises the signal it caught once it has shut down; with these handlers in place the
+    re-raise lands here instead of killing the process before TorchServe is stopped.
+    """
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    return received
+
+
+def _run_gateway(settings: Settings) -> None:
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=10, access_log=False)
+    uvicorn.Server(config).run()
+
+
+def _start_torchserve(settings: Settings) -> TorchServeProcess:
     if not settings.models and not any(settings.model_store.glob("*.mar")):
         build_archives(settings.models_dir, settings.model_store)
     ts = TorchServeProcess(settings)
     ts.start()
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=10, access_log=False)
-    server = uvicorn.Server(config)
+    return ts
+
+
+def gateway(**overrides) -> int:
+    """The gateway alone, for a TorchServe started elsewhere (RNNSERVE_TS_URL)."""
+    configure_logging()
+    _run_gateway(Settings(**overrides))
+    return 0
+
+
+def torchserve(**overrides) -> int:
+    """TorchServe alone in the foreground (the model-server container)."""
+    configure_logging()
+    settings = Settings(**overrides)
+    received = _record_signals()
+    ts = _start_torchserve(settings)
+    try:
+        while ts.running() and not received:
+            time.sleep(0.5)
+    finally:
+        ts.stop()
+    return 0 if received else 1
+
+
+def serve(**overrides) -> int:
+    configure_logging()
+    settings = Settings(**overrides)
+    ts = _start_torchserve(settings)
     log.info("rnnserve: gateway http://%s:%d (docs at /docs), TorchServe %s; Ctrl-C stops both",
              settings.host, settings.port, settings.inference_url)
-    received: list[int] = []
-
-    def remember(signum, _frame) -> None:
-        received.append(signum)
-
-    # uvicorn re-raises the signal it caught once it has shut down; with these handlers in place
-    # that re-raise lands here instead of killing the process before TorchServe is stopped
-    signal.signal(signal.SIGINT, remember)
-    signal.signal(signal.SIGTERM, remember)
+    _record_signals()
     try:
-        server.run()
+        _run_gateway(settings)
     finally:
-        # uvicorn handled SIGINT/SIGTERM; ignore a second Ctrl-C while TorchServe shuts down
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan TorchServe
         ts.stop()
     return 0
