@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from rnnserve.models.lm import LMConfig, RNNLanguageModel
-from rnnserve.tokenizer import CharTokenizer
+from rnnserve.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from rnnserve.tokenizer import CharTokenizer, WordTokenizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -42,9 +43,7 @@ def save_lm(folder: str | Path, model: RNNLanguageModel, tokenizer: CharTokenize
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     tokenizer.save(folder / TOKENIZER_FILE)
     # save a converted copy so the live model keeps its training dtype
-    copy = RNNLanguageModel(model.config)
-    copy.load_state_dict(model.state_dict())
-    save_model(copy.to(dtype), str(folder / WEIGHTS_FILE))
+    _save_weights(folder, model, RNNLanguageModel(model.config), dtype)
     return folder
 
 
@@ -55,10 +54,51 @@ def load_lm(folder: str | Path, device: str | torch.device = "cpu",
     if meta.get("task") != "lm":
         raise ValueError(f"{folder} holds a {meta.get('task')!r} model, not a language model")
     model = RNNLanguageModel(LMConfig(**meta["model"]))
+    _load_weights(folder, model, device, dtype)
+    return LoadedLM(model, CharTokenizer.load(folder / TOKENIZER_FILE), meta)
+
+
+@dataclass
+class LoadedTranslation:
+    model: Seq2Seq
+    src: WordTokenizer
+    tgt: WordTokenizer
+    meta: dict
+
+
+def _save_weights(folder: Path, model: torch.nn.Module, copy: torch.nn.Module, dtype: torch.dtype) -> None:
+    copy.load_state_dict(model.state_dict())
+    save_model(copy.to(dtype), str(folder / WEIGHTS_FILE))
+
+
+def _load_weights(folder: Path, model: torch.nn.Module, device, dtype: torch.dtype) -> None:
     weights = str(folder / WEIGHTS_FILE)
     with safe_open(weights, "pt") as f:  # load in the stored dtype, then convert
         stored = f.get_tensor(next(iter(f.keys()))).dtype
     model.to(stored)
     load_model(model, weights, strict=True)
     model.to(device=device, dtype=dtype).eval()
-    return LoadedLM(model, CharTokenizer.load(folder / TOKENIZER_FILE), meta)
+
+
+def save_translation(folder: str | Path, model: Seq2Seq, src: WordTokenizer, tgt: WordTokenizer,
+                     meta: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"task": "translation", "model": model.config.to_dict(), **(meta or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    (folder / TOKENIZER_FILE).write_text(json.dumps({"type": "seq2seq", "src": src.to_dict(), "tgt": tgt.to_dict()},
+                                                    ensure_ascii=False))
+    _save_weights(folder, model, Seq2Seq(model.config), dtype)
+    return folder
+
+
+def load_translation(folder: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> LoadedTranslation:
+    folder = Path(folder)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("task") != "translation":
+        raise ValueError(f"{folder} holds a {meta.get('task')!r} model, not a translation model")
+    model = Seq2Seq(Seq2SeqConfig(**meta["model"]))
+    _load_weights(folder, model, device, dtype)
+    tok = json.loads((folder / TOKENIZER_FILE).read_text())
+    return LoadedTranslation(model, WordTokenizer.from_dict(tok["src"]), WordTokenizer.from_dict(tok["tgt"]), meta)
