@@ -39,6 +39,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from rnnserve.training.evaluate import main as evaluate
+
+    return evaluate(args)
+
+
 def _cmd_archive(args: argparse.Namespace) -> int:
     from rnnserve.service.archive import build_archives
 
@@ -77,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="loss/perplexity on a text, or BLEU/chrF on line-aligned files")
+    p.add_argument("model", help="served model name (folder under models/) or a model folder")
+    p.add_argument("--text-file", help="language models: text to score")
+    p.add_argument("--src-file", help="translation: source sentences, one per line")
+    p.add_argument("--ref-file", help="translation: reference translations, line-aligned with --src-file")
+    p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("archive", help="build a .mar for every model folder into the model store")
     p.add_argument("--models-dir", default=None)

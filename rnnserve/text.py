@@ -11,7 +11,10 @@ import html
 import re
 import unicodedata
 
-_SPLIT = re.compile(r'([!?;:()\[\]"„“”«»…]|(?<!\d),|,(?!\d)|\.(?=\s|$)|(?<=\s)\.)')
+_SPLIT = re.compile(r'(\.\.\.|[!?;:()\[\]"„“”«»…]|(?<!\d),|,(?!\d))')
+# Moses keeps the period of these words (and of words with an inner period, e.g. "e.s.e.")
+# unless the word ends the sentence
+_NONBREAKING = {"ca", "usw", "bzw", "st", "dr", "mr", "mrs", "ms", "nr", "vs", "etc", "jr", "sr", "z.b"}
 _APOSTROPHE = re.compile(r"(\w)'(\w)")
 _ESCAPES = {"&": "&amp;", "'": "&apos;", '"': "&quot;", "<": "&lt;", ">": "&gt;", "[": "&#91;", "]": "&#93;",
             "|": "&#124;"}
@@ -19,11 +22,19 @@ _QUOTES = str.maketrans({"„": '"', "“": '"', "”": '"', "«": '"', "»": '"
 
 
 def tokenize(text: str) -> list[str]:
-    text = unicodedata.normalize("NFC", text).translate(_QUOTES).lower()
+    """Raw or already Moses-tokenized text -> lowercased, escaped tokens (idempotent on Multi30k's files)."""
+    text = unicodedata.normalize("NFC", html.unescape(text)).translate(_QUOTES).lower()
     text = " ".join(text.split())
     text = _APOSTROPHE.sub(r"\1 '\2", text)  # man's -> man 's ; don't -> don 't (Moses' English rule)
-    text = _SPLIT.sub(r" \1 ", text)
-    return ["".join(_ESCAPES.get(ch, ch) for ch in tok) for tok in text.split()]
+    words = _SPLIT.sub(r" \1 ", text).split()
+    tokens: list[str] = []
+    for i, w in enumerate(words):
+        if len(w) > 1 and w.endswith(".") and w != "..." and not (
+                i < len(words) - 1 and ("." in w[:-1] or w[:-1] in _NONBREAKING)):
+            tokens += [w[:-1], "."]
+        else:
+            tokens.append(w)
+    return ["".join(_ESCAPES.get(ch, ch) for ch in tok) for tok in tokens]
 
 
 _NO_SPACE_BEFORE = {".", ",", "!", "?", ";", ":", ")", "]", "..."}
