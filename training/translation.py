@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rnnserve.engine.beam import beam_search
+from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
 from rnnserve.models.folder import save_translation
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq, Seq2SeqConfig
 from rnnserve.tokenizer import WordTokenizer
@@ -93,16 +93,17 @@ def evaluate_loss(model: Seq2Seq, pairs: list, batch_size: int = 256) -> float:
 
 def translate_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int = 1, batch_size: int = 128,
                   alpha: float = 0.6) -> list[list[int]]:
-    """Batched decoding in the input order."""
-    out: list[list[int] | None] = [None] * len(src_ids)
-    order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]))
-    for j in range(0, len(order), batch_size):
-        idx = order[j: j + batch_size]
-        src, src_len, _ = to_batch([(src_ids[i] or [PAD], []) for i in idx])
-        src_len = src_len.clamp(min=1)
-        for i, hyp in zip(idx, beam_search(model, src, src_len, beam_size=beam_size, alpha=alpha)):
-            out[i] = hyp.tokens
-    return out  # type: ignore[return-value]
+    """Decode many sentences with the serving engine, `batch_size` sentences in flight, input order kept."""
+    engine = TranslationEngine(model, max_rows=batch_size * beam_size)
+    params = TranslationParams(beam_size=beam_size, length_penalty=alpha)
+    for i, src in enumerate(src_ids):  # one request per sentence: rows free up as sentences end
+        engine.add(str(i), [src], params)
+    out: list[list[int]] = [[] for _ in src_ids]
+    while engine.has_work():
+        for o in engine.step():
+            if o.finished:
+                out[int(o.request_id)] = o.results[0].tokens
+    return out
 
 
 def corpus_bleu(hyps: list[str], refs: list[str]) -> tuple[float, float]:

@@ -1,0 +1,332 @@
+"""Continuous-batching beam search for the attention encoder-decoder, in plain torch.
+
+Every sentence of every request owns `beam_size` consecutive rows of one running batch (greedy is
+a beam of one). `step()` encodes the sentences that arrived, advances all rows by one token with a
+single decoder call, picks each sentence's next beams (sentences with the same beam width are
+ranked together, vectorised), reorders the rows and retires finished sentences. Sentences of
+different source lengths share the batch: encoder outputs are right-padded and masked.
+
+A finished beam keeps its score and extends only with padding, so it competes until the sentence
+ends; the best hypothesis is chosen by score / ((5 + length) / 6) ** alpha (GNMT length penalty).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq
+
+MAX_BEAM = 8
+
+
+@dataclass
+class TranslationParams:
+    beam_size: int = 4
+    max_tokens: int | None = None  # None: 2 * source length + 10
+    length_penalty: float = 0.6
+    return_attention: bool = False
+
+    def validate(self, max_tokens_limit: int) -> None:
+        if not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= MAX_BEAM:
+            raise ValueError(f"beam_size must be between 1 and {MAX_BEAM}")
+        if self.max_tokens is not None and not (isinstance(self.max_tokens, int)
+                                                and 1 <= self.max_tokens <= max_tokens_limit):
+            raise ValueError(f"max_tokens must be between 1 and {max_tokens_limit}")
+        if not 0.0 <= float(self.length_penalty) <= 2.0:
+            raise ValueError("length_penalty must be between 0 and 2")
+
+
+@dataclass
+class SentenceResult:
+    tokens: list[int]  # best hypothesis, without <bos>/<eos>
+    score: float
+    finish_reason: str  # "stop" (ended with <eos>) | "length"
+    attention: list[list[float]] | None = None
+
+
+@dataclass
+class TranslationOutput:
+    request_id: str
+    new_tokens: dict[int, list[int]]  # sentence index -> tokens now certain (shared by every beam)
+    finished: bool = False
+    results: list[SentenceResult] | None = None  # when finished, in input order
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Sentence:
+    request_id: str
+    index: int
+    src: list[int]
+    K: int
+    max_len: int
+    alpha: float
+    attention: bool
+    steps: int = 0
+    emitted: int = 0
+    done: bool = False
+    result: SentenceResult | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    sentences: list[_Sentence]
+
+
+class TranslationEngine:
+    def __init__(self, model: Seq2Seq, max_rows: int = 256, max_tokens_limit: int = 256,
+                 max_source_tokens: int = 256, device: torch.device | str = "cpu") -> None:
+        self.model = model.eval()
+        self.max_rows = max_rows
+        self.max_tokens_limit = max_tokens_limit
+        self.max_source_tokens = max_source_tokens
+        self.device = torch.device(device)
+        self._requests: dict[str, _Request] = {}
+        self._queue: list[_Sentence] = []  # sentences waiting for rows, in arrival order
+        self._running: list[_Sentence] = []  # each owns K consecutive rows, in this order
+        self._ready: set[str] = set()  # requests finished without decoding (only empty texts)
+        # per-row tensors
+        self._enc = self._keys = self._mask = self._state = self._prev = None
+        self._scores = self._finished = self._lengths = None
+        self._hist: list[list[int]] = []
+        self._attn: list[list[torch.Tensor]] = []
+
+    # -- admission -----------------------------------------------------------------------------
+    def add(self, request_id: str, sources: list[list[int]], params: TranslationParams) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        params.validate(self.max_tokens_limit)
+        if not sources:
+            raise ValueError("at least one text is needed")
+        if params.beam_size > self.max_rows:
+            raise ValueError("beam_size exceeds the engine's rows")
+        sents = []
+        for i, src in enumerate(sources):
+            if len(src) > self.max_source_tokens:
+                raise ValueError(f"text {i} has {len(src)} tokens; at most {self.max_source_tokens} are allowed")
+            max_len = params.max_tokens or min(self.max_tokens_limit, 2 * len(src) + 10)
+            s = _Sentence(request_id, i, list(src), params.beam_size, max_len, float(params.length_penalty),
+                          params.return_attention)
+            if not src:  # nothing to translate: done without decoding
+                s.done, s.result = True, SentenceResult([], 0.0, "stop", [] if params.return_attention else None)
+            sents.append(s)
+        self._requests[request_id] = _Request(request_id, sents)
+        self._queue.extend(s for s in sents if not s.done)
+        if all(s.done for s in sents):
+            self._ready.add(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self._queue = [s for s in self._queue if s.request_id != request_id]
+        self._ready.discard(request_id)
+        if any(s.request_id == request_id for s in self._running):
+            self._retire(lambda s: s.request_id == request_id)
+        return True
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._queue or self._ready)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._hist)
+
+    # -- stepping ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TranslationOutput]:
+        self._admit()
+        ready, self._ready = self._ready, set()
+        if not self._running:
+            return [self._output(self._requests[rid], {}) for rid in ready]
+        touched = list(dict.fromkeys(s.request_id for s in self._running)) + list(ready)
+        logits, state, weights = self.model.decoder.step(self._prev, self._state, self._keys, self._enc, self._mask)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        logp[:, [PAD, BOS]] = float("-inf")  # never words of the output
+        logp[self._finished] = float("-inf")  # a finished beam only extends with padding, at no cost
+        logp[self._finished, PAD] = 0.0
+        index, tokens = self._select(logp)
+        self._state = tuple(s[index] for s in state) if isinstance(state, tuple) else state[index]
+        self._finished = self._finished[index]
+        self._lengths = self._lengths[index] + (~self._finished).long()
+        self._finished = self._finished | (tokens == EOS)
+        self._prev = tokens
+        idx = index.tolist()
+        toks = tokens.tolist()
+        self._hist = [self._hist[i] + [t] for i, t in zip(idx, toks)]
+        if any(s.attention for s in self._running):
+            w = weights.float()
+            self._attn = [self._attn[i] + [w[i]] for i in idx]
+        self._advance()
+        positions, row = {}, 0
+        for s in self._running:
+            positions[id(s)] = row
+            row += s.K
+        return [self._output(self._requests[rid], positions) for rid in touched if rid in self._requests]
+
+    def _select(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next beams of every sentence; sentences with the same width are ranked in one topk."""
+        V = logp.size(-1)
+        index = torch.empty(len(self._hist), dtype=torch.long, device=self.device)
+        tokens = torch.empty_like(index)
+        scores = torch.empty_like(self._scores)
+        starts, row = [], 0
+        for s in self._running:
+            starts.append(row)
+            row += s.K
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(self._running):
+            groups.setdefault(s.K, []).append(starts[i])
+        for K, first_rows in groups.items():
+            rows = (torch.tensor(first_rows, device=self.device).unsqueeze(1)
+                    + torch.arange(K, device=self.device)).view(-1)  # (n*K,)
+            n = len(first_rows)
+            cand = (self._scores[rows].unsqueeze(1) + logp[rows]).view(n, K * V)
+            top, flat = cand.topk(K, dim=-1)  # (n, K)
+            src_rows = rows.view(n, K).gather(1, flat // V)
+            index[rows] = src_rows.view(-1)
+            tokens[rows] = (flat % V).view(-1)
+            scores[rows] = top.view(-1)
+        self._scores = scores
+        return index, tokens
+
+    def _advance(self) -> None:
+        row = 0
+        for s in self._running:
+            s.steps += 1
+            fin = self._finished[row: row + s.K]
+            if bool(fin.all()) or s.steps >= s.max_len:
+                s.done = True
+                s.result = self._best(s, row)
+            row += s.K
+        if any(s.done for s in self._running):
+            self._retire(lambda s: s.done)
+
+    def _best(self, s: _Sentence, row: int) -> SentenceResult:
+        lengths = self._lengths[row: row + s.K].float()
+        norm = self._scores[row: row + s.K] / ((5.0 + lengths) / 6.0) ** s.alpha
+        b = row + int(norm.argmax())
+        hist = self._hist[b]
+        n = hist.index(EOS) if EOS in hist else len(hist)
+        attention = None
+        if s.attention:
+            attention = [w[: len(s.src)].tolist() for w in self._attn[b][:n]]
+        return SentenceResult([t for t in hist[:n] if t != PAD], float(self._scores[b]),
+                              "stop" if EOS in hist else "length", attention)
+
+    def _stable_prefix(self, s: _Sentence, row: int) -> list[int]:
+        """Tokens every beam of the sentence agrees on: no later step can change them."""
+        beams = self._hist[row: row + s.K]
+        prefix = []
+        for column in zip(*beams):
+            if len(set(column)) != 1 or column[0] in (EOS, PAD):
+                break
+            prefix.append(column[0])
+        return prefix
+
+    def _output(self, req: _Request, positions: dict[int, int]) -> TranslationOutput:
+        """What the request gained this step; `positions` maps running sentences to their first row."""
+        new: dict[int, list[int]] = {}
+        for s in req.sentences:
+            if s.done:
+                toks = s.result.tokens
+            elif id(s) in positions:
+                toks = self._stable_prefix(s, positions[id(s)])
+            else:
+                continue
+            if len(toks) > s.emitted:
+                new[s.index] = toks[s.emitted:]
+                s.emitted = len(toks)
+        finished = all(s.done for s in req.sentences)
+        out = TranslationOutput(req.request_id, new, finished,
+                                prompt_tokens=sum(len(s.src) for s in req.sentences),
+                                completion_tokens=sum(len(s.result.tokens) for s in req.sentences if s.done))
+        if finished:
+            out.results = [s.result for s in req.sentences]
+            del self._requests[req.request_id]
+        return out
+
+    # -- rows ----------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        free = self.max_rows - len(self._hist)
+        new: list[_Sentence] = []
+        while self._queue and self._queue[0].K <= free:
+            s = self._queue.pop(0)
+            free -= s.K
+            new.append(s)
+        if not new:
+            return
+        S = max(len(s.src) for s in new)
+        src = torch.full((len(new), S), PAD, dtype=torch.long, device=self.device)
+        for i, s in enumerate(new):
+            src[i, : len(s.src)] = torch.tensor(s.src, device=self.device)
+        lengths = torch.tensor([len(s.src) for s in new], device=self.device)
+        enc, keys, mask, state = self.model.encode(src, lengths)
+        rows = torch.tensor([i for i, s in enumerate(new) for _ in range(s.K)], device=self.device)
+        first = torch.tensor([j == 0 for s in new for j in range(s.K)], device=self.device)
+        parts = {
+            "_enc": enc[rows], "_keys": keys[rows], "_mask": mask[rows],
+            "_state": tuple(x[rows] for x in state) if isinstance(state, tuple) else state[rows],
+            "_prev": torch.full((len(rows),), BOS, dtype=torch.long, device=self.device),
+            # identical beams at the start: only the first is live, so the first step picks K distinct tokens
+            "_scores": torch.where(first, 0.0, float("-inf")),
+            "_finished": torch.zeros(len(rows), dtype=torch.bool, device=self.device),
+            "_lengths": torch.zeros(len(rows), dtype=torch.long, device=self.device),
+        }
+        for name, value in parts.items():
+            setattr(self, name, value if getattr(self, name) is None else _cat(getattr(self, name), value))
+        self._hist += [[] for _ in range(len(rows))]
+        self._attn += [[] for _ in range(len(rows))]
+        self._running += new
+
+    def _retire(self, gone) -> None:
+        keep_rows, keep = [], []
+        row = 0
+        for s in self._running:
+            if not gone(s):
+                keep.append(s)
+                keep_rows.extend(range(row, row + s.K))
+            row += s.K
+        self._running = keep
+        if not keep_rows:
+            self._enc = self._keys = self._mask = self._state = self._prev = None
+            self._scores = self._finished = self._lengths = None
+            self._hist, self._attn = [], []
+            return
+        index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
+        S = int(self._mask[index].sum(-1).max())  # drop padding columns no remaining row needs
+        self._enc = self._enc[index, :S]
+        self._keys = self._keys[index, :S]
+        self._mask = self._mask[index, :S]
+        self._state = tuple(x[index] for x in self._state) if isinstance(self._state, tuple) else self._state[index]
+        for name in ("_prev", "_scores", "_finished", "_lengths"):
+            setattr(self, name, getattr(self, name)[index])
+        self._hist = [self._hist[i] for i in keep_rows]
+        self._attn = [self._attn[i] for i in keep_rows]
+
+
+def _cat(a, b):
+    """Append rows; encoder tensors of different source lengths are right-padded to the longer."""
+    if isinstance(a, tuple):
+        return tuple(_cat(x, y) for x, y in zip(a, b))
+    if a.dim() >= 2 and a.size(1) != b.size(1):  # (R, S, ...) encoder tensors; states share H
+        S = max(a.size(1), b.size(1))
+        a, b = _pad_to(a, S), _pad_to(b, S)
+    return torch.cat([a, b], 0)
+
+
+def _pad_to(x: torch.Tensor, S: int) -> torch.Tensor:
+    if x.size(1) == S:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, S - x.size(1)]
+    return F.pad(x, pad, value=False if x.dtype == torch.bool else 0.0)
