@@ -21,7 +21,7 @@ from rnnserve.paths import MODEL_STORE, MODELS_DIR
 log = logging.getLogger(__name__)
 
 HANDLERS_DIR = Path(__file__).resolve().parent / "handlers"
-HANDLER_FILES = {"lm": HANDLERS_DIR / "lm_handler.py"}
+HANDLER_FILES = {"lm": HANDLERS_DIR / "lm_handler.py", "translation": HANDLERS_DIR / "translation_handler.py"}
 
 # Per-task TorchServe settings. Why these numbers:
 # - batchSize is the number of live sequences one worker decodes together. A recurrent step costs
@@ -46,6 +46,25 @@ MODEL_CONFIGS: dict[str, dict] = {
             "target_step_ms": 30,  # bounds the wait of a new request for the running step
             "max_tokens_per_step": 16,
             "half_precision": True,  # GPU only; CPU always runs fp32
+        },
+    },
+    # A translation step decodes one token for every beam of every sentence: 256 rows hold e.g.
+    # 64 sentences at beam 4. batchSize counts requests (each may carry many sentences); sentences
+    # beyond the rows wait inside the engine, in arrival order.
+    "translation": {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": 64,
+        "maxBatchDelay": 1,
+        "responseTimeout": 60,
+        "continuousBatching": True,
+        "handler": {
+            "max_rows": 256,
+            "max_texts": 64,
+            "max_text_chars": 1000,
+            "max_source_tokens": 256,
+            "max_tokens_limit": 256,
+            "half_precision": True,
         },
     },
 }

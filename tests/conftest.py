@@ -32,3 +32,21 @@ def tiny_lm_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_folder):
     return load_lm(tiny_lm_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_translation_folder(tmp_path_factory) -> Path:
+    """A small random GRU encoder-decoder with vocabularies built from a few Multi30k sentences."""
+    from rnnserve.models.folder import save_translation
+    from rnnserve.models.seq2seq import EOS, Seq2Seq, Seq2SeqConfig
+    from rnnserve.tokenizer import WordTokenizer
+    from rnnserve.training.data import read_multi30k
+
+    src, tgt = read_multi30k("val")
+    src_tok, tgt_tok = WordTokenizer.build(src[:200], 1), WordTokenizer.build(tgt[:200], 1)
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(src_vocab=src_tok.vocab_size, tgt_vocab=tgt_tok.vocab_size, embed_dim=16,
+                                  enc_hidden=12, dec_hidden=20, attn_dim=8, enc_layers=1))
+    model.decoder.out.bias.data[EOS] = -30.0  # runs to max_tokens, so lengths are known in tests
+    return save_translation(tmp_path_factory.mktemp("tiny") / "tiny-tr", model, src_tok, tgt_tok,
+                            meta={"name": "tiny-tr"})

@@ -1,8 +1,10 @@
 """Helpers of the TorchServe handlers (kept out of the handler modules, which may hold one class each).
 
 Wire format between TorchServe and the gateway: one JSON object per line (NDJSON), one line per
-request per engine step. Progress: {"text": "..."}; last: {"text", "finish_reason", "usage"};
-failure: {"error": {"message", "type", "code"}} as the last line.
+request per engine step; a failure is {"error": {"message", "type", "code"}} as the last line.
+Generation: {"text": "..."} per step; last: {"text", "finish_reason", "usage"}.
+Translation: {"deltas": [{"index", "text"}]} per step; last adds "finish_reason", "translations"
+(text, tokens, source_tokens, finish_reason, attention when asked) and "usage".
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 
 from rnnserve.engine.lm_engine import StepOutput
 from rnnserve.engine.sampling import SamplingParams
+from rnnserve.engine.translation_engine import TranslationOutput, TranslationParams
+from rnnserve.text import detokenize
 
 GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed"}
 
@@ -52,6 +56,7 @@ def parse_generate_body(body: Any) -> tuple[str, SamplingParams]:
 
 
 EMPTY_FRAME = json.dumps({"text": ""}) + "\n"
+PROGRESS_FIELDS = ("text", "deltas")  # what a frame adds to the stream; the rest describes its end
 
 
 def output_frame(o: StepOutput) -> str:
@@ -71,8 +76,10 @@ def split_final(frame: str) -> tuple[str, str]:
     d = json.loads(frame)
     if "error" in d:
         return EMPTY_FRAME, frame
-    text = d.pop("text", "")
-    return json.dumps({"text": text}, ensure_ascii=False) + "\n", json.dumps({"text": "", **d}) + "\n"
+    progress = {k: d.pop(k) for k in PROGRESS_FIELDS if k in d}
+    empty = {k: type(v)() for k, v in progress.items()}
+    return (json.dumps(progress or {"text": ""}, ensure_ascii=False) + "\n",
+            json.dumps({**empty, **d}, ensure_ascii=False) + "\n")
 
 
 def tokens_for_budget(target_s: float, per_token_s: float, max_tokens: int) -> int:
@@ -90,3 +97,59 @@ def pick_device(gpu_id: Any, half: bool) -> tuple[torch.device, torch.dtype]:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}"), (torch.float16 if half else torch.float32)
     return torch.device("cpu"), torch.float32
+
+
+TRANSLATE_FIELDS = {"texts", "beam_size", "max_tokens", "length_penalty", "return_attention"}
+
+
+def parse_translate_body(body: Any, max_texts: int, max_chars: int) -> tuple[list[str], TranslationParams]:
+    try:
+        d = _loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"request body is not valid JSON: {e}") from None
+    unknown = set(d) - TRANSLATE_FIELDS
+    if unknown:
+        raise ValueError(f"unknown fields: {sorted(unknown)}")
+    texts = d.get("texts")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a non-empty list of strings")
+    if len(texts) > max_texts:
+        raise ValueError(f"at most {max_texts} texts per request")
+    if any(len(t) > max_chars for t in texts):
+        raise ValueError(f"each text must be at most {max_chars} characters")
+    length_penalty = d.get("length_penalty", 0.6)
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
+        raise ValueError("length_penalty must be a number")
+    return texts, TranslationParams(beam_size=d.get("beam_size", 4), max_tokens=d.get("max_tokens"),
+                                    length_penalty=float(length_penalty),
+                                    return_attention=bool(d.get("return_attention", False)))
+
+
+class TextStreams:
+    """Readable text of each sentence as its tokens arrive. Detokenizing left to right never changes
+    what was already written, so each step's new text is the tail of the whole."""
+
+    def __init__(self, vocab: list[str], n: int) -> None:
+        self.vocab = vocab
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.text = [""] * n
+
+    def add(self, index: int, ids: list[int]) -> str:
+        self.tokens[index] += ids
+        whole = detokenize([self.vocab[i] for i in self.tokens[index]])
+        new, self.text[index] = whole[len(self.text[index]):], whole
+        return new
+
+
+def translation_frame(out: TranslationOutput, streams: TextStreams, sources: list[list[str]]) -> str:
+    deltas = [{"index": i, "text": streams.add(i, toks)} for i, toks in sorted(out.new_tokens.items())]
+    frame: dict[str, Any] = {"deltas": [d for d in deltas if d["text"]]}
+    if out.finished:
+        reasons = [r.finish_reason for r in out.results]
+        frame["finish_reason"] = "length" if "length" in reasons else "stop"
+        frame["translations"] = [
+            {"text": streams.text[i], "tokens": [streams.vocab[t] for t in r.tokens], "source_tokens": sources[i],
+             "finish_reason": r.finish_reason, **({"attention": r.attention} if r.attention is not None else {})}
+            for i, r in enumerate(out.results)]
+        frame["usage"] = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+    return json.dumps(frame, ensure_ascii=False) + "\n"

@@ -1,0 +1,67 @@
+"""TorchServe handler for the attention encoder-decoder: a thin adapter over `TranslationEngine`.
+
+Texts are tokenized as the training data was (rnnserve.text), every sentence of every request
+decodes in one running batch, and each frame carries the text every beam already agrees on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from rnnserve.engine.translation_engine import TranslationEngine
+from rnnserve.models.folder import load_translation
+from rnnserve.service.handlers.frames import TextStreams, parse_translate_body, pick_device, translation_frame
+from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
+from rnnserve.text import tokenize
+
+log = logging.getLogger(__name__)
+
+
+class TranslationHandler(ContinuousBatchingHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: TranslationEngine | None = None
+        self.streams: dict[str, tuple[TextStreams, list[list[str]]]] = {}
+
+    def initialize(self, ctx) -> None:
+        props = ctx.system_properties
+        cfg = (ctx.model_yaml_config or {}).get("handler", {})
+        device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
+        threads = int(cfg.get("torch_threads", 0))
+        if threads and device.type == "cpu":
+            torch.set_num_threads(threads)
+        loaded = load_translation(props["model_dir"], device=device, dtype=dtype)
+        self.src, self.tgt = loaded.src, loaded.tgt
+        self.max_texts = int(cfg.get("max_texts", 64))
+        self.max_chars = int(cfg.get("max_text_chars", 1000))
+        self.engine = TranslationEngine(loaded.model, max_rows=int(cfg.get("max_rows", 256)),
+                                        max_tokens_limit=int(cfg.get("max_tokens_limit", 256)),
+                                        max_source_tokens=int(cfg.get("max_source_tokens", 256)), device=device)
+        self.initialized = True
+        log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
+
+    def engine_ids(self) -> list[str]:
+        return self.engine.request_ids()
+
+    def admit(self, request_id: str, body) -> None:
+        texts, params = parse_translate_body(body, self.max_texts, self.max_chars)
+        sources = [tokenize(t) for t in texts]
+        self.engine.add(request_id, [self.src.encode(s) for s in sources], params)
+        self.streams[request_id] = (TextStreams(self.tgt.itos, len(texts)), sources)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self.streams.pop(request_id, None)
+
+    def run_step(self) -> dict[str, tuple[str, bool]]:
+        if not self.engine.has_work():
+            return {}
+        frames = {}
+        for out in self.engine.step():
+            streams, sources = self.streams[out.request_id]
+            frames[out.request_id] = (translation_frame(out, streams, sources), out.finished)
+            if out.finished:
+                del self.streams[out.request_id]
+        return frames

@@ -1,0 +1,56 @@
+from rnnserve.service.handlers.translation_handler import TranslationHandler
+from rnnserve.text import detokenize
+from tests.unit.fakes import FakeContext, Frontend
+
+
+def make(folder):
+    ctx = FakeContext(folder, {"max_rows": 16, "max_texts": 3, "max_text_chars": 50})
+    h = TranslationHandler()
+    h.initialize(ctx)
+    return Frontend(h, ctx)
+
+
+def test_streams_deltas_then_translations_with_attention(tiny_translation_folder):
+    fe = make(tiny_translation_folder)
+    fe.submit("a", {"texts": ["Ein Mann läuft.", "Zwei Hunde spielen im Schnee!"], "beam_size": 2,
+                    "max_tokens": 6, "return_attention": True})
+    fe.drain()
+    frames = fe.frames["a"]
+    last = frames[-1]
+    assert "finish_reason" not in frames[0] and last["finish_reason"] == "length"
+    assert [t["source_tokens"] for t in last["translations"]] == [
+        ["ein", "mann", "läuft", "."], ["zwei", "hunde", "spielen", "im", "schnee", "!"]]
+    for i, t in enumerate(last["translations"]):
+        assert len(t["tokens"]) == 6 and t["finish_reason"] == "length"
+        assert t["text"] == detokenize(t["tokens"])
+        streamed = "".join(d["text"] for f in frames for d in f.get("deltas", []) if d["index"] == i)
+        assert streamed == t["text"]
+        assert len(t["attention"]) == 6 and all(len(row) == len(t["source_tokens"]) for row in t["attention"])
+    assert last["usage"] == {"prompt_tokens": 10, "completion_tokens": 12}
+
+
+def test_bad_requests_end_alone(tiny_translation_folder):
+    fe = make(tiny_translation_folder)
+    fe.submit("ok", {"texts": ["ein hund ."], "beam_size": 1, "max_tokens": 20})
+    fe.step()
+    fe.submit("wide", {"texts": ["a"], "beam_size": 9})
+    fe.submit("many", {"texts": ["a", "b", "c", "d"]})
+    fe.submit("long", {"texts": ["x" * 51]})
+    fe.drain()
+    assert fe.frames["wide"][-1]["error"]["message"] == "beam_size must be between 1 and 8"
+    assert fe.frames["many"][-1]["error"]["message"] == "at most 3 texts per request"
+    assert fe.frames["long"][-1]["error"]["message"] == "each text must be at most 50 characters"
+    assert len(fe.frames["ok"][-1]["translations"][0]["tokens"]) == 20
+
+
+def test_disconnected_request_frees_its_rows(tiny_translation_folder):
+    fe = make(tiny_translation_folder)
+    fe.submit("gone", {"texts": ["ein mann ."], "beam_size": 8, "max_tokens": 30})
+    fe.step()
+    assert fe.h.engine.num_rows == 8
+    fe.inflight.remove("gone")
+    fe.submit("next", {"texts": ["ein hund ."], "beam_size": 8, "max_tokens": 3})
+    fe.step()
+    assert fe.h.engine.num_rows == 8 and "gone" not in fe.h.engine and fe.h.aborted == 1
+    fe.drain()
+    assert fe.frames["next"][-1]["finish_reason"] == "length"
