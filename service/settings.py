@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []  # CORS stays off unless origins are listed
     request_timeout_s: float = Field(120.0, gt=0)  # whole request, streams included
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    # admission per model: generations in flight (= the handler's batch, service/archive.py) and queued
+    max_running_per_model: int = Field(64, ge=1)
+    max_waiting_per_model: int = Field(64, ge=0)
 
     # TorchServe (started by `rnnserve serve`, or reached at ts_url when run elsewhere)
     ts_host: str = "127.0.0.1"

@@ -45,7 +45,7 @@ class StepOutput:
     finish_reason: str | None = None  # "length" | "stop" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None
+    batch_size: int = 0  # sequences decoded together in this step
 
 
 @dataclass
@@ -204,7 +204,8 @@ class LMEngine:
             end = max(s.emitted, len(s.text) - hold)
         text, s.emitted = s.text[s.emitted:end], end
         return StepOutput(s.request_id, text, bool(s.finish_reason), s.finish_reason,
-                          prompt_tokens=s.prompt_tokens, completion_tokens=len(s.token_ids))
+                          prompt_tokens=s.prompt_tokens, completion_tokens=len(s.token_ids),
+                          batch_size=len(self._running))
 
     def _keep_rows(self, keep: list[int]) -> None:
         self._running = [self._running[i] for i in keep]

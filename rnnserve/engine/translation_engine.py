@@ -54,6 +54,7 @@ class TranslationOutput:
     results: list[SentenceResult] | None = None  # when finished, in input order
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    batch_size: int = 0  # rows (beams of all sentences) decoded together in this step
 
 
 @dataclass
@@ -89,6 +90,7 @@ class TranslationEngine:
         self._queue: list[_Sentence] = []  # sentences waiting for rows, in arrival order
         self._running: list[_Sentence] = []  # each owns K consecutive rows, in this order
         self._ready: set[str] = set()  # requests finished without decoding (only empty texts)
+        self._last_rows = 0
         # per-row tensors
         self._enc = self._keys = self._mask = self._state = self._prev = None
         self._scores = self._finished = self._lengths = None
@@ -150,6 +152,7 @@ class TranslationEngine:
         if not self._running:
             return [self._output(self._requests[rid], {}) for rid in ready]
         touched = list(dict.fromkeys(s.request_id for s in self._running)) + list(ready)
+        self._last_rows = len(self._hist)
         logits, state, weights = self.model.decoder.step(self._prev, self._state, self._keys, self._enc, self._mask)
         logp = F.log_softmax(logits.float(), dim=-1)
         logp[:, [PAD, BOS]] = float("-inf")  # never words of the output
@@ -250,7 +253,8 @@ class TranslationEngine:
         finished = all(s.done for s in req.sentences)
         out = TranslationOutput(req.request_id, new, finished,
                                 prompt_tokens=sum(len(s.src) for s in req.sentences),
-                                completion_tokens=sum(len(s.result.tokens) for s in req.sentences if s.done))
+                                completion_tokens=sum(len(s.result.tokens) for s in req.sentences if s.done),
+                                batch_size=self._last_rows)
         if finished:
             out.results = [s.result for s in req.sentences]
             del self._requests[req.request_id]

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from rnnserve import __version__
+from rnnserve.service.gateway.admission import Admission
 from rnnserve.service.gateway.errors import APIError, install_error_handlers
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
@@ -98,8 +99,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = Registry.from_settings(settings)
     metrics = Metrics()
+    admissions = {}
     for name in registry.models:
         metrics.init_model(name)
+        admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan,
                   description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
+    app.state.admissions = admissions
     install_error_handlers(app)
 
     from rnnserve.service.gateway.routes import router

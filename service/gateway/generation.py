@@ -1,8 +1,11 @@
-"""Generation through TorchServe: one upstream stream per request, with deadline and metrics.
+"""Generation and translation through TorchServe: one upstream stream per sequence, with the
+request's deadline, admission slot and metrics.
 
-Routes call `open_run` and then either `collect` (a JSON answer) or `sse` (Server-Sent Events).
-The first frame is awaited before the HTTP status is chosen, so a request that fails at once gets a
-real error status; a failure after that arrives as the stream's last event, never as a cut stream.
+Routes `start` runs, then either `collect` them (a JSON answer) or stream them as Server-Sent
+Events. The first frame is awaited before the HTTP status is chosen, so a request that fails at
+once gets a real error status; a failure after that arrives as the stream's last event, never as a
+cut stream. A client that goes away cancels the SSE generator; closing the runs then closes the
+upstream streams, TorchServe drops the jobs and the handler frees their rows at the next step.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
+from rnnserve.service.gateway.admission import Admission
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.upstream import Upstream, UpstreamError
@@ -28,32 +33,50 @@ def upstream_api_error(e: UpstreamError) -> APIError:
 
 def frame_api_error(frame: dict) -> APIError:
     err = frame["error"]
-    code = int(err.get("code", 500)) if str(err.get("code", "")).isdigit() else 500
-    status = 400 if code == 400 else 502
+    status = 400 if err.get("code") == 400 else 502
     return APIError(status, err.get("message", "generation failed"), err.get("type", "upstream_error"))
 
 
-class Run:
-    """One upstream generation: frames pulled under the request's deadline, metrics recorded."""
+def frame_text(frame: dict) -> str:
+    """New text of a frame: generation frames carry "text", translation frames "deltas"."""
+    if "deltas" in frame:
+        return "".join(d.get("text", "") for d in frame["deltas"])
+    return frame.get("text", "")
 
-    def __init__(self, upstream: Upstream, metrics: Metrics, model: str, body: dict, request_id: str,
-                 timeout_s: float) -> None:
-        self.model, self.metrics, self.request_id = model, metrics, request_id
-        self._frames = upstream.frames(model, body, request_id)
+
+@dataclass
+class Context:
+    """What every run of one HTTP request shares."""
+    upstream: Upstream
+    metrics: Metrics
+    admission: Admission
+    model: str
+    route: str
+    request_id: str
+    deadline: float
+
+
+class Run:
+    """One upstream stream: frames pulled under the request's deadline, metrics recorded."""
+
+    def __init__(self, ctx: Context, body: dict, index: int = 0) -> None:
+        self.ctx, self.index = ctx, index
+        self._frames = ctx.upstream.frames(ctx.model, body, ctx.request_id)
         self.t0 = time.monotonic()
-        self.deadline = self.t0 + timeout_s
         self._last_text_at: float | None = None
         self.outcome = "internal"
-        self.usage: dict | None = None
-        self.finish_reason: str | None = None
+        self.final: dict | None = None
         self._closed = False
-        metrics.running.labels(model=model).inc()
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.final.get("finish_reason") if self.final else None
 
     async def next(self) -> dict | None:
         """The next frame, None after the last one; raises APIError (timeout, upstream failure)."""
-        if self.finish_reason:
+        if self.final is not None:
             return None
-        remaining = self.deadline - time.monotonic()
+        remaining = self.ctx.deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError
@@ -65,98 +88,155 @@ class Run:
             self.outcome = "timeout"
             raise APIError(504, "the request did not finish before its deadline", "timeout_error") from None
         except UpstreamError as e:
-            self.outcome = {"unavailable": "upstream", "timeout": "timeout"}.get(e.reason, "upstream")
+            self.outcome = "timeout" if e.reason == "timeout" else "upstream"
             raise upstream_api_error(e) from None
         if "error" in frame:
-            self.outcome = "upstream" if frame_api_error(frame).status >= 500 else "validation"
-            raise frame_api_error(frame)
+            err = frame_api_error(frame)
+            self.outcome = "validation" if err.status == 400 else "upstream"
+            raise err
         self._record(frame)
         return frame
 
     def _record(self, frame: dict) -> None:
+        m, model = self.ctx.metrics, self.ctx.model
         now = time.monotonic()
-        text = frame.get("text", "")
+        text = frame_text(frame)
+        if "batch" in frame:
+            m.batch_size.labels(model=model).observe(frame["batch"])
         if text:
             if self._last_text_at is None:
-                self.metrics.ttft.labels(model=self.model).observe(now - self.t0)
+                m.ttft.labels(model=model).observe(now - self.t0)
             else:
-                per_token = (now - self._last_text_at) / len(text)
-                self.metrics.itl.labels(model=self.model).observe(per_token)
+                m.itl.labels(model=model).observe((now - self._last_text_at) / len(text))
             self._last_text_at = now
         if frame.get("finish_reason"):
-            self.finish_reason = frame["finish_reason"]
-            self.usage = frame.get("usage") or {}
-            self.outcome = self.finish_reason
-            self.metrics.prompt_tokens.labels(model=self.model).inc(self.usage.get("prompt_tokens", 0))
-            self.metrics.generation_tokens.labels(model=self.model).inc(self.usage.get("completion_tokens", 0))
+            self.final = frame
+            self.outcome = frame["finish_reason"]
+            usage = frame.get("usage") or {}
+            p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            m.prompt_tokens.labels(model=model).inc(p)
+            m.generation_tokens.labels(model=model).inc(c)
+            m.prompt_tokens_per_request.labels(model=model).observe(p)
+            m.generation_tokens_per_request.labels(model=model).observe(c)
 
-    async def close(self, route: str, disconnected: bool = False) -> None:
+    async def close(self, disconnected: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
-        if disconnected and not self.finish_reason:
+        m, model = self.ctx.metrics, self.ctx.model
+        if disconnected and self.final is None:
             self.outcome = "cancelled"
-            self.metrics.cancelled.labels(model=self.model).inc()
-        await self._frames.aclose()  # closes the upstream connection: TorchServe drops the job
-        self.metrics.running.labels(model=self.model).dec()
-        self.metrics.e2e.labels(model=self.model).observe(time.monotonic() - self.t0)
-        self.metrics.requests.labels(model=self.model, route=route, outcome=self.outcome).inc()
-        log.info("request %s on %s: %s in %.3fs", self.request_id, self.model, self.outcome,
-                 time.monotonic() - self.t0)
+            m.cancelled.labels(model=model).inc()
+        try:
+            await self._frames.aclose()  # closes the upstream connection: TorchServe drops the job
+        finally:
+            self.ctx.admission.release()
+            m.e2e.labels(model=model).observe(time.monotonic() - self.t0)
+            m.requests.labels(model=model, route=self.ctx.route, outcome=self.outcome).inc()
+            log.info("%s %s on %s: %s in %.3fs", self.ctx.route, self.ctx.request_id, model, self.outcome,
+                     time.monotonic() - self.t0)
 
 
-async def first_frame(run: Run, route: str) -> dict:
-    """Await the first frame; on failure close the run and let the error become the HTTP status."""
+async def start(ctx: Context, bodies: list[dict]) -> list[tuple[Run, dict]]:
+    """Admit and open one run per body and wait for each first frame.
+
+    Raises APIError (and leaves nothing open) when admission or any first frame fails.
+    """
     try:
-        frame = await run.next()
-    except BaseException:
-        await run.close(route)
+        await ctx.admission.acquire(len(bodies), timeout_s=max(0.0, ctx.deadline - time.monotonic()))
+    except APIError as e:
+        outcome = "overloaded" if e.status == 429 else "validation"
+        ctx.metrics.requests.labels(model=ctx.model, route=ctx.route, outcome=outcome).inc()
         raise
-    if frame is None:
-        await run.close(route)
+    except TimeoutError:
+        ctx.metrics.requests.labels(model=ctx.model, route=ctx.route, outcome="timeout").inc()
+        raise APIError(504, "the request waited for capacity past its deadline", "timeout_error") from None
+    runs = [Run(ctx, body, i) for i, body in enumerate(bodies)]
+    firsts = await asyncio.gather(*(r.next() for r in runs), return_exceptions=True)
+    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failed is not None or any(f is None for f in firsts):
+        await asyncio.gather(*(r.close() for r in runs))
+        if isinstance(failed, BaseException):
+            raise failed
         raise APIError(502, "model server sent no frames", "upstream_error")
-    return frame
+    return list(zip(runs, firsts))
 
 
-async def collect(run: Run, route: str) -> tuple[str, str, dict]:
-    """Whole text, finish reason and usage of a run (non-streaming answers)."""
-    parts = []
-    try:
+async def collect(started: list[tuple[Run, dict]]) -> list[tuple[Run, str]]:
+    """Whole text of every run (non-streaming answers)."""
+    async def one(run: Run, first: dict) -> str:
+        parts = [frame_text(first)]
         frame = await run.next()
         while frame is not None:
-            parts.append(frame.get("text", ""))
+            parts.append(frame_text(frame))
             frame = await run.next()
+        if run.final is None:
+            raise APIError(502, "model server ended the stream early", "upstream_error")
+        return "".join(parts)
+
+    try:
+        texts = await asyncio.gather(*(one(r, f) for r, f in started))
     finally:
-        await run.close(route)
-    if run.finish_reason is None:
-        raise APIError(502, "model server ended the stream early", "upstream_error")
-    return "".join(parts), run.finish_reason, run.usage or {}
+        await asyncio.gather(*(r.close() for r, _ in started))
+    return [(r, t) for (r, _), t in zip(started, texts)]
 
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def sse_events(run: Run, route: str, first: dict, render: Callable[[dict], dict | None]) -> AsyncIterator[str]:
-    """SSE body: one event per frame with text (rendered by the route), a final event, then [DONE].
+async def merged_frames(started: list[tuple[Run, dict]]) -> AsyncIterator[tuple[Run, dict]]:
+    """Frames of several runs as they arrive (first frames first); APIError of any run ends it."""
+    for run, first in started:
+        yield run, first
+    if len(started) == 1:
+        run = started[0][0]
+        while (frame := await run.next()) is not None:
+            yield run, frame
+        return
+    queue: asyncio.Queue = asyncio.Queue()
 
-    A client that goes away cancels this generator; closing the run then closes the upstream stream,
-    so TorchServe drops the job and the handler frees its batch row at the next step.
-    """
+    async def pump(run: Run) -> None:
+        try:
+            while (frame := await run.next()) is not None:
+                await queue.put((run, frame))
+        except APIError as e:
+            await queue.put(e)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(r)) for r, _ in started]
+    try:
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, APIError):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dict], list[dict]],
+                     trailer: Callable[[], list[dict]] | None = None) -> AsyncIterator[str]:
+    """SSE body: the events `render` makes of each frame, `trailer`'s events, then [DONE]."""
     disconnected = True
     try:
-        frame: dict | None = first
-        while frame is not None:
-            event = render(frame)
-            if event is not None:
+        try:
+            async for run, frame in merged_frames(started):
+                for event in render(run, frame):
+                    yield sse(event)
+            for event in (trailer() if trailer else []):
                 yield sse(event)
-            try:
-                frame = await run.next()
-            except APIError as e:
-                log.warning("request %s failed mid-stream: %s", run.request_id, e.message)
-                yield sse(e.body())
-                break
+        except APIError as e:
+            log.warning("request %s failed mid-stream: %s", started[0][0].ctx.request_id, e.message)
+            yield sse(e.body())
         yield sse("[DONE]")
         disconnected = False
     finally:
-        await run.close(route, disconnected=disconnected)
+        await asyncio.gather(*(r.close(disconnected=disconnected) for r, _ in started))

@@ -25,12 +25,24 @@ class Metrics:
                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("rnnserve_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("rnnserve_generation_tokens", "Tokens generated", ["model"], registry=r)
-        self.running = Gauge("rnnserve_requests_running", "Requests being served", ["model"], registry=r)
+        self.running = Gauge("rnnserve_requests_running", "Upstream generations in flight (admitted)", ["model"],
+                             registry=r)
+        self.waiting = Gauge("rnnserve_requests_waiting", "Generations queued for admission", ["model"], registry=r)
+        self.queue_time = Histogram("rnnserve_queue_time_seconds", "Time a request waited for admission", ["model"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens_per_request = Histogram("rnnserve_request_prompt_tokens", "Prompt tokens per request",
+                                                   ["model"], buckets=TOKEN_BUCKETS, registry=r)
+        self.generation_tokens_per_request = Histogram("rnnserve_request_generation_tokens",
+                                                       "Generated tokens per request", ["model"],
+                                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.batch_size = Histogram("rnnserve_batch_size", "Sequences in the engine's batch, per streamed frame",
+                                    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.cancelled = Counter("rnnserve_client_disconnects", "Streams whose client went away before the end",
                                  ["model"], registry=r)
 
     def init_model(self, model: str) -> None:
         """Create the label sets at start so dashboards see zeros instead of missing series."""
         for m in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens, self.running,
-                  self.cancelled):
+                  self.cancelled, self.waiting, self.queue_time, self.prompt_tokens_per_request,
+                  self.generation_tokens_per_request, self.batch_size):
             m.labels(model=model)

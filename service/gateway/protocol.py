@@ -115,8 +115,146 @@ class Health(BaseModel):
     status: str
     models: dict[str, str] = {}
 
+
+# -- OpenAI-compatible completions ----------------------------------------------------------------
+MAX_PROMPTS = 8
+MAX_N = 8
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(SamplingFields):
+    model: str = Field(..., min_length=1, max_length=128)
+    prompt: str | list[str] = Field("", description=f"a string or up to {MAX_PROMPTS} strings")
+    n: int = Field(1, ge=1, le=MAX_N, description="completions per prompt")
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256, description="accepted for compatibility, not used")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
+            raise ValueError(f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
+        return v
+
     @model_validator(mode="after")
-    def _no_empty_status(self) -> "Health":
-        if not self.status:
-            raise ValueError("status must be set")
+    def _fan_out(self) -> "CompletionRequest":
+        if len(self.prompts) * self.n > MAX_N:
+            raise ValueError(f"prompts x n must be at most {MAX_N}; send fewer prompts or a smaller n")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
         return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def choices(self) -> list[tuple[int, str, dict]]:
+        """(choice index, prompt, upstream body) for every completion; n > 1 with a seed uses seed + j."""
+        out = []
+        for p_i, prompt in enumerate(self.prompts):
+            for j in range(self.n):
+                body = self.upstream_body(prompt)
+                if self.seed is not None and j:
+                    body["seed"] = (self.seed + j) % 2**63
+                out.append((p_i * self.n + j, prompt, body))
+        return out
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["length", "stop"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# -- translation ----------------------------------------------------------------------------------
+MAX_TEXTS = 64
+MAX_TEXT_CHARS = 1000
+MAX_BEAM = 8
+MAX_TRANSLATION_TOKENS = 256
+
+
+class TranslateRequest(StrictModel):
+    model: str = Field(..., min_length=1, max_length=128)
+    text: str | list[str] = Field(..., description=f"one text or up to {MAX_TEXTS}")
+    beam_size: int = Field(4, ge=1, le=MAX_BEAM, description="1 = greedy")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TRANSLATION_TOKENS,
+                                   description="output tokens per text (default: 2 x source tokens + 10)")
+    length_penalty: float = Field(0.6, ge=0.0, le=2.0, description="GNMT alpha: higher favours longer output")
+    return_attention: bool = Field(False, description="per output token, attention weights over the source tokens")
+    stream: bool = False
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "translate-de-en", "text": "Ein Mann fährt Fahrrad.", "beam_size": 4}]})
+
+    @field_validator("text")
+    @classmethod
+    def _texts(cls, v: str | list[str]) -> str | list[str]:
+        texts = [v] if isinstance(v, str) else v
+        if not texts:
+            raise ValueError("give at least one text")
+        if len(texts) > MAX_TEXTS:
+            raise ValueError(f"at most {MAX_TEXTS} texts per request")
+        if any(len(t) > MAX_TEXT_CHARS for t in texts):
+            raise ValueError(f"each text must be at most {MAX_TEXT_CHARS} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_one(self) -> "TranslateRequest":
+        if self.stream and isinstance(self.text, list) and len(self.text) != 1:
+            raise ValueError("stream=true translates one text; send a single string or stream=false")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+    def upstream_body(self) -> dict:
+        body = {"texts": self.texts, "beam_size": self.beam_size, "length_penalty": self.length_penalty,
+                "return_attention": self.return_attention}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+
+class Translation(BaseModel):
+    text: str
+    finish_reason: Literal["length", "stop"]
+    tokens: list[str]
+    source_tokens: list[str]
+    attention: list[list[float]] | None = None
+
+
+class TranslateResponse(BaseModel):
+    id: str
+    model: str
+    translations: list[Translation]
+    usage: Usage
+
+
+class TranslateChunk(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: Literal["length", "stop"] | None = None
+    translation: Translation | None = None
+    usage: Usage | None = None

@@ -13,7 +13,8 @@ from rnnserve.service.gateway.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
-PROBES = {"lm": {"prompt": "a", "max_tokens": 1, "temperature": 0.0}}
+PROBES = {"lm": {"prompt": "a", "max_tokens": 1, "temperature": 0.0},
+          "translation": {"texts": ["ein hund ."], "beam_size": 1, "max_tokens": 2}}
 
 
 class Readiness:

@@ -6,8 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnnserve.service.gateway.errors import APIError, invalid
-from rnnserve.service.gateway.protocol import MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT, ModelCard
+from rnnserve.service.gateway.protocol import (MAX_BEAM, MAX_N, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_TEXT_CHARS,
+                                               MAX_TEXTS, MAX_TOKENS_LIMIT, MAX_TRANSLATION_TOKENS, ModelCard)
 from rnnserve.service.settings import Settings
+
+
+LIMITS = {
+    "lm": {"max_tokens": MAX_TOKENS_LIMIT, "max_prompt_chars": MAX_PROMPT_CHARS, "max_prompts": MAX_PROMPTS,
+           "max_n": MAX_N},
+    "translation": {"max_tokens": MAX_TRANSLATION_TOKENS, "max_texts": MAX_TEXTS, "max_text_chars": MAX_TEXT_CHARS,
+                    "max_beam_size": MAX_BEAM},
+}
 
 
 @dataclass(frozen=True)
@@ -19,7 +28,7 @@ class ModelInfo:
     created: int
 
     def card(self) -> ModelCard:
-        limits = {"max_tokens": MAX_TOKENS_LIMIT, "max_prompt_chars": MAX_PROMPT_CHARS}
+        limits = LIMITS[self.task]
         return ModelCard(id=self.name, created=self.created, task=self.task, cell=self.cell,
                          vocab_size=self.vocab_size, limits=limits)
 
@@ -46,6 +55,6 @@ class Registry:
 def _read(folder: Path, name: str) -> ModelInfo:
     config = json.loads((folder / "config.json").read_text())
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    vocab = len(tokenizer.get("chars", tokenizer.get("itos", [])))
+    vocab = len(tokenizer["tgt"]["itos"]) if tokenizer["type"] == "seq2seq" else len(tokenizer["chars"])
     return ModelInfo(name=name, task=config["task"], cell=config["model"]["cell"], vocab_size=vocab,
                      created=int((folder / "model.safetensors").stat().st_mtime))

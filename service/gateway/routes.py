@@ -1,17 +1,22 @@
 """HTTP routes: validate, call the generation service, return a typed model."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import time
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, SettingsDep,
                                            UpstreamDep, require_api_key)
-from rnnserve.service.gateway.generation import Run, collect, first_frame, sse_events
-from rnnserve.service.gateway.protocol import (ErrorResponse, GenerateChunk, GenerateRequest, GenerateResponse,
-                                               Health, ModelList, Usage)
+from rnnserve.service.gateway.generation import Context, Run, collect, frame_text, sse_stream, start
+from rnnserve.service.gateway.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
+                                               GenerateChunk, GenerateRequest, GenerateResponse, Health, ModelList,
+                                               TranslateChunk, TranslateRequest, TranslateResponse, Translation,
+                                               Usage)
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 502, 503, 504)}
+SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 router = APIRouter()
@@ -41,34 +46,99 @@ async def list_models(registry: RegistryDep) -> ModelList:
     return ModelList(data=[m.card() for m in registry.models.values()])
 
 
-@api.post("/v1/generate", response_model=GenerateResponse, tags=["generation"],
-          responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}})
-async def generate(req: GenerateRequest, registry: RegistryDep, upstream: UpstreamDep, metrics: MetricsDep,
-                   settings: SettingsDep, request_id: RequestIdDep):
-    """Generate text after `prompt`. With `stream: true` the answer is Server-Sent Events:
-    `data: {"text": ...}` per chunk, a last event with `finish_reason` and `usage`, then `data: [DONE]`."""
-    registry.get(req.model, "lm")
-    run = Run(upstream, metrics, req.model, req.upstream_body(req.prompt), request_id, settings.request_timeout_s)
-    if not req.stream:
-        text, finish_reason, usage = await collect(run, "generate")
-        return GenerateResponse(id=request_id, model=req.model, text=text, finish_reason=finish_reason,
-                                usage=_usage(usage))
-    first = await first_frame(run, "generate")
-
-    def render(frame: dict) -> dict | None:
-        if not frame.get("text") and not frame.get("finish_reason"):
-            return None
-        usage = _usage(frame["usage"]) if frame.get("finish_reason") else None
-        return GenerateChunk(id=request_id, model=req.model, text=frame.get("text", ""),
-                             finish_reason=frame.get("finish_reason"), usage=usage).model_dump(exclude_none=True)
-
-    return StreamingResponse(sse_events(run, "generate", first, render), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+def _context(request: Request, model: str, route: str, request_id: str) -> Context:
+    state = request.app.state
+    return Context(state.upstream, state.metrics, state.admissions[model], model, route, request_id,
+                   time.monotonic() + state.settings.request_timeout_s)
 
 
-def _usage(u: dict) -> Usage:
-    p, c = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
+def _usage(runs: list[Run]) -> Usage:
+    p = sum(int((r.final or {}).get("usage", {}).get("prompt_tokens", 0)) for r in runs)
+    c = sum(int((r.final or {}).get("usage", {}).get("completion_tokens", 0)) for r in runs)
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def _stream(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@api.post("/v1/generate", response_model=GenerateResponse, tags=["generation"], responses=SSE)
+async def generate(req: GenerateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
+    """Generate text after `prompt`. With `stream: true`: `data: {"text": ...}` per chunk, a last
+    event with `finish_reason` and `usage`, then `data: [DONE]`."""
+    registry.get(req.model, "lm")
+    ctx = _context(request, req.model, "generate", request_id)
+    started = await start(ctx, [req.upstream_body(req.prompt)])
+    if not req.stream:
+        ((run, text),) = await collect(started)
+        return GenerateResponse(id=request_id, model=req.model, text=text, finish_reason=run.finish_reason,
+                                usage=_usage([run]))
+
+    def render(run: Run, frame: dict) -> list[dict]:
+        text = frame_text(frame)
+        if not text and not frame.get("finish_reason"):
+            return []
+        usage = _usage([run]) if frame.get("finish_reason") else None
+        return [GenerateChunk(id=request_id, model=req.model, text=text, finish_reason=frame.get("finish_reason"),
+                              usage=usage).model_dump(exclude_none=True)]
+
+    return _stream(sse_stream(started, render))
+
+
+@api.post("/v1/completions", response_model=CompletionResponse, tags=["generation"], responses=SSE)
+async def completions(req: CompletionRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
+    """OpenAI-compatible text completions (the official `openai` client works against it)."""
+    registry.get(req.model, "lm")
+    ctx = _context(request, req.model, "completions", request_id)
+    choices = req.choices()
+    started = await start(ctx, [body for _, _, body in choices])
+    cid, created = f"cmpl-{request_id}", int(time.time())
+    if not req.stream:
+        done = await collect(started)
+        return CompletionResponse(id=cid, created=created, model=req.model, usage=_usage([r for r, _ in done]),
+                                  choices=[CompletionChoice(text=text, index=choices[run.index][0],
+                                                            finish_reason=run.finish_reason) for run, text in done])
+
+    def chunk(choice: CompletionChoice | None, usage: Usage | None = None) -> dict:
+        return CompletionResponse(id=cid, created=created, model=req.model, choices=[choice] if choice else [],
+                                  usage=usage).model_dump()
+
+    def render(run: Run, frame: dict) -> list[dict]:
+        text = frame_text(frame)
+        if not text and not frame.get("finish_reason"):
+            return []
+        return [chunk(CompletionChoice(text=text, index=choices[run.index][0],
+                                       finish_reason=frame.get("finish_reason")))]
+
+    def trailer() -> list[dict]:
+        if req.stream_options and req.stream_options.include_usage:
+            return [chunk(None, _usage([r for r, _ in started]))]
+        return []
+
+    return _stream(sse_stream(started, render, trailer))
+
+
+@api.post("/v1/translate", response_model=TranslateResponse, tags=["translation"], responses=SSE)
+async def translate(req: TranslateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
+    """Translate one text or a list. With `stream: true` (one text): `data: {"text": ...}` as the
+    words every beam agrees on become final, a last event with the whole `translation`, then `[DONE]`."""
+    registry.get(req.model, "translation")
+    ctx = _context(request, req.model, "translate", request_id)
+    started = await start(ctx, [req.upstream_body()])
+    if not req.stream:
+        ((run, _),) = await collect(started)
+        return TranslateResponse(id=request_id, model=req.model, usage=_usage([run]),
+                                 translations=[Translation(**t) for t in run.final["translations"]])
+
+    def render(run: Run, frame: dict) -> list[dict]:
+        text = frame_text(frame)
+        if frame.get("finish_reason"):
+            t = Translation(**frame["translations"][0])
+            return [TranslateChunk(id=request_id, model=req.model, text=text, finish_reason=t.finish_reason,
+                                   translation=t, usage=_usage([run])).model_dump(exclude_none=True)]
+        return [TranslateChunk(id=request_id, model=req.model, text=text).model_dump(exclude_none=True)] if text else []
+
+    return _stream(sse_stream(started, render))
 
 
 router.include_router(api)

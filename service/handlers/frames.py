@@ -60,7 +60,7 @@ PROGRESS_FIELDS = ("text", "deltas")  # what a frame adds to the stream; the res
 
 
 def output_frame(o: StepOutput) -> str:
-    frame: dict[str, Any] = {"text": o.text}
+    frame: dict[str, Any] = {"text": o.text, "batch": o.batch_size}
     if o.finished:
         frame["finish_reason"] = o.finish_reason
         frame["usage"] = {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
@@ -143,7 +143,7 @@ class TextStreams:
 
 def translation_frame(out: TranslationOutput, streams: TextStreams, sources: list[list[str]]) -> str:
     deltas = [{"index": i, "text": streams.add(i, toks)} for i, toks in sorted(out.new_tokens.items())]
-    frame: dict[str, Any] = {"deltas": [d for d in deltas if d["text"]]}
+    frame: dict[str, Any] = {"deltas": [d for d in deltas if d["text"]], "batch": out.batch_size}
     if out.finished:
         reasons = [r.finish_reason for r in out.results]
         frame["finish_reason"] = "length" if "length" in reasons else "stop"
