@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import anyio
+
 from rnnserve.service.gateway.admission import Admission
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
@@ -127,14 +129,13 @@ class Run:
         if disconnected and self.final is None:
             self.outcome = "cancelled"
             m.cancelled.labels(model=model).inc()
-        try:
-            await self._frames.aclose()  # closes the upstream connection: TorchServe drops the job
-        finally:
-            self.ctx.admission.release()
-            m.e2e.labels(model=model).observe(time.monotonic() - self.t0)
-            m.requests.labels(model=model, route=self.ctx.route, outcome=self.outcome).inc()
-            log.info("%s %s on %s: %s in %.3fs", self.ctx.route, self.ctx.request_id, model, self.outcome,
-                     time.monotonic() - self.t0)
+        # bookkeeping first: the await below may be interrupted when the request is being cancelled
+        self.ctx.admission.release()
+        m.e2e.labels(model=model).observe(time.monotonic() - self.t0)
+        m.requests.labels(model=model, route=self.ctx.route, outcome=self.outcome).inc()
+        log.info("%s %s on %s: %s in %.3fs", self.ctx.route, self.ctx.request_id, model, self.outcome,
+                 time.monotonic() - self.t0)
+        await self._frames.aclose()  # closes the upstream connection: TorchServe drops the job
 
 
 async def start(ctx: Context, bodies: list[dict]) -> list[tuple[Run, dict]]:
@@ -239,4 +240,7 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
         yield sse("[DONE]")
         disconnected = False
     finally:
-        await asyncio.gather(*(r.close(disconnected=disconnected) for r, _ in started))
+        # a client that left cancels this generator (Starlette's cancel scope): shield the clean-up
+        with anyio.CancelScope(shield=True):
+            for run, _ in started:
+                await run.close(disconnected=disconnected)
