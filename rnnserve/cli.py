@@ -45,6 +45,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rnnserve.bench import main as bench
+
+    args.concurrency = args.concurrency or ("1,8,32,64" if args.task == "lm" else "1,32")
+    return bench(args)
+
+
 def _cmd_archive(args: argparse.Namespace) -> int:
     from rnnserve.service.archive import build_archives
 
@@ -92,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-size", type=int, default=4)
     p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("bench", help="throughput and latency: raw engine vs naive handler vs full stack")
+    p.add_argument("task", choices=["lm", "translation"])
+    p.add_argument("--concurrency", default=None, help="comma-separated client counts")
+    p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
+    p.add_argument("--beams", default="1,4", help="translation: beam sizes")
+    p.add_argument("--per-client", type=int, default=16, help="translation: sentences per client")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("archive", help="build a .mar for every model folder into the model store")
     p.add_argument("--models-dir", default=None)

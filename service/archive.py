@@ -21,7 +21,8 @@ from rnnserve.paths import MODEL_STORE, MODELS_DIR
 log = logging.getLogger(__name__)
 
 HANDLERS_DIR = Path(__file__).resolve().parent / "handlers"
-HANDLER_FILES = {"lm": HANDLERS_DIR / "lm_handler.py", "translation": HANDLERS_DIR / "translation_handler.py"}
+HANDLER_FILES = {"lm": HANDLERS_DIR / "lm_handler.py", "translation": HANDLERS_DIR / "translation_handler.py",
+                 "lm-naive": HANDLERS_DIR / "naive_lm_handler.py"}
 
 # Per-task TorchServe settings. Why these numbers:
 # - batchSize is the number of live sequences one worker decodes together. A recurrent step costs
@@ -48,6 +49,8 @@ MODEL_CONFIGS: dict[str, dict] = {
             "half_precision": True,  # GPU only; CPU always runs fp32
         },
     },
+    # Benchmark baseline only (rnnserve bench): one request at a time, a frame per token.
+    "lm-naive": {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1, "responseTimeout": 60},
     # A translation step decodes one token for every beam of every sentence: 256 rows hold e.g.
     # 64 sentences at beam 4. batchSize counts requests (each may carry many sentences); sentences
     # beyond the rows wait inside the engine, in arrival order.
@@ -76,7 +79,8 @@ def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
     for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         if not all((folder / f).exists() for f in FILES):
             continue
-        task = json.loads((folder / "config.json").read_text()).get("task")
+        config = json.loads((folder / "config.json").read_text())
+        task = config.get("serving", config.get("task"))  # "serving" picks another handler (benchmarks)
         if task in HANDLER_FILES:
             found.append((folder.name, folder, task))
     return found

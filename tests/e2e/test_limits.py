@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import start_stack, stop_stack
+from rnnserve.service.stack import start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
 

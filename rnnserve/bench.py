@@ -1,0 +1,285 @@
+"""`rnnserve bench`: serving throughput and latency against baselines measured in the same run.
+
+    rnnserve bench lm            # raw engine (the ceiling) vs naive handler vs full stack
+    rnnserve bench translation   # raw engine vs full stack, greedy and beam 4
+
+Every figure of a table comes from the same run on the same model, prompts and machine; quote the
+ratios (this machine is noisy). Streaming clients are asyncio + httpx on loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from rnnserve.engine.lm_engine import LMEngine
+from rnnserve.engine.sampling import SamplingParams
+from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
+from rnnserve.models.folder import load_lm, load_translation
+from rnnserve.paths import MODELS_DIR
+from rnnserve.service.archive import MODEL_CONFIGS
+from rnnserve.service.handlers.frames import tokens_for_budget
+from rnnserve.service.stack import start_stack, stop_stack
+from rnnserve.text import tokenize
+from rnnserve.training.data import read_multi30k
+
+PROMPTS = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", "First Citizen:\n", "To be, or not to be", "MENENIUS:\n"]
+
+
+@dataclass
+class Result:
+    name: str
+    clients: int
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    errors: int = 0
+    units: int = 0  # sentences, for translation
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def row(self) -> dict:
+        return {"name": self.name, "clients": self.clients, "tokens_per_s": round(self.tokens_per_s, 1),
+                "units_per_s": round(self.units / self.seconds, 2) if self.seconds else 0.0,
+                "ttft_p50_ms": _ms(_pct(self.ttft, 50)), "ttft_p99_ms": _ms(_pct(self.ttft, 99)),
+                "itl_p50_ms": _ms(_pct(self.itl, 50)), "itl_p99_ms": _ms(_pct(self.itl, 99)), "errors": self.errors}
+
+
+def _pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 1)
+
+
+# -- raw engines, in-process ---------------------------------------------------------------------
+def raw_lm(engine: LMEngine, clients: int, tokens: int) -> Result:
+    """All clients' requests admitted at once; steps sized as the handler sizes them."""
+    cfg = MODEL_CONFIGS["lm"]["handler"]
+    res = Result("raw engine", clients)
+    for i in range(clients):
+        engine.add(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=tokens, temperature=0.8, seed=i))
+    per_token, t0 = 0.002, time.perf_counter()
+    seen: set[str] = set()
+    while engine.has_work():
+        k = tokens_for_budget(cfg["target_step_ms"] / 1000, per_token, cfg["max_tokens_per_step"])
+        s0 = time.perf_counter()
+        outs = engine.step(k)
+        dt = time.perf_counter() - s0
+        per_token = 0.8 * per_token + 0.2 * dt / k
+        now = time.perf_counter()
+        for o in outs:
+            if o.text and o.request_id not in seen:
+                seen.add(o.request_id)
+                res.ttft.append(now - t0)
+            elif o.text:
+                res.itl.extend([dt / len(o.text)] * len(o.text))
+            if o.finished:
+                res.tokens += o.completion_tokens
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def raw_translation(engine: TranslationEngine, clients: int, sentences: list[list[int]], beam: int,
+                    per_client: int) -> Result:
+    """Closed loop: each client keeps one sentence in flight and sends the next when it is done."""
+    res = Result(f"raw engine beam {beam}", clients)
+    todo = {c: per_client for c in range(clients)}
+    nxt = 0
+    params = TranslationParams(beam_size=beam)
+
+    def send(c: int) -> None:
+        nonlocal nxt
+        engine.add(f"{c}:{nxt}", [sentences[nxt % len(sentences)]], params)
+        nxt += 1
+        todo[c] -= 1
+
+    t0 = time.perf_counter()
+    starts: dict[str, float] = {}
+    for c in range(clients):
+        starts[f"{c}:{nxt}"] = time.perf_counter()
+        send(c)
+    while engine.has_work():
+        for o in engine.step():
+            if o.finished:
+                res.units += 1
+                res.tokens += o.completion_tokens
+                res.ttft.append(time.perf_counter() - starts.pop(o.request_id))
+                c = int(o.request_id.split(":")[0])
+                if todo[c]:
+                    starts[f"{c}:{nxt}"] = time.perf_counter()
+                    send(c)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# -- through HTTP ------------------------------------------------------------------------------------
+async def _stream_one(client: httpx.AsyncClient, path: str, body: dict, res: Result) -> None:
+    t0 = time.perf_counter()
+    last = None
+    async with client.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            res.errors += 1
+            await r.aread()
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                res.errors += 1
+                return
+            text = event.get("text", "")
+            now = time.perf_counter()
+            if text:
+                if last is None:
+                    res.ttft.append(now - t0)
+                else:
+                    res.itl.extend([(now - last) / len(text)] * len(text))
+                last = now
+            if event.get("finish_reason"):
+                res.tokens += event["usage"]["completion_tokens"]
+                res.units += 1
+
+
+async def http_lm(url: str, model: str, name: str, clients: int, tokens: int) -> Result:
+    res = Result(name, clients)
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(
+            _stream_one(client, "/v1/generate", {"model": model, "prompt": PROMPTS[i % len(PROMPTS)],
+                                                 "max_tokens": tokens, "temperature": 0.8, "seed": i,
+                                                 "stream": True}, res) for i in range(clients)))
+        res.seconds = time.perf_counter() - t0
+    return res
+
+
+async def http_translation(url: str, model: str, clients: int, texts: list[str], beam: int,
+                           per_client: int) -> Result:
+    res = Result(f"full stack beam {beam}", clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as c:
+        async def client_loop(ci: int) -> None:
+            for j in range(per_client):
+                text = texts[(ci * per_client + j) % len(texts)]
+                t0 = time.perf_counter()
+                r = await c.post("/v1/translate", json={"model": model, "text": text, "beam_size": beam})
+                if r.status_code != 200:
+                    res.errors += 1
+                    continue
+                res.ttft.append(time.perf_counter() - t0)
+                res.units += 1
+                res.tokens += r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        res.seconds = time.perf_counter() - t0
+    return res
+
+
+# -- reports --------------------------------------------------------------------------------------
+def print_table(rows: list[dict], unit: str) -> None:
+    cols = ["name", "clients", unit, "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "errors"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+
+
+def _bench_models_dir(tmp: Path, names: list[str], naive: bool) -> Path:
+    models = tmp / "models"
+    models.mkdir()
+    for name in names:
+        shutil.copytree(MODELS_DIR / name, models / name)
+    if naive:
+        shutil.copytree(MODELS_DIR / "lm-shakespeare", models / "lm-naive")
+        cfg = json.loads((models / "lm-naive" / "config.json").read_text())
+        (models / "lm-naive" / "config.json").write_text(json.dumps({**cfg, "serving": "lm-naive"}))
+    return models
+
+
+def bench_lm(concurrency: list[int], tokens: int, out: Path | None) -> list[dict]:
+    loaded = load_lm(MODELS_DIR / "lm-shakespeare")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=True),
+                            extra_env={"RNNSERVE_REQUEST_TIMEOUT_S": "900"})
+        try:
+            # warm-up: first calls pay one-off costs (allocator, kernels, connections)
+            raw_lm(LMEngine(loaded.model, loaded.tokenizer), 4, 32)
+            for model in ("lm-naive", "lm-shakespeare"):
+                asyncio.run(http_lm(stack.url, model, "warm-up", 2, 16))
+            for c in concurrency:
+                engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64)
+                raw = raw_lm(engine, c, tokens)
+                naive = asyncio.run(http_lm(stack.url, "lm-naive", "naive handler", c, tokens))
+                full = asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))
+                level = [raw.row(), naive.row(), full.row()]
+                for r in level:
+                    r["vs_raw"] = round(r["tokens_per_s"] / level[0]["tokens_per_s"], 2)
+                    r["vs_naive"] = round(r["tokens_per_s"] / level[1]["tokens_per_s"], 2)
+                rows += level
+                print_table(level, "tokens_per_s")
+                print(f"  full/raw {level[2]['vs_raw']}x, full/naive {level[2]['vs_naive']}x", flush=True)
+        finally:
+            stop_stack(stack)
+    _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads()})
+    return rows
+
+
+def bench_translation(concurrency: list[int], beams: list[int], per_client: int, out: Path | None) -> list[dict]:
+    tr = load_translation(MODELS_DIR / "translate-de-en")
+    src, _ = read_multi30k("test_2016_flickr")
+    texts = [" ".join(s) for s in src]
+    ids = [tr.src.encode(tokenize(t)) for t in texts]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["translate-de-en"], naive=False),
+                            extra_env={"RNNSERVE_REQUEST_TIMEOUT_S": "900"})
+        try:
+            raw_translation(TranslationEngine(tr.model), 4, ids, 4, 2)  # warm-up
+            asyncio.run(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
+            for beam in beams:
+                for c in concurrency:
+                    raw = raw_translation(TranslationEngine(tr.model), c, ids, beam, per_client)
+                    full = asyncio.run(http_translation(stack.url, "translate-de-en", c, texts, beam, per_client))
+                    level = [raw.row(), full.row()]
+                    for r in level:
+                        r["vs_raw"] = round(r["units_per_s"] / level[0]["units_per_s"], 2)
+                    rows += level
+                    print_table(level, "units_per_s")
+                    print(f"  full/raw {level[1]['vs_raw']}x", flush=True)
+        finally:
+            stop_stack(stack)
+    _write(out, {"translation": rows, "per_client": per_client})
+    return rows
+
+
+def _write(out: Path | None, data: dict) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+
+
+def main(args) -> int:
+    levels = [int(x) for x in args.concurrency.split(",")]
+    out = Path(args.out) if args.out else None
+    if args.task == "lm":
+        bench_lm(levels, args.tokens, out)
+    else:
+        bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out)
+    return 0

@@ -1,0 +1,79 @@
+"""Start a whole stack (`rnnserve serve`: TorchServe and the gateway) on free loopback ports, with its
+own run directory and model store, so that it can run beside another one on the same machine.
+Used by the end-to-end tests and by `rnnserve bench`."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from rnnserve.paths import MODELS_DIR
+from rnnserve.service.archive import build_archives
+
+READY_TIMEOUT_S = 180
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Stack:
+    url: str
+    proc: subprocess.Popen
+    run_dir: Path
+    env: dict
+    log: Path
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+
+def start_stack(tmp: Path, extra_env: dict | None = None, models_dir: Path = MODELS_DIR) -> Stack:
+    store = tmp / "model_store"
+    build_archives(models_dir, store)
+    gw, inf, mgmt, met, gi, gm, worker = free_ports(7)
+    env = dict(os.environ, RNNSERVE_RUN_DIR=str(tmp / "run"), RNNSERVE_MODEL_STORE=str(store),
+               RNNSERVE_MODELS_DIR=str(models_dir), RNNSERVE_READY_PROBE_INTERVAL_S="1", **(extra_env or {}))
+    cmd = [sys.executable, "-m", "rnnserve.cli", "serve", "--port", str(gw), "--ts-inference-port", str(inf),
+           "--ts-management-port", str(mgmt), "--ts-metrics-port", str(met), "--ts-grpc-inference-port", str(gi),
+           "--ts-grpc-management-port", str(gm), "--ts-worker-port", str(worker)]
+    log = tmp / "serve.log"
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    stack = Stack(f"http://127.0.0.1:{gw}", proc, tmp / "run", env, log)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rnnserve serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{stack.url}/readyz", timeout=2).status_code == 200:
+                return stack
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_stack(stack)
+    raise RuntimeError(f"stack not ready in {READY_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_stack(stack: Stack) -> None:
+    if stack.proc.poll() is None:
+        stack.proc.send_signal(signal.SIGTERM)
+        try:
+            stack.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stack.proc.kill()
