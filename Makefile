@@ -4,17 +4,25 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test setup archive java clean
+.PHONY: serve test setup archive java prometheus clean
 
 serve: java archive
 	$(BIN)/rnnserve serve
 
-test: java archive
+test: java archive prometheus
 	$(BIN)/pytest -q
 
 # stops at once, before installing anything, when Java 17 is missing
 java:
 	@$(PYTHON) service/java.py
+
+# a real Prometheus server for the observability test (Debian's package; CI runs as root)
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+	  || { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+	  || echo "warning: could not install Debian's prometheus package: the Prometheus test will be skipped"; }
 
 setup: $(STAMP)
 

@@ -47,7 +47,8 @@ PANELS = [
     ("TorchServe host: CPU and memory", "percent", [("CPUUtilization", "CPU %"), ("MemoryUtilization", "memory %")]),
     ("TorchServe GPUs (GPU hosts only)", "percent", [("GPUUtilization", "GPU {{DeviceId}}"),
                                                     ("GPUMemoryUtilization", "GPU memory {{DeviceId}}")]),
-    ("TorchServe worker: handler time", "ms", [("HandlerTime", "{{ModelName}}"), ("PredictionTime", "predict {{ModelName}}")]),
+    ("TorchServe worker: step times", "ms", [("PredictionTime", "predict {{ModelName}}"),
+                                             ("WorkerThreadTime", "frontend worker thread")]),
 ]
 
 
