@@ -52,6 +52,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench(args)
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from rnnserve.loadtest import main as loadtest
+
+    return loadtest(args)
+
+
 def _cmd_archive(args: argparse.Namespace) -> int:
     from rnnserve.service.archive import build_archives
 
@@ -108,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-client", type=int, default=16, help="translation: sentences per client")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("loadtest", help="locust, headless, against a running stack; reports in results/")
+    p.add_argument("--host", default="http://127.0.0.1:8000")
+    p.add_argument("--users", type=int, default=8, help="concurrent users (closed loop)")
+    p.add_argument("--run-time", default="60s", help="bound by time, e.g. 30s, 5m")
+    p.add_argument("--max-requests", type=int, default=0, help="bound by count (0 = no bound)")
+    p.add_argument("--arrival-rate", type=float, default=0.0, help="open loop: Poisson arrivals per second")
+    p.add_argument("--weights", default=None, help='e.g. "stream=4,generate=1,openai=1,translate=2"')
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--out", default=None, help="results folder (default results/loadtest-<time>)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
+    p.set_defaults(func=_cmd_loadtest)
 
     p = sub.add_parser("archive", help="build a .mar for every model folder into the model store")
     p.add_argument("--models-dir", default=None)

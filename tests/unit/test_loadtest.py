@@ -1,0 +1,35 @@
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from rnnserve.loadtest import _loopback
+from rnnserve.paths import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "load_tests"))
+from arrivals import PoissonArrivals, parse_weights  # noqa: E402
+
+
+def test_weights():
+    assert parse_weights("stream=4, generate=1,") == {"stream": 4, "generate": 1}
+    with pytest.raises(ValueError, match="name=integer"):
+        parse_weights("stream=x")
+
+
+def test_poisson_arrivals_keep_the_offered_rate_whatever_the_users():
+    arrivals = PoissonArrivals(rate=50.0, seed=1)
+    users = [SimpleNamespace(environment=SimpleNamespace(runner=SimpleNamespace(user_count=10))) for _ in range(10)]
+    gaps = [arrivals(u) for _ in range(400) for u in users]
+    # each user's schedule advances by exponential gaps of mean users / rate = 0.2 s; together they
+    # offer 50 requests/s. The schedule is cumulative, so compare the mean increment per call.
+    per_user = [arrivals.next_at[id(u)] for u in users]
+    assert len(gaps) == 4000 and min(gaps) >= 0
+    import time
+
+    mean_gap = (sum(per_user) / len(per_user) - time.monotonic()) / 400
+    assert 0.18 < mean_gap < 0.22
+
+
+def test_loadtests_stay_on_loopback_by_default():
+    assert _loopback("http://127.0.0.1:8000") and _loopback("http://localhost:8000") and _loopback("http://[::1]:80")
+    assert not _loopback("http://10.0.0.5:8000") and not _loopback("https://example.com")
