@@ -6,6 +6,7 @@ no stack trace ever reaches a client (it goes to the log with the request id).
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,21 +39,42 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+_TYPE_ERRORS = {"string_type", "list_type", "int_type", "float_type", "bool_type", "dict_type", "none_required"}
+_UNION_TAG = re.compile(r"[\[\]-]|^(str|int|float|bool|list|dict|none)$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, first_param = [], None
+    """One readable sentence per bad field. Errors of a union's members (str | list[str]) are merged:
+    the type mismatches of the members the value was not meant for are dropped."""
+    by_param: dict[str | None, list[dict]] = {}
     for e in exc.errors():
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        first_param = first_param or param
-        msg = e.get("msg", "invalid value")
-        if e.get("type") == "extra_forbidden":
-            msg = "unknown field; remove it"
-        elif e.get("type") == "json_invalid":
-            msg = "request body is not valid JSON"
-        elif e.get("type") == "model_attributes_type":
-            msg = "request body must be a JSON object"
-        parts.append(f"{param}: {msg}" if param else msg)
-    return "; ".join(parts) or "invalid request", first_param
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and _UNION_TAG.search(x))]
+        by_param.setdefault(".".join(loc) or None, []).append(e)
+    parts = []
+    for param, errs in list(by_param.items()):
+        if param and all(e.get("type") in _TYPE_ERRORS for e in errs) and any(
+                other and other.startswith(param + ".") for other in by_param):
+            del by_param[param]  # the list member is the one meant: its item errors say what is wrong
+            continue
+        real = [e for e in errs if e.get("type") not in _TYPE_ERRORS] or errs
+        if len(real) > 1 and all(e.get("type") in _TYPE_ERRORS for e in real):
+            msgs = ["has the wrong type: give " + " or ".join(
+                sorted({e["msg"].removeprefix("Input should be ").removeprefix("a valid ") for e in real}))]
+        else:
+            msgs = [_message(e) for e in real]
+        parts += [f"{param}: {m}" if param else m for m in dict.fromkeys(msgs)]
+    return "; ".join(parts) or "invalid request", next(iter(by_param), None)
+
+
+def _message(e: dict) -> str:
+    kind = e.get("type")
+    if kind == "extra_forbidden":
+        return "unknown field; remove it"
+    if kind == "json_invalid":
+        return "request body is not valid JSON"
+    if kind == "model_attributes_type":
+        return "request body must be a JSON object"
+    return e.get("msg", "invalid value").removeprefix("Value error, ")
 
 
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -10,6 +10,10 @@ MAX_PROMPT_CHARS = 8192
 MAX_TOKENS_LIMIT = 2048  # the language model handler's own cap (service/archive.py)
 MAX_STOP = 4
 MAX_STOP_CHARS = 32
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class StrictModel(BaseModel):
@@ -35,7 +39,8 @@ class SamplingFields(StrictModel):
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, le=1000, description="0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings that end the text")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"up to {MAX_STOP} strings that end the text")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same text")
 
     @field_validator("temperature", "top_p", mode="before")
@@ -47,14 +52,8 @@ class SamplingFields(StrictModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop_bounds(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
-        for s in stops:
-            if not s or len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
-        return stops
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+        return [v] if isinstance(v, str) else list(v or [])
 
     def upstream_body(self, prompt: str) -> dict:
         """The handler's request body (rnnserve.service.handlers.frames.GENERATE_FIELDS)."""
@@ -127,24 +126,13 @@ class StreamOptions(StrictModel):
 
 class CompletionRequest(SamplingFields):
     model: str = Field(..., min_length=1, max_length=128)
-    prompt: str | list[str] = Field("", description=f"a string or up to {MAX_PROMPTS} strings")
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        "", description=f"a string or up to {MAX_PROMPTS} strings")
     n: int = Field(1, ge=1, le=MAX_N, description="completions per prompt")
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="accepted for compatibility, not used")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts(cls, v: str | list[str]) -> str | list[str]:
-        prompts = [v] if isinstance(v, str) else v
-        if not prompts:
-            raise ValueError("give at least one prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-        if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
-            raise ValueError(f"each prompt must be at most {MAX_PROMPT_CHARS} characters")
-        return v
 
     @model_validator(mode="after")
     def _fan_out(self) -> "CompletionRequest":
@@ -191,11 +179,13 @@ MAX_TEXTS = 64
 MAX_TEXT_CHARS = 1000
 MAX_BEAM = 8
 MAX_TRANSLATION_TOKENS = 256
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class TranslateRequest(StrictModel):
     model: str = Field(..., min_length=1, max_length=128)
-    text: str | list[str] = Field(..., description=f"one text or up to {MAX_TEXTS}")
+    text: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)] = Field(
+        ..., description=f"one text or up to {MAX_TEXTS}")
     beam_size: int = Field(4, ge=1, le=MAX_BEAM, description="1 = greedy")
     max_tokens: int | None = Field(None, ge=1, le=MAX_TRANSLATION_TOKENS,
                                    description="output tokens per text (default: 2 x source tokens + 10)")
@@ -205,18 +195,6 @@ class TranslateRequest(StrictModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model": "translate-de-en", "text": "Ein Mann fährt Fahrrad.", "beam_size": 4}]})
-
-    @field_validator("text")
-    @classmethod
-    def _texts(cls, v: str | list[str]) -> str | list[str]:
-        texts = [v] if isinstance(v, str) else v
-        if not texts:
-            raise ValueError("give at least one text")
-        if len(texts) > MAX_TEXTS:
-            raise ValueError(f"at most {MAX_TEXTS} texts per request")
-        if any(len(t) > MAX_TEXT_CHARS for t in texts):
-            raise ValueError(f"each text must be at most {MAX_TEXT_CHARS} characters")
-        return v
 
     @model_validator(mode="after")
     def _stream_one(self) -> "TranslateRequest":
