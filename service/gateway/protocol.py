@@ -17,8 +17,8 @@ Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class StrictModel(BaseModel):
-    # unknown fields are a mistake of the caller, not something to ignore silently
-    model_config = ConfigDict(extra="forbid")
+    # unknown fields and wrong JSON types ("12" for 12) are mistakes of the caller: say so
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class GenerateRequest(SamplingFields):
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     stream: bool = False
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"model": "lm-shakespeare", "prompt": "ROMEO:", "max_tokens": 200, "temperature": 0.8, "stream": True}]})
 
 
@@ -193,7 +193,7 @@ class TranslateRequest(StrictModel):
     return_attention: bool = Field(False, description="per output token, attention weights over the source tokens")
     stream: bool = False
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"model": "translate-de-en", "text": "Ein Mann fährt Fahrrad.", "beam_size": 4}]})
 
     @model_validator(mode="after")
