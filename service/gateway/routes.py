@@ -135,7 +135,7 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
         if frame.get("finish_reason"):
             t = Translation(**frame["translations"][0])
             return [TranslateChunk(id=request_id, model=req.model, text=text, finish_reason=t.finish_reason,
-                                   translation=t, usage=_usage([run])).model_dump(exclude_none=True)]
+                                   translation=t, usage=_usage([run])).model_dump()]
         return [TranslateChunk(id=request_id, model=req.model, text=text).model_dump(exclude_none=True)] if text else []
 
     return _stream(sse_stream(started, render))
