@@ -58,6 +58,12 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     return loadtest(args)
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from rnnserve.soak import main as soak
+
+    return soak(args)
+
+
 def _cmd_archive(args: argparse.Namespace) -> int:
     from rnnserve.service.archive import build_archives
 
@@ -126,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results folder (default results/loadtest-<time>)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
     p.set_defaults(func=_cmd_loadtest)
+
+    p = sub.add_parser("soak", help="minutes of moderate load on a fresh stack: memory and latency over time")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--out", default=None, help="write samples and result as JSON here")
+    p.set_defaults(func=_cmd_soak)
 
     p = sub.add_parser("archive", help="build a .mar for every model folder into the model store")
     p.add_argument("--models-dir", default=None)
