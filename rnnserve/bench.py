@@ -269,6 +269,32 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
     return rows
 
 
+def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict]:
+    """Decode tokens/s of the engine alone, oneDNN (mkldnn) on vs off, per batch size."""
+    loaded = load_lm(MODELS_DIR / "lm-shakespeare")
+    rows = []
+    for b in batches:
+        row = {"batch": b}
+        for name, threshold in (("onednn", 0), ("native", None)):
+            runs = []
+            for _ in range(3):
+                engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=b, mkldnn_min_batch=threshold)
+                for i in range(b):
+                    engine.add(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=tokens, seed=i))
+                engine.step(1)  # prefill outside the timing
+                t0 = time.perf_counter()
+                n = 0
+                while engine.has_work():
+                    n += sum(len(o.text) for o in engine.step(16))
+                runs.append(n / (time.perf_counter() - t0))
+            row[f"{name}_tokens_per_s"] = round(sorted(runs)[1], 1)  # median of 3
+        row["native_vs_onednn"] = round(row["native_tokens_per_s"] / row["onednn_tokens_per_s"], 2)
+        rows.append(row)
+        print(row, flush=True)
+    _write(out, {"engine": rows, "tokens": tokens, "threads": torch.get_num_threads()})
+    return rows
+
+
 def _write(out: Path | None, data: dict) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +304,9 @@ def _write(out: Path | None, data: dict) -> None:
 def main(args) -> int:
     levels = [int(x) for x in args.concurrency.split(",")]
     out = Path(args.out) if args.out else None
-    if args.task == "lm":
+    if args.task == "engine":
+        bench_engine(levels, args.tokens, out)
+    elif args.task == "lm":
         bench_lm(levels, args.tokens, out)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out)

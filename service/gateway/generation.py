@@ -175,11 +175,35 @@ async def collect(started: list[tuple[Run, dict]]) -> list[tuple[Run, str]]:
             raise APIError(502, "model server ended the stream early", "upstream_error")
         return "".join(parts)
 
+    cancelled = False
     try:
         texts = await asyncio.gather(*(one(r, f) for r, f in started))
+    except asyncio.CancelledError:
+        cancelled = True  # the client went away (see collect_unless_disconnected)
+        raise
     finally:
-        await asyncio.gather(*(r.close() for r, _ in started))
+        with anyio.CancelScope(shield=True):
+            for run, _ in started:
+                await run.close(disconnected=cancelled)
     return [(r, t) for (r, _), t in zip(started, texts)]
+
+
+async def collect_unless_disconnected(request, started: list[tuple[Run, dict]]) -> list[tuple[Run, str]] | None:
+    """`collect`, stopped as soon as the client disconnects (then None): a plain JSON request whose
+    caller left must free its batch rows too, not decode to the end for nobody."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.create_task(collect(started))
+    watch = asyncio.create_task(disconnected())
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if work in done:
+        watch.cancel()
+        return work.result()
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return None
 
 
 def sse(data: dict | str) -> str:

@@ -9,7 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, SettingsDep,
                                            UpstreamDep, require_api_key)
-from rnnserve.service.gateway.generation import Context, Run, collect, frame_text, sse_stream, start
+from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
+                                                 start)
 from rnnserve.service.gateway.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
                                                GenerateChunk, GenerateRequest, GenerateResponse, Health, ModelList,
                                                TranslateChunk, TranslateRequest, TranslateResponse, Translation,
@@ -70,7 +71,10 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
     ctx = _context(request, req.model, "generate", request_id)
     started = await start(ctx, [req.upstream_body(req.prompt)])
     if not req.stream:
-        ((run, text),) = await collect(started)
+        done = await collect_unless_disconnected(request, started)
+        if done is None:
+            return Response(status_code=499)  # nobody is listening
+        ((run, text),) = done
         return GenerateResponse(id=request_id, model=req.model, text=text, finish_reason=run.finish_reason,
                                 usage=_usage([run]))
 
@@ -94,7 +98,9 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
     started = await start(ctx, [body for _, _, body in choices])
     cid, created = f"cmpl-{request_id}", int(time.time())
     if not req.stream:
-        done = await collect(started)
+        done = await collect_unless_disconnected(request, started)
+        if done is None:
+            return Response(status_code=499)  # nobody is listening
         return CompletionResponse(id=cid, created=created, model=req.model, usage=_usage([r for r, _ in done]),
                                   choices=[CompletionChoice(text=text, index=choices[run.index][0],
                                                             finish_reason=run.finish_reason) for run, text in done])
@@ -126,7 +132,10 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
     ctx = _context(request, req.model, "translate", request_id)
     started = await start(ctx, [req.upstream_body()])
     if not req.stream:
-        ((run, _),) = await collect(started)
+        done = await collect_unless_disconnected(request, started)
+        if done is None:
+            return Response(status_code=499)  # nobody is listening
+        ((run, _),) = done
         return TranslateResponse(id=request_id, model=req.model, usage=_usage([run]),
                                  translations=[Translation(**t) for t in run.final["translations"]])
 

@@ -125,3 +125,15 @@ def test_client_disconnect_frees_the_slot_and_is_counted(tight):
 def _model_log(stack) -> str:
     path = stack.run_dir / "logs" / "model_log.log"
     return path.read_text() if path.exists() else ""
+
+
+def test_a_plain_request_whose_client_leaves_frees_its_slot(tight):
+    with tight.client() as c:
+        before = metric(c, "rnnserve_client_disconnects_total", model="lm-shakespeare")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{tight.url}/v1/generate", json={**LONG, "max_tokens": 2000}, headers=AUTH, timeout=1.0)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and metric(c, "rnnserve_requests_running", model="lm-shakespeare") != 0:
+            time.sleep(0.1)
+        assert metric(c, "rnnserve_requests_running", model="lm-shakespeare") == 0
+        assert metric(c, "rnnserve_client_disconnects_total", model="lm-shakespeare") == before + 1
