@@ -3,7 +3,6 @@ folder and a summary table (requests/s, output tokens/s, TTFT / ITL / end-to-end
 from __future__ import annotations
 
 import csv
-import ipaddress
 import os
 import subprocess
 import sys
@@ -12,18 +11,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from rnnserve.paths import REPO_ROOT
+from rnnserve.service.settings import is_loopback
 
 LOCUSTFILE = REPO_ROOT / "load_tests" / "locustfile.py"
 
 
 def _loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(urlparse(url).hostname or "")
 
 
 def run_locust(host: str, users: int, run_time: str, out: Path, arrival_rate: float = 0.0, weights: str | None = None,

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _loopback_unless_asked(self) -> "Settings":
-        if not self.allow_public_bind and not _is_loopback(self.host):
+        if not self.allow_public_bind and not is_loopback(self.host):
             raise ValueError(f"host {self.host!r} is not a loopback address; set RNNSERVE_ALLOW_PUBLIC_BIND=true "
                              "to serve on it (and set RNNSERVE_API_KEYS)")
         ports = [self.port, self.ts_inference_port, self.ts_management_port, self.ts_metrics_port,
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         return self.ts_key_file or self.run_dir / "key_file.json"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

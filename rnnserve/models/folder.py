@@ -37,22 +37,12 @@ class LoadedLM:
 
 def save_lm(folder: str | Path, model: RNNLanguageModel, tokenizer: CharTokenizer,
             meta: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"task": "lm", "model": model.config.to_dict(), **(meta or {})}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    tokenizer.save(folder / TOKENIZER_FILE)
-    # save a converted copy so the live model keeps its training dtype
-    _save_weights(folder, model, RNNLanguageModel(model.config), dtype)
-    return folder
+    return _save(folder, "lm", model, RNNLanguageModel(model.config), tokenizer.to_dict(), meta, dtype)
 
 
 def load_lm(folder: str | Path, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.float32) -> LoadedLM:
-    folder = Path(folder)
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    if meta.get("task") != "lm":
-        raise ValueError(f"{folder} holds a {meta.get('task')!r} model, not a language model")
+    folder, meta = Path(folder), _meta(folder, "lm", "a language model")
     model = RNNLanguageModel(LMConfig(**meta["model"]))
     _load_weights(folder, model, device, dtype)
     return LoadedLM(model, CharTokenizer.load(folder / TOKENIZER_FILE), meta)
@@ -66,9 +56,24 @@ class LoadedTranslation:
     meta: dict
 
 
-def _save_weights(folder: Path, model: torch.nn.Module, copy: torch.nn.Module, dtype: torch.dtype) -> None:
+def _save(folder: str | Path, task: str, model: torch.nn.Module, copy: torch.nn.Module, tokenizer: dict,
+          meta: dict | None, dtype: torch.dtype) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"task": task, "model": model.config.to_dict(), **(meta or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    (folder / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False, indent=None))
+    # a converted copy is saved so that the live model keeps its training dtype
     copy.load_state_dict(model.state_dict())
     save_model(copy.to(dtype), str(folder / WEIGHTS_FILE))
+    return folder
+
+
+def _meta(folder: str | Path, task: str, what: str) -> dict:
+    meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    if meta.get("task") != task:
+        raise ValueError(f"{folder} holds a {meta.get('task')!r} model, not {what}")
+    return meta
 
 
 def _load_weights(folder: Path, model: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -82,22 +87,13 @@ def _load_weights(folder: Path, model: torch.nn.Module, device, dtype: torch.dty
 
 def save_translation(folder: str | Path, model: Seq2Seq, src: WordTokenizer, tgt: WordTokenizer,
                      meta: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"task": "translation", "model": model.config.to_dict(), **(meta or {})}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    (folder / TOKENIZER_FILE).write_text(json.dumps({"type": "seq2seq", "src": src.to_dict(), "tgt": tgt.to_dict()},
-                                                    ensure_ascii=False))
-    _save_weights(folder, model, Seq2Seq(model.config), dtype)
-    return folder
+    tokenizer = {"type": "seq2seq", "src": src.to_dict(), "tgt": tgt.to_dict()}
+    return _save(folder, "translation", model, Seq2Seq(model.config), tokenizer, meta, dtype)
 
 
 def load_translation(folder: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> LoadedTranslation:
-    folder = Path(folder)
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    if meta.get("task") != "translation":
-        raise ValueError(f"{folder} holds a {meta.get('task')!r} model, not a translation model")
+    folder, meta = Path(folder), _meta(folder, "translation", "a translation model")
     model = Seq2Seq(Seq2SeqConfig(**meta["model"]))
     _load_weights(folder, model, device, dtype)
     tok = json.loads((folder / TOKENIZER_FILE).read_text())

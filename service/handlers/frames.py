@@ -21,25 +21,26 @@ from rnnserve.text import detokenize
 GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed"}
 
 
-def _loads(body: Any) -> dict:
-    if isinstance(body, (bytes, bytearray)):
-        body = body.decode("utf-8")
-    if isinstance(body, str):
-        body = json.loads(body)
+def _object(body: Any, fields: set[str]) -> dict:
+    """The request body as a dict with only known fields; ValueError otherwise."""
+    try:
+        if isinstance(body, (bytes, bytearray)):
+            body = body.decode("utf-8")
+        if isinstance(body, str):
+            body = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
+    unknown = set(body) - fields
+    if unknown:
+        raise ValueError(f"unknown fields: {sorted(unknown)}")
     return body
 
 
 def parse_generate_body(body: Any) -> tuple[str, SamplingParams]:
     """Body (already validated by the gateway; checked again for direct callers) -> prompt, params."""
-    try:
-        d = _loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"request body is not valid JSON: {e}") from None
-    unknown = set(d) - GENERATE_FIELDS
-    if unknown:
-        raise ValueError(f"unknown fields: {sorted(unknown)}")
+    d = _object(body, GENERATE_FIELDS)
     prompt = d.get("prompt", "")
     if not isinstance(prompt, str):
         raise ValueError("prompt must be a string")
@@ -103,13 +104,7 @@ TRANSLATE_FIELDS = {"texts", "beam_size", "max_tokens", "length_penalty", "retur
 
 
 def parse_translate_body(body: Any, max_texts: int, max_chars: int) -> tuple[list[str], TranslationParams]:
-    try:
-        d = _loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"request body is not valid JSON: {e}") from None
-    unknown = set(d) - TRANSLATE_FIELDS
-    if unknown:
-        raise ValueError(f"unknown fields: {sorted(unknown)}")
+    d = _object(body, TRANSLATE_FIELDS)
     texts = d.get("texts")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a non-empty list of strings")

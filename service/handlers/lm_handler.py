@@ -10,11 +10,9 @@ import logging
 import os
 import time
 
-import torch
-
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.models.folder import load_lm
-from rnnserve.service.handlers.frames import output_frame, parse_generate_body, pick_device, tokens_for_budget
+from rnnserve.service.handlers.frames import output_frame, parse_generate_body, tokens_for_budget
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
 log = logging.getLogger(__name__)
@@ -27,13 +25,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         self.per_token_s = 0.002  # running estimate of one decode step, refined after each call
 
     def initialize(self, ctx) -> None:
-        props = ctx.system_properties
-        cfg = (ctx.model_yaml_config or {}).get("handler", {})
-        device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
-        threads = int(cfg.get("torch_threads", 0))
-        if threads and device.type == "cpu":
-            torch.set_num_threads(threads)
-        loaded = load_lm(props["model_dir"], device=device, dtype=dtype)
+        model_dir, cfg, device, dtype = self.setup(ctx)
+        loaded = load_lm(model_dir, device=device, dtype=dtype)
         self.engine = LMEngine(
             loaded.model, loaded.tokenizer,
             max_batch_size=int(cfg.get("max_batch_size", 64)),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from rnnserve.service.handlers.frames import EMPTY_FRAME, error_frame, split_final
+import torch
+
+from rnnserve.service.handlers.frames import EMPTY_FRAME, error_frame, pick_device, split_final
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,17 @@ class ContinuousBatchingHandler:
         self.aborted = 0  # requests dropped because their client went away
         self.started: set[str] = set()  # requests whose first frame went out
         self.pending: dict[str, str] = {}  # last frames held back one step (see handle)
+
+    def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
+        """Model folder, the model-config.yaml `handler:` section, and the device and dtype to load on:
+        cuda:{gpu_id} from TorchServe's context (fp16 when `half_precision`), else CPU in fp32."""
+        props = ctx.system_properties
+        cfg = (ctx.model_yaml_config or {}).get("handler", {})
+        device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
+        threads = int(cfg.get("torch_threads", 0))
+        if threads and device.type == "cpu":
+            torch.set_num_threads(threads)
+        return props["model_dir"], cfg, device, dtype
 
     # -- what a model handler provides ---------------------------------------------------------
     def engine_ids(self) -> list[str]:

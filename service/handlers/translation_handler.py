@@ -8,11 +8,9 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-
 from rnnserve.engine.translation_engine import TranslationEngine
 from rnnserve.models.folder import load_translation
-from rnnserve.service.handlers.frames import TextStreams, parse_translate_body, pick_device, translation_frame
+from rnnserve.service.handlers.frames import TextStreams, parse_translate_body, translation_frame
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 from rnnserve.text import tokenize
 
@@ -26,13 +24,8 @@ class TranslationHandler(ContinuousBatchingHandler):
         self.streams: dict[str, tuple[TextStreams, list[list[str]]]] = {}
 
     def initialize(self, ctx) -> None:
-        props = ctx.system_properties
-        cfg = (ctx.model_yaml_config or {}).get("handler", {})
-        device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
-        threads = int(cfg.get("torch_threads", 0))
-        if threads and device.type == "cpu":
-            torch.set_num_threads(threads)
-        loaded = load_translation(props["model_dir"], device=device, dtype=dtype)
+        model_dir, cfg, device, dtype = self.setup(ctx)
+        loaded = load_translation(model_dir, device=device, dtype=dtype)
         self.src, self.tgt = loaded.src, loaded.tgt
         self.max_texts = int(cfg.get("max_texts", 64))
         self.max_chars = int(cfg.get("max_text_chars", 1000))
