@@ -63,12 +63,16 @@ def test_same_seed_same_text_different_seed_different_text(stack):
 def test_health_readiness_and_models(stack):
     with stack.client() as c:
         assert c.get("/healthz").json() == {"status": "ok", "models": {}}
-        assert c.get("/readyz").json() == {"status": "ready", "models": {"lm-shakespeare": "ready"}}
+        assert c.get("/readyz").json() == {"status": "ready",
+                                           "models": {"lm-shakespeare": "ready", "translate-de-en": "ready"}}
         models = c.get("/v1/models").json()
     assert models["object"] == "list"
-    (card,) = models["data"]
-    assert {k: card[k] for k in ("id", "object", "task", "cell", "vocab_size")} == {
-        "id": "lm-shakespeare", "object": "model", "task": "lm", "cell": "lstm", "vocab_size": 65}
+    cards = {m["id"]: {k: m[k] for k in ("object", "task", "cell", "vocab_size", "limits")} for m in models["data"]}
+    assert cards["lm-shakespeare"] == {"object": "model", "task": "lm", "cell": "lstm", "vocab_size": 65, "limits": {
+        "max_tokens": 2048, "max_prompt_chars": 8192, "max_prompts": 8, "max_n": 8}}
+    tr = cards["translate-de-en"]
+    assert (tr["task"], tr["cell"], tr["limits"]["max_beam_size"]) == ("translation", "gru", 8)
+    assert tr["vocab_size"] > 5000
 
 
 def test_invalid_request_gets_one_error_shape_and_changes_nothing(stack):
