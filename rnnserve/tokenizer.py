@@ -57,8 +57,8 @@ class CharTokenizer:
 class WordTokenizer:
     """Word vocabulary for translation, over Moses-tokenized lowercased text (rnnserve.text).
 
-    Why words and not subwords: Multi30k's sentences are short and repetitive (a 6-8k word
-    vocabulary at min. frequency 2 covers ~99% of test tokens), the public references use words,
+    Why words and not subwords: Multi30k's sentences are short and repetitive (the words seen twice
+    in train cover 96% of German and 98% of English test tokens), the public references use words,
     and word-level BLEU is then directly comparable. Unknown words map to <unk>.
     """
 
