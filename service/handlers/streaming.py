@@ -9,6 +9,7 @@ the step. Subclasses say how to admit a request, run a step and abort; they hold
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -30,7 +31,9 @@ class ContinuousBatchingHandler:
         props = ctx.system_properties
         cfg = (ctx.model_yaml_config or {}).get("handler", {})
         device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
-        threads = int(cfg.get("torch_threads", 0))
+        # threads per worker: model-config.yaml, or RNNSERVE_WORKER_THREADS (inherited from TorchServe's
+        # environment) to try another value without rebuilding the archive; 0 keeps torch's default
+        threads = int(os.environ.get("RNNSERVE_WORKER_THREADS") or cfg.get("torch_threads", 0))
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
         return props["model_dir"], cfg, device, dtype
