@@ -48,5 +48,5 @@ def java_problem() -> str | None:
 if __name__ == "__main__":
     problem = java_problem()
     if problem:
-        print(JAVA_HELP.format(problem=problem), file=sys.stderr)
+        sys.stderr.write(JAVA_HELP.format(problem=problem) + "\n")
         sys.exit(1)
