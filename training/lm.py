@@ -161,5 +161,6 @@ def train_lm(cfg: LMTrainConfig) -> dict:
                "train_minutes": (time.monotonic() - t0) / 60, "history": history, "train_config": asdict(cfg)}
     save_lm(out, model, tokenizer, meta={"name": cfg.name})
     write_metrics(out, metrics)
-    ckpt_path.unlink(missing_ok=True)  # the finished folder replaces the resumable state
+    if not out_of_time:  # a run stopped by --max-minutes keeps its checkpoint for --resume
+        ckpt_path.unlink(missing_ok=True)
     return metrics

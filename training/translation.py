@@ -200,5 +200,6 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
                "train_config": asdict(cfg)}
     save_translation(out, model, src_tok, tgt_tok, meta={"name": cfg.name})
     write_metrics(out, metrics)
-    ckpt_path.unlink(missing_ok=True)
+    if not out_of_time:  # a run stopped by --max-minutes keeps its checkpoint for --resume
+        ckpt_path.unlink(missing_ok=True)
     return metrics

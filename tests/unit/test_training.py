@@ -1,0 +1,79 @@
+"""The training CLI end to end on tiny settings: folders, metrics, plots, resume, evaluate."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from rnnserve.cli import main
+from rnnserve.models.folder import load_lm, load_translation
+from rnnserve.training.lm import LMTrainConfig, train_lm
+
+TINY_LM = ["--limit-chars", "20000", "--hidden-size", "32", "--embed-dim", "16", "--batch-size", "8",
+           "--seq-len", "32", "--warmup-steps", "5", "--threads", "1"]
+
+
+def test_train_lm_writes_a_servable_folder_and_learns(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert main(["train", "lm", "--out", str(out), "--epochs", "2", *TINY_LM]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {p.name for p in out.iterdir()} == {"config.json", "tokenizer.json", "model.safetensors", "metrics.json",
+                                               "loss.png"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][1]["val_loss"] < metrics["history"][0]["val_loss"] < math.log(65)
+    assert printed["best_val_loss"] == metrics["best_val_loss"]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    lm = load_lm(out)
+    assert lm.model.config.hidden_size == 32 and lm.tokenizer.vocab_size == 65
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    cfg = LMTrainConfig(out=str(tmp_path / "lm"), epochs=3, limit_chars=20000, hidden_size=32, embed_dim=16,
+                        batch_size=8, seq_len=32, warmup_steps=5, threads=1, max_minutes=0.0)
+    first = train_lm(cfg)  # the time budget stops it within the first epoch
+    assert len(first["history"]) == 1 and (tmp_path / "lm" / "train_state.pt").exists()
+    cfg.resume, cfg.max_minutes = True, 10.0
+    second = train_lm(cfg)
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
+    assert second["history"][0] == first["history"][0]
+    assert not (tmp_path / "lm" / "train_state.pt").exists()  # finished: nothing left to resume
+
+
+def test_evaluate_prints_loss_perplexity_and_bits_per_char(tmp_path, capsys):
+    out = tmp_path / "lm"
+    main(["train", "lm", "--out", str(out), "--epochs", "1", *TINY_LM])
+    capsys.readouterr()
+    text = tmp_path / "t.txt"
+    text.write_text("ROMEO:\nWhat light through yonder window breaks?\n" * 20)
+    assert main(["evaluate", str(out), "--text-file", str(text)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    assert r["bits_per_char"] == pytest.approx(r["loss"] / math.log(2))
+    assert r["characters"] == len(text.read_text())
+
+
+def test_train_and_evaluate_translation(tmp_path, capsys):
+    out = tmp_path / "tr"
+    assert main(["train", "translation", "--out", str(out), "--epochs", "1", "--limit-sentences", "400",
+                 "--embed-dim", "16", "--enc-hidden", "16", "--dec-hidden", "24", "--attn-dim", "8",
+                 "--batch-size", "64", "--threads", "1"]) == 0
+    capsys.readouterr()
+    tr = load_translation(out)
+    assert tr.model.config.cell == "gru" and tr.src.itos[:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
+    src, ref = tmp_path / "src.de", tmp_path / "ref.en"
+    src.write_text("Zwei Hunde spielen im Schnee.\nEin Mann.\n")
+    ref.write_text("Two dogs play in the snow.\nA man.\n")
+    assert main(["evaluate", str(out), "--src-file", str(src), "--ref-file", str(ref), "--beam-size", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["sentences"] == 2 and 0 <= r["bleu"] <= 100 and r["beam_size"] == 2 and r["seconds"] > 0
+
+
+def test_mismatched_files_are_refused(tmp_path, tiny_translation_folder):
+    src, ref = tmp_path / "a", tmp_path / "b"
+    src.write_text("a\nb\n")
+    ref.write_text("a\n")
+    r = subprocess.run([sys.executable, "-m", "rnnserve.cli", "evaluate", str(tiny_translation_folder),
+                        "--src-file", str(src), "--ref-file", str(ref)], capture_output=True, text=True)
+    assert r.returncode == 1 and "has 2 lines but" in r.stderr
