@@ -212,12 +212,15 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool) -> Path:
     return models
 
 
-def bench_lm(concurrency: list[int], tokens: int, out: Path | None) -> list[dict]:
+def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0) -> list[dict]:
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        env = {"RNNSERVE_REQUEST_TIMEOUT_S": "900"}
+        if worker_threads:
+            env["RNNSERVE_WORKER_THREADS"] = str(worker_threads)
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=True),
-                            extra_env={"RNNSERVE_REQUEST_TIMEOUT_S": "900"})
+                            extra_env=env)
         try:
             # warm-up: first calls pay one-off costs (allocator, kernels, connections)
             raw_lm(LMEngine(loaded.model, loaded.tokenizer), 4, 32)
@@ -307,7 +310,7 @@ def main(args) -> int:
     if args.task == "engine":
         bench_engine(levels, args.tokens, out)
     elif args.task == "lm":
-        bench_lm(levels, args.tokens, out)
+        bench_lm(levels, args.tokens, out, args.worker_threads)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out)
     return 0

@@ -67,6 +67,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "max_text_chars": 1000,
             "max_source_tokens": 256,
             "max_tokens_limit": 256,
+            "target_step_ms": 30,  # decoder steps per TorchServe round trip: as many as fit in 30 ms
             "half_precision": True,
         },
     },

@@ -149,16 +149,8 @@ class LMEngine:
         if room <= 0 or not self._waiting:
             return
         new, self._waiting = self._waiting[:room], self._waiting[room:]
-        states, logits = [], []
-        for seq in new:  # prompts differ in length: one fused pass per prompt
-            x = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-            out, _, st = self.model(x)
-            states.append(st)
-            logits.append(out[:, -1])
-        state = states[0]
-        for st in states[1:]:
-            state = concat_rows(state, st)
-        new_logits = torch.cat(logits, 0)
+        with mkldnn_enabled(self._use_mkldnn(len(new))):
+            new_logits, state = self.model.prefill([seq.prompt_ids for seq in new])
         if self._state is None:
             self._state, self._logits = state, new_logits
         else:
@@ -179,10 +171,12 @@ class LMEngine:
             s.token_ids.append(tok)
             s.text += self.tokenizer.chars[tok]
             self._check_stop(s)
-        use_mkldnn = self.mkldnn_min_batch is not None and len(seqs) >= self.mkldnn_min_batch
-        with mkldnn_enabled(use_mkldnn):
+        with mkldnn_enabled(self._use_mkldnn(len(seqs))):
             out, _, self._state = self.model(tokens.unsqueeze(1), self._state)
         self._logits = out[:, -1]
+
+    def _use_mkldnn(self, batch: int) -> bool:
+        return self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch
 
     def _check_stop(self, s: _Sequence) -> None:
         for stop in s.params.stop:

@@ -57,6 +57,15 @@ class TranslationOutput:
     batch_size: int = 0  # rows (beams of all sentences) decoded together in this step
 
 
+def merge_outputs(a: TranslationOutput, b: TranslationOutput) -> TranslationOutput:
+    """Two consecutive steps' outputs of one request as one (b is the later)."""
+    tokens = {i: list(t) for i, t in a.new_tokens.items()}
+    for i, t in b.new_tokens.items():
+        tokens.setdefault(i, []).extend(t)
+    return TranslationOutput(a.request_id, tokens, b.finished, b.results, b.prompt_tokens, b.completion_tokens,
+                             max(a.batch_size, b.batch_size))
+
+
 @dataclass
 class _Sentence:
     request_id: str

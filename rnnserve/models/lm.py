@@ -12,6 +12,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 LayerState = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 State = list[LayerState]
@@ -81,6 +82,31 @@ class RNNLanguageModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss, new_state
+
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, State]:
+        """Prompts of different lengths as one packed batch -> next-token logits (B, V), final state.
+
+        Packing runs each prompt's recurrence only over its own tokens, so every row ends in the state
+        it would have alone, in one call per layer instead of one per prompt.
+        """
+        device = self.embed.weight.device
+        lengths = torch.tensor([len(p) for p in prompts])
+        idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, : len(p)] = torch.tensor(p, device=device)
+        x = self.drop(self.embed(idx))  # (B, T, E)
+        state: State = []
+        for i, layer in enumerate(self.layers):
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, s = layer(packed)  # s comes back in the prompts' order
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=idx.size(1))
+            out = self.drop(out)
+            x = out + x if (self.config.residual and i > 0) else out
+            state.append(s)
+        last = x[torch.arange(len(prompts), device=device), (lengths - 1).to(device)]  # (B, H)
+        return self.head(last), state
 
 
 def detach_state(state: State) -> State:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
-from rnnserve.engine.translation_engine import TranslationEngine
+from rnnserve.engine.translation_engine import TranslationEngine, TranslationOutput, merge_outputs
 from rnnserve.models.folder import load_translation
 from rnnserve.service.handlers.frames import TextStreams, parse_translate_body, translation_frame
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
@@ -27,6 +28,7 @@ class TranslationHandler(ContinuousBatchingHandler):
         model_dir, cfg, device, dtype = self.setup(ctx)
         loaded = load_translation(model_dir, device=device, dtype=dtype)
         self.src, self.tgt = loaded.src, loaded.tgt
+        self.target_step_s = float(cfg.get("target_step_ms", 30)) / 1000
         self.max_texts = int(cfg.get("max_texts", 64))
         self.max_chars = int(cfg.get("max_text_chars", 1000))
         self.engine = TranslationEngine(loaded.model, max_rows=int(cfg.get("max_rows", 256)),
@@ -49,10 +51,20 @@ class TranslationHandler(ContinuousBatchingHandler):
         self.streams.pop(request_id, None)
 
     def run_step(self) -> dict[str, tuple[str, bool]]:
-        if not self.engine.has_work():
-            return {}
+        """Decode steps until `target_step_ms` is spent, then one frame per request: TorchServe costs a
+        few milliseconds per round trip, more than one decoder step of a small batch."""
+        merged: dict[str, TranslationOutput] = {}
+        deadline = time.perf_counter() + self.target_step_s
+        while self.engine.has_work():
+            for out in self.engine.step():
+                if out.request_id in merged:
+                    merged[out.request_id] = merge_outputs(merged[out.request_id], out)
+                else:
+                    merged[out.request_id] = out
+            if time.perf_counter() >= deadline:
+                break
         frames = {}
-        for out in self.engine.step():
+        for out in merged.values():
             streams, sources = self.streams[out.request_id]
             frames[out.request_id] = (translation_frame(out, streams, sources), out.finished)
             if out.finished:

@@ -69,3 +69,19 @@ def test_folder_of_another_task_is_refused(tmp_path, tiny_lm):
     (folder / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="not a language model"):
         load_lm(folder)
+
+
+@pytest.mark.parametrize("cell,residual", [("lstm", False), ("gru", True)])
+def test_packed_prefill_equals_each_prompt_alone(cell, residual):
+    torch.manual_seed(0)
+    m = RNNLanguageModel(LMConfig(vocab_size=9, cell=cell, embed_dim=8, hidden_size=16, num_layers=2,
+                                  residual=residual)).eval()
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8, 1]]
+    logits, state = m.prefill(prompts)
+    for i, p in enumerate(prompts):
+        alone, _, s = m(torch.tensor([p]))
+        torch.testing.assert_close(logits[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+        for layer in range(2):
+            got = state[layer][0][:, i] if cell == "lstm" else state[layer][:, i]
+            want = s[layer][0][:, 0] if cell == "lstm" else s[layer][:, 0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

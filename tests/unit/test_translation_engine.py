@@ -100,3 +100,13 @@ def test_invalid_params_are_refused_and_leave_nothing(model, params, message):
     with pytest.raises(ValueError, match=message):
         e.add("a", [[5]], params)
     assert not e.has_work() and e.request_ids() == []
+
+
+def test_merged_outputs_keep_order_and_the_end():
+    from rnnserve.engine.translation_engine import TranslationOutput, merge_outputs
+
+    a = TranslationOutput("r", {0: [4, 5]}, batch_size=8)
+    b = TranslationOutput("r", {0: [6], 1: [7]}, finished=True, results=[], prompt_tokens=3, completion_tokens=4,
+                          batch_size=4)
+    m = merge_outputs(a, b)
+    assert m.new_tokens == {0: [4, 5, 6], 1: [7]} and m.finished and m.completion_tokens == 4 and m.batch_size == 8

@@ -3,8 +3,10 @@ from rnnserve.text import detokenize
 from tests.unit.fakes import FakeContext, Frontend
 
 
-def make(folder):
-    ctx = FakeContext(folder, {"max_rows": 16, "max_texts": 3, "max_text_chars": 50})
+def make(folder, target_step_ms=0):
+    # target_step_ms 0: one decoder step per call, so tests see every step
+    ctx = FakeContext(folder, {"max_rows": 16, "max_texts": 3, "max_text_chars": 50,
+                               "target_step_ms": target_step_ms})
     h = TranslationHandler()
     h.initialize(ctx)
     return Frontend(h, ctx)
@@ -54,3 +56,14 @@ def test_disconnected_request_frees_its_rows(tiny_translation_folder):
     assert fe.h.engine.num_rows == 8 and "gone" not in fe.h.engine and fe.h.aborted == 1
     fe.drain()
     assert fe.frames["next"][-1]["finish_reason"] == "length"
+
+
+def test_a_time_budget_packs_several_decoder_steps_into_one_frame(tiny_translation_folder):
+    counts = []
+    for budget in (0, 10_000):
+        fe = make(tiny_translation_folder, target_step_ms=budget)
+        fe.submit("a", {"texts": ["ein mann ."], "beam_size": 2, "max_tokens": 12})
+        fe.drain()
+        counts.append(len(fe.frames["a"]))
+        assert len(fe.frames["a"][-1]["translations"][0]["tokens"]) == 12
+    assert counts[0] >= 12 and counts[1] == 2  # one step per frame vs everything at once (+ the held-back end)
