@@ -216,9 +216,7 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        env = {"RNNSERVE_REQUEST_TIMEOUT_S": "900"}
-        if worker_threads:
-            env["RNNSERVE_WORKER_THREADS"] = str(worker_threads)
+        env = _env(worker_threads)
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=True),
                             extra_env=env)
         try:
@@ -240,11 +238,22 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
                 print(f"  full/raw {level[2]['vs_raw']}x, full/naive {level[2]['vs_naive']}x", flush=True)
         finally:
             stop_stack(stack)
-    _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads()})
+    _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads})
     return rows
 
 
-def bench_translation(concurrency: list[int], beams: list[int], per_client: int, out: Path | None) -> list[dict]:
+def _env(worker_threads: int) -> dict:
+    """Stack environment; the raw engine in this process gets the workers' thread count, so that the
+    ceiling and the stack run the same kernels."""
+    env = {"RNNSERVE_REQUEST_TIMEOUT_S": "900"}
+    if worker_threads:
+        env["RNNSERVE_WORKER_THREADS"] = str(worker_threads)
+        torch.set_num_threads(worker_threads)
+    return env
+
+
+def bench_translation(concurrency: list[int], beams: list[int], per_client: int, out: Path | None,
+                      worker_threads: int = 0) -> list[dict]:
     tr = load_translation(MODELS_DIR / "translate-de-en")
     src, _ = read_multi30k("test_2016_flickr")
     texts = [" ".join(s) for s in src]
@@ -252,7 +261,7 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["translate-de-en"], naive=False),
-                            extra_env={"RNNSERVE_REQUEST_TIMEOUT_S": "900"})
+                            extra_env=_env(worker_threads))
         try:
             raw_translation(TranslationEngine(tr.model), 4, ids, 4, 2)  # warm-up
             asyncio.run(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
@@ -312,5 +321,5 @@ def main(args) -> int:
     elif args.task == "lm":
         bench_lm(levels, args.tokens, out, args.worker_threads)
     else:
-        bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out)
+        bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads)
     return 0

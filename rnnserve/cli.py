@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
     p.add_argument("--beams", default="1,4", help="translation: beam sizes")
     p.add_argument("--per-client", type=int, default=16, help="translation: sentences per client")
-    p.add_argument("--worker-threads", type=int, default=0, help="lm: torch threads of the TorchServe workers")
+    p.add_argument("--worker-threads", type=int, default=0, help="torch threads of the workers and of the raw engine (0 = torch's default)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=_cmd_bench)
 

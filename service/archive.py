@@ -46,6 +46,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             "max_prompt_chars": 8192,
             "target_step_ms": 30,  # bounds the wait of a new request for the running step
             "max_tokens_per_step": 16,
+            # one thread per worker: on a small CPU machine the worker shares the cores with TorchServe's
+            # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
+            "torch_threads": 1,
             "half_precision": True,  # GPU only; CPU always runs fp32
         },
     },
@@ -68,6 +71,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "max_source_tokens": 256,
             "max_tokens_limit": 256,
             "target_step_ms": 30,  # decoder steps per TorchServe round trip: as many as fit in 30 ms
+            "torch_threads": 1,
             "half_precision": True,
         },
     },
