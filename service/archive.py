@@ -111,6 +111,20 @@ def _archiver() -> str:
     return str(beside) if beside.exists() else "torch-model-archiver"
 
 
+def stale_archives(models_dir: str | Path | None = None, model_store: str | Path | None = None) -> list[str]:
+    """Models whose archive is missing or older than its folder's files or the handler code."""
+    models_dir = Path(models_dir) if models_dir else MODELS_DIR
+    model_store = Path(model_store) if model_store else MODEL_STORE
+    code = max(p.stat().st_mtime for p in [*HANDLERS_DIR.glob("*.py"), Path(__file__)])
+    stale = []
+    for name, folder, _task in model_folders(models_dir):
+        mar = model_store / f"{name}.mar"
+        newest = max([code, *((folder / f).stat().st_mtime for f in FILES)])
+        if not mar.exists() or mar.stat().st_mtime < newest:
+            stale.append(name)
+    return stale
+
+
 def build_archives(models_dir: str | Path | None = None, model_store: str | Path | None = None) -> list[Path]:
     models_dir = Path(models_dir) if models_dir else MODELS_DIR
     model_store = Path(model_store) if model_store else MODEL_STORE

@@ -12,7 +12,7 @@ import time
 
 import uvicorn
 
-from rnnserve.service.archive import build_archives
+from rnnserve.service.archive import build_archives, stale_archives
 from rnnserve.service.gateway.app import RequestIdFilter, create_app
 from rnnserve.service.settings import Settings
 from rnnserve.service.torchserve import TorchServeProcess
@@ -50,7 +50,9 @@ def _run_gateway(settings: Settings) -> None:
 
 
 def _start_torchserve(settings: Settings) -> TorchServeProcess:
-    if not settings.models and not any(settings.model_store.glob("*.mar")):
+    stale = stale_archives(settings.models_dir, settings.model_store)
+    if stale:  # a model folder or the handler code changed since the archive was built
+        log.info("rebuilding archives (out of date: %s)", ", ".join(stale))
         build_archives(settings.models_dir, settings.model_store)
     ts = TorchServeProcess(settings)
     ts.start()

@@ -108,3 +108,20 @@ def test_kubernetes_manifests():
     hpa = docs["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def test_archives_are_rebuilt_when_a_model_folder_changes(tmp_path, tiny_lm_folder):
+    import os
+    import shutil
+
+    from rnnserve.service.archive import stale_archives
+
+    models, store = tmp_path / "models", tmp_path / "store"
+    shutil.copytree(tiny_lm_folder, models / "m")
+    store.mkdir()
+    assert stale_archives(models, store) == ["m"]
+    (store / "m.mar").touch()
+    assert stale_archives(models, store) == []
+    later = (store / "m.mar").stat().st_mtime + 10
+    os.utime(models / "m" / "model.safetensors", (later, later))
+    assert stale_archives(models, store) == ["m"]
