@@ -19,7 +19,7 @@ import time
 
 import gevent
 
-from locust import HttpUser, constant, events, task
+from locust import HttpUser, events, task
 from locust.exception import StopUser
 
 from arrivals import PoissonArrivals, parse_weights  # locust puts this folder on sys.path
@@ -47,10 +47,15 @@ def fire(name: str, ms: float, kind: str = "SSE", length: int = 0, exc: Exceptio
                         context={})
 
 
+ARRIVALS = PoissonArrivals(RATE) if RATE > 0 else None
+
+
 class RNNServeUser(HttpUser):
     abstract = True
-    # closed loop: a user sends its next request right after the last; open loop: arrivals decide
-    wait_time = constant(0) if RATE <= 0 else PoissonArrivals(RATE)
+
+    def wait_time(self) -> float:
+        """Closed loop: the next request right after the last. Open loop: the Poisson schedule decides."""
+        return ARRIVALS(self) if ARRIVALS else 0.0
 
     def on_start(self) -> None:
         if API_KEY:

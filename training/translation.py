@@ -110,7 +110,8 @@ def corpus_bleu(hyps: list[str], refs: list[str]) -> tuple[float, float]:
     """BLEU-4 and chrF with sacrebleu on already lowercased, tokenized text (no re-tokenization)."""
     import sacrebleu
 
-    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", lowercase=True).score
+    # force: the text is tokenized on purpose (as the references compute BLEU), so no warning about it
+    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none", lowercase=True, force=True).score
     chrf = sacrebleu.corpus_chrf(hyps, [refs]).score
     return bleu, chrf
 
