@@ -24,6 +24,15 @@ def worker_pids(stack, model: str) -> list[int]:
     return pids
 
 
+def lm_worker_pid(stack) -> int:
+    """The language model's worker: TorchServe logs each worker's pid with the model it loaded."""
+    log = (stack.run_dir / "logs" / "model_log.log").read_text()
+    pids = [int(line.rsplit("pid ", 1)[1]) for line in log.splitlines()
+            if "loaded lm-shakespeare on" in line and "pid " in line]
+    assert pids[-1] in worker_pids(stack, "lm-shakespeare")
+    return pids[-1]
+
+
 def read_events(url: str, body: dict, out: list, timeout: float = 60) -> None:
     t0 = time.monotonic()
     try:
@@ -51,9 +60,13 @@ def test_killed_worker_ends_every_stream_with_an_error_then_recovers(fresh):
     for t in threads:
         t.start()
     time.sleep(1.0)
-    (pid,) = worker_pids(fresh, "lm-shakespeare")
+    pid = lm_worker_pid(fresh)
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
+    # the other model's worker is untouched and keeps serving during the outage
+    with fresh.client() as c:
+        r = c.post("/v1/translate", json={"model": "translate-de-en", "text": "Ein Hund rennt.", "beam_size": 1})
+        assert r.status_code == 200 and "dog" in r.json()["translations"][0]["tokens"]
     for t in threads:
         t.join(timeout=30)
     assert len(results) == 3

@@ -63,6 +63,9 @@ def test_same_seed_same_text_different_seed_different_text(stack):
 def test_health_readiness_and_models(stack):
     with stack.client() as c:
         assert c.get("/healthz").json() == {"status": "ok", "models": {}}
+        docs = c.get("/docs")
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
+        assert set(c.get("/openapi.json").json()["paths"]) >= {"/v1/generate", "/v1/completions", "/v1/translate"}
         assert c.get("/readyz").json() == {"status": "ready",
                                            "models": {"lm-shakespeare": "ready", "translate-de-en": "ready"}}
         models = c.get("/v1/models").json()
