@@ -48,6 +48,9 @@ class Settings(BaseSettings):
 
     # readiness: a real inference per model, repeated so that an outage shows
     ready_probe_interval_s: float = Field(5.0, gt=0)
+    # a model that cannot produce one token in this time is not ready: TorchServe queues requests
+    # while a dead worker restarts, so a probe without a bound would wait out the outage
+    ready_probe_timeout_s: float = Field(5.0, gt=0)
     upstream_connect_timeout_s: float = Field(2.0, gt=0)
 
     @field_validator("host", "ts_host")

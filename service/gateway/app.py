@@ -108,7 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream = Upstream(settings)
         app.state.upstream = upstream
-        app.state.readiness = Readiness(registry, upstream, settings.ready_probe_interval_s)
+        app.state.readiness = Readiness(registry, upstream, settings.ready_probe_interval_s,
+                                        settings.ready_probe_timeout_s)
         probe = asyncio.create_task(app.state.readiness.run(), name="readiness")
         log.info("gateway %s serving %s, TorchServe at %s", __version__, sorted(registry.models),
                  settings.inference_url)

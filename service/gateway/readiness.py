@@ -18,8 +18,8 @@ PROBES = {"lm": {"prompt": "a", "max_tokens": 1, "temperature": 0.0},
 
 
 class Readiness:
-    def __init__(self, registry: Registry, upstream: Upstream, interval_s: float) -> None:
-        self.registry, self.upstream, self.interval_s = registry, upstream, interval_s
+    def __init__(self, registry: Registry, upstream: Upstream, interval_s: float, timeout_s: float = 5.0) -> None:
+        self.registry, self.upstream, self.interval_s, self.timeout_s = registry, upstream, interval_s, timeout_s
         self.status: dict[str, str] = {name: "not probed yet" for name in registry.models}
 
     @property
@@ -29,13 +29,13 @@ class Readiness:
     async def probe(self, name: str) -> None:
         info = self.registry.models[name]
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(self.timeout_s):
                 async for frame in self.upstream.frames(name, PROBES[info.task], "readiness-probe"):
                     if "error" in frame:
                         raise UpstreamError(502, frame["error"].get("message", "error frame"))
             new = "ready"
         except (UpstreamError, TimeoutError) as e:
-            new = f"not ready: {getattr(e, 'message', None) or 'probe timed out'}"
+            new = f"not ready: {getattr(e, 'message', None) or f'no answer within {self.timeout_s:g}s'}"
         if new != self.status.get(name):
             log.info("model %s: %s", name, new)
         self.status[name] = new
