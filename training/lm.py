@@ -6,7 +6,6 @@ model sees context longer than one window while gradients flow through `seq_len`
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time

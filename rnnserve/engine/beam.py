@@ -9,12 +9,10 @@ import torch
 from rnnserve.engine.translation_engine import SentenceResult, TranslationEngine, TranslationParams
 from rnnserve.models.seq2seq import Seq2Seq
 
-Hypothesis = SentenceResult
-
 
 @torch.inference_mode()
 def beam_search(model: Seq2Seq, src: torch.Tensor, src_len: torch.Tensor, beam_size: int = 4,
-                max_len: int | None = None, alpha: float = 0.6, return_attention: bool = False) -> list[Hypothesis]:
+                max_len: int | None = None, alpha: float = 0.6, return_attention: bool = False) -> list[SentenceResult]:
     """src (B, S) padded ids, src_len (B,) -> the best hypothesis per sentence (beam_size 1 = greedy)."""
     sources = [src[i, : int(n)].tolist() for i, n in enumerate(src_len)]
     engine = TranslationEngine(model, max_rows=len(sources) * beam_size,

@@ -10,8 +10,6 @@ from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
-from rnnserve.service.gateway.upstream import Upstream
-from rnnserve.service.settings import Settings
 
 
 def require_api_key(request: Request) -> None:
@@ -36,10 +34,8 @@ def _state(name: str):
     return get
 
 
-SettingsDep = Annotated[Settings, Depends(_state("settings"))]
 RegistryDep = Annotated[Registry, Depends(_state("registry"))]
 MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
-UpstreamDep = Annotated[Upstream, Depends(_state("upstream"))]
 ReadinessDep = Annotated[Readiness, Depends(_state("readiness"))]
 
 

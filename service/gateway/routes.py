@@ -7,8 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, SettingsDep,
-                                           UpstreamDep, require_api_key)
+from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, require_api_key)
 from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
                                                  start)
 from rnnserve.service.gateway.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,

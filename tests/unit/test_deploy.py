@@ -1,7 +1,6 @@
 """What can be checked of the deployment without a Docker engine or a cluster."""
 import json
 import re
-from pathlib import Path
 
 import yaml
 

@@ -1,7 +1,5 @@
 """The gateway's answers to bad and hostile input, with TorchServe down (nothing listens on its port):
 validation never reaches upstream, and upstream being down is a fast 503, never a 500."""
-import json
-import math
 import shutil
 import time
 
