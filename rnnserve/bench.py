@@ -25,7 +25,6 @@ from rnnserve.engine.translation_engine import TranslationEngine, TranslationPar
 from rnnserve.models.folder import load_lm, load_translation
 from rnnserve.paths import MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
-from rnnserve.service.handlers.frames import tokens_for_budget
 from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.text import tokenize
 from rnnserve.training.data import read_multi30k
@@ -73,15 +72,13 @@ def raw_lm(engine: LMEngine, clients: int, tokens: int) -> Result:
     res = Result("raw engine", clients)
     for i in range(clients):
         engine.add(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=tokens, temperature=0.8, seed=i))
-    per_token, t0 = 0.002, time.perf_counter()
+    t0 = time.perf_counter()
     seen: set[str] = set()
     while engine.has_work():
-        k = tokens_for_budget(cfg["target_step_ms"] / 1000, per_token, cfg["max_tokens_per_step"])
         s0 = time.perf_counter()
-        outs = engine.step(k)
-        dt = time.perf_counter() - s0
-        per_token = 0.8 * per_token + 0.2 * dt / k
+        outs = engine.step(cfg["max_tokens_per_step"], budget_s=cfg["target_step_ms"] / 1000)
         now = time.perf_counter()
+        dt = now - s0
         for o in outs:
             if o.text and o.request_id not in seen:
                 seen.add(o.request_id)

@@ -126,14 +126,23 @@ class LMEngine:
 
     # -- stepping ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, num_tokens: int = 1) -> list[StepOutput]:
-        """Admit waiting requests, decode up to `num_tokens` tokens for every running request."""
+    def step(self, num_tokens: int = 1, budget_s: float | None = None) -> list[StepOutput]:
+        """Admit waiting requests, then decode up to `num_tokens` tokens for every running request.
+
+        With `budget_s`, decoding also stops once the step (prefill included) has lasted that long,
+        after at least one token. A clock, not a per-token estimate, because one token's cost moves
+        with the batch size, and a step that prefilled new prompts should release their first tokens
+        without adding a full budget of decoding on top.
+        """
+        t0 = time.perf_counter()
         self._admit()
         if not self._running:
             return []
         for _ in range(num_tokens):
             self._decode_one()
             if all(s.finish_reason for s in self._running):
+                break
+            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
                 break
         outputs = [self._output(s) for s in self._running]
         alive = [i for i, s in enumerate(self._running) if not s.finish_reason]

@@ -83,16 +83,6 @@ def split_final(frame: str) -> tuple[str, str]:
             json.dumps({**empty, **d}, ensure_ascii=False) + "\n")
 
 
-def tokens_for_budget(target_s: float, per_token_s: float, max_tokens: int) -> int:
-    """Tokens to decode in one step so that a step lasts about `target_s`.
-
-    TorchServe costs a few milliseconds per step round trip whatever the handler does; decoding
-    several tokens per step amortises that, and the budget bounds how long a new request waits
-    to join the batch (its time to first token).
-    """
-    return max(1, min(max_tokens, int(target_s / max(per_token_s, 1e-6))))
-
-
 def pick_device(gpu_id: Any, half: bool) -> tuple[torch.device, torch.dtype]:
     """cuda:{gpu_id} from TorchServe's context when a GPU is there, else CPU (always fp32)."""
     if gpu_id is not None and torch.cuda.is_available():

@@ -2,17 +2,17 @@
 
 The continuous-batching protocol lives in `ContinuousBatchingHandler`; TorchServe loads the one
 class defined in this module. Each step decodes several tokens per request, as many as fit in
-`target_step_ms`: TorchServe costs a few milliseconds per step round trip whatever the handler does.
+`target_step_ms` (prefill included): TorchServe costs a few milliseconds per step round trip whatever
+the handler does, and the budget bounds how long a new request waits for the running step.
 """
 from __future__ import annotations
 
 import logging
 import os
-import time
 
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.models.folder import load_lm
-from rnnserve.service.handlers.frames import output_frame, parse_generate_body, tokens_for_budget
+from rnnserve.service.handlers.frames import output_frame, parse_generate_body
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,6 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def __init__(self) -> None:
         super().__init__()
         self.engine: LMEngine | None = None
-        self.per_token_s = 0.002  # running estimate of one decode step, refined after each call
 
     def initialize(self, ctx) -> None:
         model_dir, cfg, device, dtype = self.setup(ctx)
@@ -53,9 +52,5 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def run_step(self) -> dict[str, tuple[str, bool]]:
         if not self.engine.has_work():
             return {}
-        n_tokens = tokens_for_budget(self.target_step_s, self.per_token_s, self.max_tokens_per_step)
-        t0 = time.perf_counter()
-        outputs = self.engine.step(n_tokens)
-        if outputs:
-            self.per_token_s = 0.8 * self.per_token_s + 0.2 * (time.perf_counter() - t0) / n_tokens
+        outputs = self.engine.step(self.max_tokens_per_step, budget_s=self.target_step_s)
         return {o.request_id: (output_frame(o), o.finished) for o in outputs}

@@ -95,3 +95,25 @@ def test_unknown_prompt_characters_are_served(tiny_lm):
     e.add("u", "Ça va? \U0001F600 — ☃", SamplingParams(max_tokens=5))
     texts, finals = run(e)
     assert len(texts["u"]) == 5
+
+
+def test_time_budget_bounds_the_step_but_always_decodes_one_token(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    for i in range(3):
+        e.add(f"r{i}", "ROMEO:", SamplingParams(max_tokens=40, seed=i))
+    spent = e.step(16, budget_s=0.0)  # the budget is gone after prefill: one token each, not zero
+    assert [o.completion_tokens for o in spent] == [1, 1, 1]
+    roomy = e.step(16, budget_s=60.0)  # a budget that never runs out leaves num_tokens in charge
+    assert [o.completion_tokens for o in roomy] == [17, 17, 17]
+
+
+def test_seeded_output_does_not_depend_on_the_time_budget(tiny_lm):
+    ref = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    ref.add("x", "To be", SamplingParams(max_tokens=30, seed=7))
+    expected, _ = run(ref, 30)
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("x", "To be", SamplingParams(max_tokens=30, seed=7))
+    text = ""
+    while e.has_work():
+        text += "".join(o.text for o in e.step(16, budget_s=0.0005))
+    assert text == expected["x"]
