@@ -29,6 +29,7 @@ from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.text import tokenize
 from rnnserve.training.data import read_multi30k
 
+WARMUP_ROUNDS = 3
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", "First Citizen:\n", "To be, or not to be", "MENENIUS:\n"]
 
 
@@ -66,7 +67,7 @@ def _ms(x: float | None) -> float | None:
 
 
 # -- raw engines, in-process ---------------------------------------------------------------------
-def raw_lm(engine: LMEngine, clients: int, tokens: int) -> Result:
+def raw_lm(engine: LMEngine, clients: int, tokens: int, step_ms: float) -> Result:
     """All clients' requests admitted at once; steps sized as the handler sizes them."""
     cfg = MODEL_CONFIGS["lm"]["handler"]
     res = Result("raw engine", clients)
@@ -76,7 +77,7 @@ def raw_lm(engine: LMEngine, clients: int, tokens: int) -> Result:
     seen: set[str] = set()
     while engine.has_work():
         s0 = time.perf_counter()
-        outs = engine.step(cfg["max_tokens_per_step"], budget_s=cfg["target_step_ms"] / 1000)
+        outs = engine.step(cfg["max_tokens_per_step"], budget_s=step_ms / 1000)
         now = time.perf_counter()
         dt = now - s0
         for o in outs:
@@ -209,21 +210,25 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool) -> Path:
     return models
 
 
-def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0) -> list[dict]:
+def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
+             step_ms: float | None = None) -> list[dict]:
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
+    step_ms = step_ms or MODEL_CONFIGS["lm"]["handler"]["target_step_ms"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        env = _env(worker_threads)
+        env = {**_env(worker_threads), "RNNSERVE_TARGET_STEP_MS": str(step_ms)}
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=True),
                             extra_env=env)
         try:
-            # warm-up: first calls pay one-off costs (allocator, kernels, connections)
-            raw_lm(LMEngine(loaded.model, loaded.tokenizer), 4, 32)
-            for model in ("lm-naive", "lm-shakespeare"):
-                asyncio.run(http_lm(stack.url, model, "warm-up", 2, 16))
+            # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
+            # JVM compiles its hot paths over the first few thousand frames (its CPU per frame falls ~3x)
+            raw_lm(LMEngine(loaded.model, loaded.tokenizer), 4, 32, step_ms)
+            asyncio.run(http_lm(stack.url, "lm-naive", "warm-up", 2, 16))
+            for _ in range(WARMUP_ROUNDS):
+                asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
             for c in concurrency:
                 engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64)
-                raw = raw_lm(engine, c, tokens)
+                raw = raw_lm(engine, c, tokens, step_ms)
                 naive = asyncio.run(http_lm(stack.url, "lm-naive", "naive handler", c, tokens))
                 full = asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))
                 level = [raw.row(), naive.row(), full.row()]
@@ -235,7 +240,8 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
                 print(f"  full/raw {level[2]['vs_raw']}x, full/naive {level[2]['vs_naive']}x", flush=True)
         finally:
             stop_stack(stack)
-    _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads})
+    _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
+                 "step_ms": step_ms})
     return rows
 
 
@@ -316,7 +322,7 @@ def main(args) -> int:
     if args.task == "engine":
         bench_engine(levels, args.tokens, out)
     elif args.task == "lm":
-        bench_lm(levels, args.tokens, out, args.worker_threads)
+        bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads)
     return 0

@@ -85,6 +85,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: one line per upstream call in the gateway, per client in benchmarks
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
     p.add_argument("--beams", default="1,4", help="translation: beam sizes")
     p.add_argument("--per-client", type=int, default=16, help="translation: sentences per client")
+    p.add_argument("--step-ms", type=float, default=None,
+                   help="lm: the handler's and raw engine's step budget (default: the archive's target_step_ms)")
     p.add_argument("--worker-threads", type=int, default=0, help="torch threads of the workers and of the raw engine (0 = torch's default)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=_cmd_bench)

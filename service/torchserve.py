@@ -19,6 +19,9 @@ from rnnserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # one frame; the last of a translation with attention is the largest
+LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"  # INFO, not TorchServe's per-frame DEBUG
+
 def model_archives(settings: Settings) -> list[str]:
     names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))
     missing = [n for n in names if not (settings.model_store / f"{n}.mar").exists()]
@@ -53,7 +56,7 @@ def write_config(settings: Settings, models: list[str]) -> Path:
         "token_expiration_min": 24 * 60,
         "metrics_mode": "prometheus",
         "max_request_size": 1024 * 1024,
-        "max_response_size": 16 * 1024 * 1024,
+        "max_response_size": MAX_RESPONSE_BYTES,
         "job_queue_size": 256,
         "default_response_timeout": 120,
         "python": sys.executable,  # workers import rnnserve from this environment
@@ -84,7 +87,8 @@ class TorchServeProcess:
         (run_dir / "tmp").mkdir(exist_ok=True)
         ts = Path(sys.executable).with_name("torchserve")
         cmd = [str(ts) if ts.exists() else "torchserve", "--start", "--foreground", "--ncs",
-               "--model-store", str(self.settings.model_store.resolve()), "--ts-config", str(config)]
+               "--model-store", str(self.settings.model_store.resolve()), "--ts-config", str(config),
+               "--log-config", str(LOG_CONFIG)]
         log.info("starting TorchServe: inference %s, management %s, metrics %s (logs in %s)",
                  self.settings.inference_url, self.settings.management_url, self.settings.metrics_url,
                  run_dir / "logs")

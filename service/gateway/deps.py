@@ -1,4 +1,7 @@
-"""Dependencies of the routes, as Annotated aliases."""
+"""Dependencies of the routes, as Annotated aliases.
+
+All `async def`: FastAPI runs a plain `def` dependency in a worker thread, a hop that costs more
+than the dependency itself on every request."""
 from __future__ import annotations
 
 import hmac
@@ -12,7 +15,7 @@ from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """`Authorization: Bearer <key>` when API keys are configured; every key compared in constant time."""
     keys = request.app.state.settings.api_keys
     if not keys:
@@ -29,7 +32,7 @@ def require_api_key(request: Request) -> None:
 
 
 def _state(name: str):
-    def get(request: Request):
+    async def get(request: Request):
         return getattr(request.app.state, name)
     return get
 
@@ -39,7 +42,7 @@ MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
 ReadinessDep = Annotated[Readiness, Depends(_state("readiness"))]
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "-")
 
 

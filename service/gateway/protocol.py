@@ -92,6 +92,12 @@ class GenerateChunk(BaseModel):
     finish_reason: Literal["length", "stop"] | None = None
     usage: Usage | None = None
 
+    @staticmethod
+    def text_event(id: str, model: str, text: str) -> dict:
+        """`GenerateChunk(id=, model=, text=).model_dump(exclude_none=True)` without building a model:
+        this runs for every frame of every stream (tests check the two agree)."""
+        return {"id": id, "model": model, "text": text}
+
 
 # -- models -------------------------------------------------------------------------------------
 class ModelCard(BaseModel):
@@ -173,6 +179,12 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
+    @staticmethod
+    def text_event(id: str, created: int, model: str, index: int, text: str) -> dict:
+        """The `model_dump()` of a streamed chunk with one choice's new text, built directly (per frame)."""
+        return {"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": None}], "usage": None}
+
 
 # -- translation ----------------------------------------------------------------------------------
 MAX_TEXTS = 64
@@ -236,3 +248,8 @@ class TranslateChunk(BaseModel):
     finish_reason: Literal["length", "stop"] | None = None
     translation: Translation | None = None
     usage: Usage | None = None
+
+    @staticmethod
+    def text_event(id: str, model: str, text: str) -> dict:
+        """The `model_dump(exclude_none=True)` of a chunk with new text only, built directly (per frame)."""
+        return {"id": id, "model": model, "text": text}

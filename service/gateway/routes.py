@@ -79,11 +79,10 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
 
     def render(run: Run, frame: dict) -> list[dict]:
         text = frame_text(frame)
-        if not text and not frame.get("finish_reason"):
-            return []
-        usage = _usage([run]) if frame.get("finish_reason") else None
-        return [GenerateChunk(id=request_id, model=req.model, text=text, finish_reason=frame.get("finish_reason"),
-                              usage=usage).model_dump(exclude_none=True)]
+        if not frame.get("finish_reason"):
+            return [GenerateChunk.text_event(request_id, req.model, text)] if text else []
+        return [GenerateChunk(id=request_id, model=req.model, text=text, finish_reason=frame["finish_reason"],
+                              usage=_usage([run])).model_dump(exclude_none=True)]
 
     return _stream(sse_stream(started, render))
 
@@ -110,10 +109,9 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
 
     def render(run: Run, frame: dict) -> list[dict]:
         text = frame_text(frame)
-        if not text and not frame.get("finish_reason"):
-            return []
-        return [chunk(CompletionChoice(text=text, index=choices[run.index][0],
-                                       finish_reason=frame.get("finish_reason")))]
+        if not frame.get("finish_reason"):
+            return [CompletionResponse.text_event(cid, created, req.model, choices[run.index][0], text)] if text else []
+        return [chunk(CompletionChoice(text=text, index=choices[run.index][0], finish_reason=frame["finish_reason"]))]
 
     def trailer() -> list[dict]:
         if req.stream_options and req.stream_options.include_usage:
@@ -144,7 +142,7 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
             t = Translation(**frame["translations"][0])
             return [TranslateChunk(id=request_id, model=req.model, text=text, finish_reason=t.finish_reason,
                                    translation=t, usage=_usage([run])).model_dump()]
-        return [TranslateChunk(id=request_id, model=req.model, text=text).model_dump(exclude_none=True)] if text else []
+        return [TranslateChunk.text_event(request_id, req.model, text)] if text else []
 
     return _stream(sse_stream(started, render))
 

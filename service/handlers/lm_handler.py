@@ -35,6 +35,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             mkldnn_min_batch=cfg.get("mkldnn_min_batch"),
         )
         self.target_step_s = float(cfg.get("target_step_ms", 30)) / 1000
+        self.admit_step_s = float(cfg.get("admit_step_ms", self.target_step_s * 1000)) / 1000
+        self.short_last = False
         self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 16))
         self.initialized = True
         log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
@@ -52,5 +54,11 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def run_step(self) -> dict[str, tuple[str, bool]]:
         if not self.engine.has_work():
             return {}
-        outputs = self.engine.step(self.max_tokens_per_step, budget_s=self.target_step_s)
+        # A step that admits requests ends soon after their prefill, so that their first tokens go out
+        # without waiting for a whole step; never twice in a row, so that a steady trickle of arrivals
+        # cannot keep every step short.
+        short = self.engine.num_waiting > 0 and not self.short_last
+        self.short_last = short
+        outputs = self.engine.step(self.max_tokens_per_step,
+                                   budget_s=self.admit_step_s if short else self.target_step_s)
         return {o.request_id: (output_frame(o), o.finished) for o in outputs}

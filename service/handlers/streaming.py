@@ -29,7 +29,10 @@ class ContinuousBatchingHandler:
         """Model folder, the model-config.yaml `handler:` section, and the device and dtype to load on:
         cuda:{gpu_id} from TorchServe's context (fp16 when `half_precision`), else CPU in fp32."""
         props = ctx.system_properties
-        cfg = (ctx.model_yaml_config or {}).get("handler", {})
+        cfg = dict((ctx.model_yaml_config or {}).get("handler", {}))
+        for key in ("target_step_ms", "admit_step_ms"):  # as for threads below: try values without rebuilding
+            if os.environ.get(f"RNNSERVE_{key.upper()}"):
+                cfg[key] = float(os.environ[f"RNNSERVE_{key.upper()}"])
         device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
         # threads per worker: model-config.yaml, or RNNSERVE_WORKER_THREADS (inherited from TorchServe's
         # environment) to try another value without rebuilding the archive; 0 keeps torch's default

@@ -108,3 +108,16 @@ def test_request_id_is_echoed_or_generated(client):
     assert r.headers["x-request-id"] == "abc-123"
     r = client.get("/healthz", headers={"X-Request-Id": "bad id\nwith newline"})
     assert len(r.headers["x-request-id"]) == 32  # not echoed: replaced by a fresh id
+
+
+@given(st.text(max_size=20), st.text(max_size=20), st.text(max_size=40), st.integers(0, 2**31), st.integers(0, 63))
+@settings(max_examples=50)
+def test_per_frame_events_are_the_models_dumps(rid, model, text, created, index):
+    """The streaming hot path builds events as dicts; they must be exactly what the documented models give."""
+    from rnnserve.service.gateway.protocol import CompletionChoice, CompletionResponse, GenerateChunk, TranslateChunk
+    assert GenerateChunk.text_event(rid, model, text) == GenerateChunk(id=rid, model=model, text=text).model_dump(
+        exclude_none=True)
+    assert TranslateChunk.text_event(rid, model, text) == TranslateChunk(id=rid, model=model, text=text).model_dump(
+        exclude_none=True)
+    assert CompletionResponse.text_event(rid, created, model, index, text) == CompletionResponse(
+        id=rid, created=created, model=model, choices=[CompletionChoice(text=text, index=index)]).model_dump()
