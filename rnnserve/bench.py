@@ -4,7 +4,7 @@
     rnnserve bench translation   # raw engine vs full stack, greedy and beam 4
 
 Every figure of a table comes from the same run on the same model, prompts and machine; quote the
-ratios (this machine is noisy). Streaming clients are asyncio + httpx on loopback.
+ratios (this machine is noisy). Clients are asyncio + aiohttp on loopback.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 import torch
 
 from rnnserve.engine.lm_engine import LMEngine
@@ -75,9 +75,12 @@ def raw_lm(engine: LMEngine, clients: int, tokens: int, step_ms: float) -> Resul
         engine.add(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=tokens, temperature=0.8, seed=i))
     t0 = time.perf_counter()
     seen: set[str] = set()
+    first = True  # the step that admits them all is short, as in the handler
     while engine.has_work():
         s0 = time.perf_counter()
-        outs = engine.step(cfg["max_tokens_per_step"], budget_s=step_ms / 1000)
+        budget = cfg["admit_step_ms"] if first else step_ms
+        outs = engine.step(cfg["max_tokens_per_step"], budget_s=budget / 1000)
+        first = False
         now = time.perf_counter()
         dt = now - s0
         for o in outs:
@@ -126,16 +129,16 @@ def raw_translation(engine: TranslationEngine, clients: int, sentences: list[lis
 
 
 # -- through HTTP ------------------------------------------------------------------------------------
-async def _stream_one(client: httpx.AsyncClient, path: str, body: dict, res: Result) -> None:
+async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, res: Result) -> None:
     t0 = time.perf_counter()
     last = None
-    async with client.stream("POST", path, json=body) as r:
-        if r.status_code != 200:
+    async with session.post(url, json=body) as r:
+        if r.status != 200:
             res.errors += 1
-            await r.aread()
+            await r.read()
             return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in r.content:  # SSE: "data: {...}\n" then a blank line
+            if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
             if "error" in event:
@@ -155,14 +158,16 @@ async def _stream_one(client: httpx.AsyncClient, path: str, body: dict, res: Res
 
 
 async def http_lm(url: str, model: str, name: str, clients: int, tokens: int) -> Result:
+    """Streaming clients on aiohttp: the load generator shares the cores with the stack, so it should
+    cost as little per event as it can (aiohttp's C parser costs less than httpx)."""
     res = Result(name, clients)
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients + 4)) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*(
-            _stream_one(client, "/v1/generate", {"model": model, "prompt": PROMPTS[i % len(PROMPTS)],
-                                                 "max_tokens": tokens, "temperature": 0.8, "seed": i,
-                                                 "stream": True}, res) for i in range(clients)))
+            _stream_one(session, f"{url}/v1/generate",
+                        {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
+                         "temperature": 0.8, "seed": i, "stream": True}, res) for i in range(clients)))
         res.seconds = time.perf_counter() - t0
     return res
 
@@ -170,18 +175,21 @@ async def http_lm(url: str, model: str, name: str, clients: int, tokens: int) ->
 async def http_translation(url: str, model: str, clients: int, texts: list[str], beam: int,
                            per_client: int) -> Result:
     res = Result(f"full stack beam {beam}", clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as c:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients + 4)) as session:
         async def client_loop(ci: int) -> None:
             for j in range(per_client):
                 text = texts[(ci * per_client + j) % len(texts)]
                 t0 = time.perf_counter()
-                r = await c.post("/v1/translate", json={"model": model, "text": text, "beam_size": beam})
-                if r.status_code != 200:
+                async with session.post(f"{url}/v1/translate",
+                                        json={"model": model, "text": text, "beam_size": beam}) as r:
+                    body = await r.json()
+                if r.status != 200:
                     res.errors += 1
                     continue
                 res.ttft.append(time.perf_counter() - t0)
                 res.units += 1
-                res.tokens += r.json()["usage"]["completion_tokens"]
+                res.tokens += body["usage"]["completion_tokens"]
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(i) for i in range(clients)))
@@ -190,12 +198,35 @@ async def http_translation(url: str, model: str, clients: int, texts: list[str],
 
 
 # -- reports --------------------------------------------------------------------------------------
-def print_table(rows: list[dict], unit: str) -> None:
-    cols = ["name", "clients", unit, "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "errors"]
+def summarize(runs: list[list[Result]], unit: str, baselines: dict[str, int]) -> list[dict]:
+    """One row per setup from repeated runs of one level: the median of every figure, and each ratio as
+    the median of the per-run ratios (a run measures all setups back to back, so its ratio is the least
+    disturbed by the machine's drift). Prints the level's table."""
+    rows = []
+    for k in range(len(runs[0])):
+        per_run = [run[k].row() for run in runs]
+        row = {"name": per_run[0]["name"], "clients": per_run[0]["clients"], "runs": len(runs)}
+        for key in per_run[0]:
+            if key not in row:
+                row[key] = _median([r[key] for r in per_run])
+        for name, b in baselines.items():
+            row[name] = round(_median([run[k].row()[unit] / run[b].row()[unit] for run in runs]), 2)
+        rows.append(row)
+    print_table(rows, unit, list(baselines))
+    return rows
+
+
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def print_table(rows: list[dict], unit: str, ratios: list[str]) -> None:
+    cols = ["name", "clients", unit, "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", *ratios, "errors"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+        print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in cols) + " |", flush=True)
 
 
 def _bench_models_dir(tmp: Path, names: list[str], naive: bool) -> Path:
@@ -211,7 +242,7 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool) -> Path:
 
 
 def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
-             step_ms: float | None = None) -> list[dict]:
+             step_ms: float | None = None, repeat: int = 3) -> list[dict]:
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
     step_ms = step_ms or MODEL_CONFIGS["lm"]["handler"]["target_step_ms"]
     rows = []
@@ -227,21 +258,15 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             for _ in range(WARMUP_ROUNDS):
                 asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
             for c in concurrency:
-                engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64)
-                raw = raw_lm(engine, c, tokens, step_ms)
-                naive = asyncio.run(http_lm(stack.url, "lm-naive", "naive handler", c, tokens))
-                full = asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))
-                level = [raw.row(), naive.row(), full.row()]
-                for r in level:
-                    r["vs_raw"] = round(r["tokens_per_s"] / level[0]["tokens_per_s"], 2)
-                    r["vs_naive"] = round(r["tokens_per_s"] / level[1]["tokens_per_s"], 2)
-                rows += level
-                print_table(level, "tokens_per_s")
-                print(f"  full/raw {level[2]['vs_raw']}x, full/naive {level[2]['vs_naive']}x", flush=True)
+                runs = [[raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64), c, tokens, step_ms),
+                         asyncio.run(http_lm(stack.url, "lm-naive", "naive handler", c, tokens)),
+                         asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))]
+                        for _ in range(repeat)]
+                rows += summarize(runs, "tokens_per_s", {"vs_raw": 0, "vs_naive": 1})
         finally:
             stop_stack(stack)
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
-                 "step_ms": step_ms})
+                 "step_ms": step_ms, "repeat": repeat})
     return rows
 
 
@@ -256,7 +281,7 @@ def _env(worker_threads: int) -> dict:
 
 
 def bench_translation(concurrency: list[int], beams: list[int], per_client: int, out: Path | None,
-                      worker_threads: int = 0) -> list[dict]:
+                      worker_threads: int = 0, repeat: int = 3) -> list[dict]:
     tr = load_translation(MODELS_DIR / "translate-de-en")
     src, _ = read_multi30k("test_2016_flickr")
     texts = [" ".join(s) for s in src]
@@ -270,17 +295,13 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
             asyncio.run(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
             for beam in beams:
                 for c in concurrency:
-                    raw = raw_translation(TranslationEngine(tr.model), c, ids, beam, per_client)
-                    full = asyncio.run(http_translation(stack.url, "translate-de-en", c, texts, beam, per_client))
-                    level = [raw.row(), full.row()]
-                    for r in level:
-                        r["vs_raw"] = round(r["units_per_s"] / level[0]["units_per_s"], 2)
-                    rows += level
-                    print_table(level, "units_per_s")
-                    print(f"  full/raw {level[1]['vs_raw']}x", flush=True)
+                    runs = [[raw_translation(TranslationEngine(tr.model), c, ids, beam, per_client),
+                             asyncio.run(http_translation(stack.url, "translate-de-en", c, texts, beam, per_client))]
+                            for _ in range(repeat)]
+                    rows += summarize(runs, "units_per_s", {"vs_raw": 0})
         finally:
             stop_stack(stack)
-    _write(out, {"translation": rows, "per_client": per_client})
+    _write(out, {"translation": rows, "per_client": per_client, "repeat": repeat})
     return rows
 
 
@@ -322,7 +343,8 @@ def main(args) -> int:
     if args.task == "engine":
         bench_engine(levels, args.tokens, out)
     elif args.task == "lm":
-        bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms)
+        bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat)
     else:
-        bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads)
+        bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads,
+                          args.repeat)
     return 0

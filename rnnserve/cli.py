@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
     p.add_argument("--beams", default="1,4", help="translation: beam sizes")
     p.add_argument("--per-client", type=int, default=16, help="translation: sentences per client")
+    p.add_argument("--repeat", type=int, default=3, help="runs of every level; the tables give medians")
     p.add_argument("--step-ms", type=float, default=None,
                    help="lm: the handler's and raw engine's step budget (default: the archive's target_step_ms)")
     p.add_argument("--worker-threads", type=int, default=0, help="torch threads of the workers and of the raw engine (0 = torch's default)")

@@ -44,8 +44,15 @@ MODEL_CONFIGS: dict[str, dict] = {
             "max_batch_size": 64,  # = batchSize: every admitted request gets a row at once
             "max_tokens_limit": 2048,
             "max_prompt_chars": 8192,
-            "target_step_ms": 30,  # bounds the wait of a new request for the running step
-            "max_tokens_per_step": 16,
+            # A step decodes until this budget is spent (prefill included). TorchServe's round trip between
+            # steps costs ~9 ms at 32 streams, and every frame costs the frontend, the gateway and the
+            # client CPU: 60 ms steps gave ~1.3x the tokens/s of 30 ms at 32 streams with the same time to
+            # first token, because a new request waits for the running step only once (BENCHMARKS.md).
+            "target_step_ms": 60,
+            # a step that admits new requests ends right after their prefill and one token, so that their
+            # first token does not wait for a whole step; never twice in a row (see lm_handler.py)
+            "admit_step_ms": 0,
+            "max_tokens_per_step": 32,
             # one thread per worker: on a small CPU machine the worker shares the cores with TorchServe's
             # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
             "torch_threads": 1,

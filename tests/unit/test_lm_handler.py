@@ -63,3 +63,20 @@ def test_same_seed_same_text_through_the_handler(tiny_lm_folder):
         fe.drain()
         texts.append("".join(f["text"] for f in fe.frames["x"]))
     assert texts[0] == texts[1] and len(texts[0]) == 25
+
+
+def test_a_step_that_admits_ends_after_one_token_but_never_twice_in_a_row(tiny_lm_folder):
+    ctx = FakeContext(tiny_lm_folder, {"target_step_ms": 60_000, "admit_step_ms": 0, "max_tokens_per_step": 8})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    fe.submit("a", {"prompt": "x", "max_tokens": 100, "seed": 1})
+    fe.step()  # admits a: prefill, then one token
+    fe.submit("b", {"prompt": "y", "max_tokens": 100, "seed": 2})
+    fe.step()  # admits b, but the previous step was short: a whole step (8 tokens)
+    fe.step()  # nothing new: a whole step
+    fe.submit("c", {"prompt": "z", "max_tokens": 100, "seed": 3})
+    fe.step()  # admits c after a whole step: short again
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 8, 8, 1]
+    assert [len(f["text"]) for f in fe.frames["b"]] == [8, 8, 1]
+    assert [len(f["text"]) for f in fe.frames["c"]] == [1]
