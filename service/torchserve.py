@@ -86,7 +86,9 @@ class TorchServeProcess:
                    TEMP=str(run_dir / "tmp"))
         (run_dir / "tmp").mkdir(exist_ok=True)
         ts = Path(sys.executable).with_name("torchserve")
-        cmd = [str(ts) if ts.exists() else "torchserve", "--start", "--foreground", "--ncs",
+        # the guard leads the process group and stops it if this process dies without stopping it
+        cmd = [sys.executable, "-m", "rnnserve.service.guard",
+               str(ts) if ts.exists() else "torchserve", "--start", "--foreground", "--ncs",
                "--model-store", str(self.settings.model_store.resolve()), "--ts-config", str(config),
                "--log-config", str(LOG_CONFIG)]
         log.info("starting TorchServe: inference %s, management %s, metrics %s (logs in %s)",

@@ -43,3 +43,19 @@ def test_missing_java_stops_at_once_with_install_instructions(tmp_path):
     assert "TorchServe needs Java 17 or newer" in r.stderr
     assert "apt-get install -y openjdk-17-jre-headless" in r.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_sigkill_of_serve_still_takes_torchserve_and_workers_down(tmp_path):
+    """Nothing runs in a SIGKILLed process: TorchServe's guard notices it was orphaned and stops the group."""
+    stack = start_stack(tmp_path)
+    try:
+        procs = processes_of(stack.run_dir)
+        assert any("java" in p for p in procs) and any("model_service_worker" in p for p in procs)
+        stack.proc.kill()
+        stack.proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while processes_of(stack.run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_of(stack.run_dir) == []
+    finally:
+        stop_stack(stack)
