@@ -49,9 +49,12 @@ MODEL_CONFIGS: dict[str, dict] = {
             # client CPU: 60 ms steps gave ~1.3x the tokens/s of 30 ms at 32 streams with the same time to
             # first token, because a new request waits for the running step only once (BENCHMARKS.md).
             "target_step_ms": 60,
-            # a step that admits new requests ends right after their prefill and one token, so that their
-            # first token does not wait for a whole step; never twice in a row (see lm_handler.py)
+            # a call that admits new requests first runs a short step of its own (their prefill and one
+            # token), so that their first token leaves with that call instead of a whole step later
             "admit_step_ms": 0,
+            # the long step runs in a background thread between calls, hiding TorchServe's round trip
+            # (streaming.py); false runs every step inside the call
+            "overlap_steps": True,
             "max_tokens_per_step": 32,
             # one thread per worker: on a small CPU machine the worker shares the cores with TorchServe's
             # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
@@ -78,6 +81,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "max_source_tokens": 256,
             "max_tokens_limit": 256,
             "target_step_ms": 30,  # decoder steps per TorchServe round trip: as many as fit in 30 ms
+            "overlap_steps": True,
             "torch_threads": 1,
             "half_precision": True,
         },

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
-from rnnserve.engine.lm_engine import LMEngine
+from rnnserve.engine.lm_engine import LMEngine, StepOutput
 from rnnserve.models.folder import load_lm
 from rnnserve.service.handlers.frames import output_frame, parse_generate_body
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
@@ -35,14 +36,16 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             mkldnn_min_batch=cfg.get("mkldnn_min_batch"),
         )
         self.target_step_s = float(cfg.get("target_step_ms", 30)) / 1000
-        self.admit_step_s = float(cfg.get("admit_step_ms", self.target_step_s * 1000)) / 1000
-        self.short_last = False
+        self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
         self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 16))
         self.initialized = True
         log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
 
     def engine_ids(self) -> list[str]:
         return self.engine.request_ids()
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
 
     def admit(self, request_id: str, body) -> None:
         prompt, params = parse_generate_body(body)
@@ -51,14 +54,14 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    def run_step(self) -> dict[str, tuple[str, bool]]:
+    def run_step(self, short: bool) -> dict[str, StepOutput]:
         if not self.engine.has_work():
             return {}
-        # A step that admits requests ends soon after their prefill, so that their first tokens go out
-        # without waiting for a whole step; never twice in a row, so that a steady trickle of arrivals
-        # cannot keep every step short.
-        short = self.engine.num_waiting > 0 and not self.short_last
-        self.short_last = short
-        outputs = self.engine.step(self.max_tokens_per_step,
-                                   budget_s=self.admit_step_s if short else self.target_step_s)
-        return {o.request_id: (output_frame(o), o.finished) for o in outputs}
+        budget = self.admit_step_s if short else self.target_step_s
+        return {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget)}
+
+    def merge(self, first: StepOutput, second: StepOutput) -> StepOutput:
+        return replace(second, text=first.text + second.text)
+
+    def render(self, request_id: str, output: StepOutput) -> tuple[str, bool]:
+        return output_frame(output), output.finished

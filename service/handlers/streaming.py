@@ -4,12 +4,21 @@ Each call of `handle` is one engine step. The frontend (ContinuousBatching.java)
 request still in flight with an empty payload and adds new ones; the handler answers one NDJSON
 frame per request and marks last frames through `ctx.stopping_criteria`. A request missing from
 a call was dropped by the frontend because its client went away: its engine state is freed before
-the step. Subclasses say how to admit a request, run a step and abort; they hold no protocol.
+the next step. Subclasses say how to admit a request, run a step and abort; they hold no protocol.
+
+Overlap: TorchServe's round trip between two calls (frames out to the clients, the next batch in)
+costs ~10 ms at 32 streams, during which the worker would idle. So the long step of a call runs in a
+background thread after the call has returned, and the next call collects it. A call that admits
+requests first runs a short step (prefill, first token) itself, so that a new request's first tokens
+leave with the call that admitted it. The engine is touched by one thread at a time: every call waits
+for the background step before anything else.
 """
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -24,6 +33,9 @@ class ContinuousBatchingHandler:
         self.aborted = 0  # requests dropped because their client went away
         self.started: set[str] = set()  # requests whose first frame went out
         self.pending: dict[str, str] = {}  # last frames held back one step (see handle)
+        self.overlap = True  # run steps in the background between calls (model-config `overlap_steps`)
+        self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._running: Future | None = None  # the step started at the end of the previous call
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """Model folder, the model-config.yaml `handler:` section, and the device and dtype to load on:
@@ -36,6 +48,7 @@ class ContinuousBatchingHandler:
         device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
         # threads per worker: model-config.yaml, or RNNSERVE_WORKER_THREADS (inherited from TorchServe's
         # environment) to try another value without rebuilding the archive; 0 keeps torch's default
+        self.overlap = bool(int(os.environ.get("RNNSERVE_OVERLAP_STEPS") or cfg.get("overlap_steps", True)))
         threads = int(os.environ.get("RNNSERVE_WORKER_THREADS") or cfg.get("torch_threads", 0))
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
@@ -45,49 +58,95 @@ class ContinuousBatchingHandler:
     def engine_ids(self) -> list[str]:
         raise NotImplementedError
 
+    def has_work(self) -> bool:
+        raise NotImplementedError
+
     def admit(self, request_id: str, body) -> None:
         """Queue a new request; ValueError for the caller's mistakes."""
         raise NotImplementedError
 
-    def run_step(self) -> dict[str, tuple[str, bool]]:
-        """One engine step -> {request id: (frame, is_last)} for the requests that advanced."""
+    def run_step(self, short: bool) -> dict[str, Any]:
+        """One engine step -> {request id: output} for the requests that advanced. A short step admits the
+        waiting requests and gives them a first token; a long one decodes for the step budget."""
+        raise NotImplementedError
+
+    def merge(self, first: Any, second: Any) -> Any:
+        """Two consecutive outputs of one request as one."""
+        raise NotImplementedError
+
+    def render(self, request_id: str, output: Any) -> tuple[str, bool]:
+        """An output as a frame, and whether it is the request's last."""
         raise NotImplementedError
 
     def abort(self, request_id: str) -> None:
         raise NotImplementedError
 
     # -- the protocol ---------------------------------------------------------------------------
+    def wait(self) -> dict[str, Any]:
+        """Wait for the step running in the background, if any, and return its outputs."""
+        running, self._running = self._running, None
+        return running.result() if running is not None else {}
+
+    def settle(self) -> None:
+        """Wait for the background step to finish, leaving its outputs to the next call (tests, shutdown)."""
+        if self._running is not None:
+            self._running.result()
+
+    def _step(self, short: bool) -> dict[str, Any]:
+        """run_step; when it fails, every running request ends with an error frame (a str output)."""
+        try:
+            return self.run_step(short)
+        except Exception:
+            log.exception("engine step failed; ending the running requests")
+            ids = self.engine_ids()
+            for rid in ids:
+                self.abort(rid)
+            return {rid: error_frame("internal error during generation", "internal_error", 500) for rid in ids}
+
+    def _merge(self, outputs: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+        for rid, out in more.items():
+            if rid not in outputs:
+                outputs[rid] = out
+            elif not isinstance(outputs[rid], str):  # an error frame stays the last word
+                outputs[rid] = out if isinstance(out, str) else self.merge(outputs[rid], out)
+        return outputs
+
     def handle(self, data: list[dict], ctx) -> list[str]:
         ids = [ctx.request_ids[i] for i in range(len(data))]
         present = set(ids)
+        stepped = self.wait()  # from here on this thread alone touches the engine
         for rid in [r for r in self.engine_ids() if r not in present]:
             self.abort(rid)
             self.aborted += 1
             log.info("request %s left the batch (client gone); its rows are free", rid)
         self.started &= present
         self.pending = {r: f for r, f in self.pending.items() if r in present}
+        outputs = {r: o for r, o in stepped.items() if r in present}
 
         frames: dict[str, tuple[str, bool]] = {}
         engine_ids = set(self.engine_ids())
+        admitted = False
         for i, rid in enumerate(ids):
             if rid in self.pending:
                 frames[rid] = (self.pending.pop(rid), True)
-            elif rid not in engine_ids and rid not in self.started:
+            elif rid not in engine_ids and rid not in self.started and rid not in outputs:
                 try:
                     self.admit(rid, data[i].get("body") or data[i].get("data"))
+                    admitted = True
                 except ValueError as e:
                     frames[rid] = (error_frame(str(e), "invalid_request_error", 400), True)
                 except Exception:  # one bad request must not end the others' streams
                     log.exception("request %s could not be admitted", rid)
                     frames[rid] = (error_frame("internal error while admitting the request", "internal_error", 500),
                                    True)
-        try:
-            frames.update(self.run_step())
-        except Exception:
-            log.exception("engine step failed; ending the running requests")
-            for rid in self.engine_ids():
-                self.abort(rid)
-                frames[rid] = (error_frame("internal error during generation", "internal_error", 500), True)
+        if admitted or not self.overlap:
+            outputs = self._merge(outputs, self._step(short=admitted))
+        if self.overlap and self.has_work():
+            # while requests keep arriving (a call admitted some), keep the cycle short too: the next
+            # call, which may bring more of them, then waits for one token instead of a whole step
+            self._running = self._stepper.submit(self._step, admitted)
+        for rid, out in outputs.items():
+            frames[rid] = (out, True) if isinstance(out, str) else self.render(rid, out)
 
         result, stops = [], []
         for rid in ids:

@@ -50,23 +50,26 @@ class TranslationHandler(ContinuousBatchingHandler):
         self.engine.abort(request_id)
         self.streams.pop(request_id, None)
 
-    def run_step(self) -> dict[str, tuple[str, bool]]:
-        """Decode steps until `target_step_ms` is spent, then one frame per request: TorchServe costs a
-        few milliseconds per round trip, more than one decoder step of a small batch."""
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def run_step(self, short: bool) -> dict[str, TranslationOutput]:
+        """Decoder steps until `target_step_ms` is spent (one, for a short step that admits): TorchServe
+        costs a few milliseconds per round trip, more than one decoder step of a small batch."""
         merged: dict[str, TranslationOutput] = {}
         deadline = time.perf_counter() + self.target_step_s
         while self.engine.has_work():
             for out in self.engine.step():
-                if out.request_id in merged:
-                    merged[out.request_id] = merge_outputs(merged[out.request_id], out)
-                else:
-                    merged[out.request_id] = out
-            if time.perf_counter() >= deadline:
+                merged[out.request_id] = merge_outputs(merged[out.request_id], out) if out.request_id in merged else out
+            if short or time.perf_counter() >= deadline:
                 break
-        frames = {}
-        for out in merged.values():
-            streams, sources = self.streams[out.request_id]
-            frames[out.request_id] = (translation_frame(out, streams, sources), out.finished)
-            if out.finished:
-                del self.streams[out.request_id]
-        return frames
+        return merged
+
+    def merge(self, first: TranslationOutput, second: TranslationOutput) -> TranslationOutput:
+        return merge_outputs(first, second)
+
+    def render(self, request_id: str, output: TranslationOutput) -> tuple[str, bool]:
+        streams, sources = self.streams[request_id]
+        if output.finished:
+            del self.streams[request_id]
+        return translation_frame(output, streams, sources), output.finished

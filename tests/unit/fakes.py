@@ -28,6 +28,7 @@ class Frontend:
         self.new = {}
         self.ctx.request_ids = dict(enumerate(ids))
         out = self.h.handle(batch, self.ctx)
+        self.h.settle()  # the step started by this call has run: engine state can be inspected
         assert len(out) == len(ids)
         self.inflight = []
         for i, (rid, frame) in enumerate(zip(ids, out)):

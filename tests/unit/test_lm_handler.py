@@ -65,18 +65,51 @@ def test_same_seed_same_text_through_the_handler(tiny_lm_folder):
     assert texts[0] == texts[1] and len(texts[0]) == 25
 
 
-def test_a_step_that_admits_ends_after_one_token_but_never_twice_in_a_row(tiny_lm_folder):
+def test_a_call_that_admits_sends_first_tokens_and_long_steps_run_between_calls(tiny_lm_folder):
+    """A call returns the step that ran in the background since the previous call. A call that admits also
+    runs a short step (prefill, one token) itself, so new requests get text in their first frame, and the
+    background step after it is short too (more requests may be on their way); otherwise it is long."""
     ctx = FakeContext(tiny_lm_folder, {"target_step_ms": 60_000, "admit_step_ms": 0, "max_tokens_per_step": 8})
     h = LanguageModelHandler()
     h.initialize(ctx)
     fe = Frontend(h, ctx)
     fe.submit("a", {"prompt": "x", "max_tokens": 100, "seed": 1})
-    fe.step()  # admits a: prefill, then one token
+    fe.step()  # a's first token; a short step in the background
     fe.submit("b", {"prompt": "y", "max_tokens": 100, "seed": 2})
-    fe.step()  # admits b, but the previous step was short: a whole step (8 tokens)
-    fe.step()  # nothing new: a whole step
+    fe.step()  # a: 1 from the background and 1 from the short step that admits b
+    fe.step()  # nothing admitted: a long step (8 tokens) starts in the background
     fe.submit("c", {"prompt": "z", "max_tokens": 100, "seed": 3})
-    fe.step()  # admits c after a whole step: short again
-    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 8, 8, 1]
-    assert [len(f["text"]) for f in fe.frames["b"]] == [8, 8, 1]
-    assert [len(f["text"]) for f in fe.frames["c"]] == [1]
+    fe.step()
+    fe.step()
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 2, 1, 9, 1]
+    assert [len(f["text"]) for f in fe.frames["b"]] == [1, 1, 9, 1]
+    assert [len(f["text"]) for f in fe.frames["c"]] == [1, 1]
+
+
+def test_without_overlap_a_call_returns_its_own_step(tiny_lm_folder):
+    ctx = FakeContext(tiny_lm_folder, {"target_step_ms": 60_000, "admit_step_ms": 0, "max_tokens_per_step": 8,
+                                       "overlap_steps": False})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    fe.submit("a", {"prompt": "x", "max_tokens": 100, "seed": 1})
+    fe.step()
+    fe.step()
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 8]
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_handler_goes_on(tiny_lm_folder, monkeypatch):
+    fe = make(tiny_lm_folder)
+    fe.submit("a", {"prompt": "x", "max_tokens": 50, "seed": 1})
+    fe.step()
+    real = fe.h.engine.step
+    monkeypatch.setattr(fe.h.engine, "step", lambda *a, **k: 1 / 0)
+    fe.step()  # this call starts the failing step in the background ...
+    fe.step()  # ... and the next one delivers its outcome
+    assert fe.frames["a"][-1] == {"error": {"message": "internal error during generation", "type": "internal_error",
+                                            "code": 500}}
+    assert "a" not in fe.inflight and fe.h.engine.request_ids() == []
+    monkeypatch.setattr(fe.h.engine, "step", real)
+    fe.submit("b", {"prompt": "y", "max_tokens": 20, "seed": 2})
+    fe.drain()
+    assert fe.frames["b"][-1]["usage"]["completion_tokens"] == 20
