@@ -2,6 +2,7 @@
 
     rnnserve bench lm            # raw engine (the ceiling) vs naive handler vs full stack
     rnnserve bench translation   # raw engine vs full stack, greedy and beam 4
+    rnnserve bench cpu           # CPU per request and per streamed event of each process of the stack
 
 Every figure of a table comes from the same run on the same model, prompts and machine; quote the
 ratios (this machine is noisy). Clients are asyncio + aiohttp on loopback.
@@ -43,6 +44,7 @@ class Result:
     itl: list[float] = field(default_factory=list)
     errors: int = 0
     units: int = 0  # sentences, for translation
+    events: int = 0  # SSE events received
 
     @property
     def tokens_per_s(self) -> float:
@@ -141,6 +143,7 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, res:
             if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
+            res.events += 1
             if "error" in event:
                 res.errors += 1
                 return
@@ -305,6 +308,70 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
     return rows
 
 
+def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
+              repeat: int = 3) -> list[dict]:
+    """CPU time of every process of the stack, per request and per streamed event: where the cores go.
+
+    Per request: 200 one-token generations, one at a time. Per event: `c` streaming clients of `tokens`
+    tokens each. Medians of `repeat` runs (after a warm-up that lets the JVM compile its hot paths).
+    """
+    import psutil
+
+    def cpu_s(procs: dict) -> dict[str, float]:
+        return {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=False),
+                            extra_env=_env(worker_threads))
+        try:
+            gateway = psutil.Process(stack.proc.pid)
+            kids = gateway.children(recursive=True)
+            procs = {"gateway": gateway, "torchserve_java": next(k for k in kids if k.name() == "java"),
+                     "worker": next(k for k in kids if "model_service_worker" in " ".join(k.cmdline())),
+                     "client": psutil.Process()}
+            for _ in range(WARMUP_ROUNDS):
+                asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
+
+            async def one_at_a_time(n: int) -> None:
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(n):
+                        async with session.post(f"{stack.url}/v1/generate", json={
+                                "model": "lm-shakespeare", "prompt": "ROMEO:", "max_tokens": 1}) as r:
+                            await r.read()
+
+            per_request = []
+            for _ in range(repeat):
+                before = cpu_s(procs)
+                asyncio.run(one_at_a_time(200))
+                after = cpu_s(procs)
+                per_request.append({k: 1000 * (after[k] - before[k]) / 200 for k in procs})
+            row = {"load": "one request at a time", "unit": "ms CPU per request"}
+            row.update({k: round(_median([r[k] for r in per_request]), 2) for k in procs})
+            rows.append(row)
+            for c in concurrency:
+                runs = []
+                for _ in range(repeat):
+                    before = cpu_s(procs)
+                    res = asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))
+                    after = cpu_s(procs)
+                    events = res.events
+                    runs.append({k: 1e6 * (after[k] - before[k]) / events for k in procs} |
+                                {"events": events, "tokens_per_s": res.tokens_per_s})
+                row = {"load": f"{c} streams x {tokens} tokens", "unit": "us CPU per event"}
+                row.update({k: round(_median([r[k] for r in runs]), 1) for k in [*procs, "events", "tokens_per_s"]})
+                rows.append(row)
+        finally:
+            stop_stack(stack)
+    cols = list(rows[0]) + [k for k in rows[-1] if k not in rows[0]]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |", flush=True)
+    _write(out, {"cpu": rows, "tokens": tokens, "repeat": repeat})
+    return rows
+
+
 def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict]:
     """Decode tokens/s of the engine alone, oneDNN (mkldnn) on vs off, per batch size."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
@@ -342,6 +409,8 @@ def main(args) -> int:
     out = Path(args.out) if args.out else None
     if args.task == "engine":
         bench_engine(levels, args.tokens, out)
+    elif args.task == "cpu":
+        bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat)
     elif args.task == "lm":
         bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat)
     else:

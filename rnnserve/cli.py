@@ -48,7 +48,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rnnserve.bench import main as bench
 
-    args.concurrency = args.concurrency or ("1,32" if args.task == "translation" else "1,8,32,64")
+    args.concurrency = args.concurrency or {"translation": "1,32", "cpu": "32"}.get(args.task, "1,8,32,64")
     return bench(args)
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="throughput and latency: raw engine vs naive handler vs full stack")
-    p.add_argument("task", choices=["engine", "lm", "translation"])
+    p.add_argument("task", choices=["engine", "lm", "translation", "cpu"])
     p.add_argument("--concurrency", default=None, help="comma-separated client counts")
     p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
     p.add_argument("--beams", default="1,4", help="translation: beam sizes")
