@@ -18,8 +18,7 @@ from rnnserve.models.folder import save_lm
 from rnnserve.models.lm import LMConfig, RNNLanguageModel, detach_state
 from rnnserve.tokenizer import CharTokenizer
 from rnnserve.training.data import shakespeare_splits
-from rnnserve.training.loop import (ProgressBar, cosine_lr, load_checkpoint, save_checkpoint, seed_everything,
-                           write_metrics)
+from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, seed_everything, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +96,16 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     out = Path(cfg.out)
     ckpt_path = out / "train_state.pt"
-    history: list[dict] = []
-    best_val, best_state, start_epoch, bad_epochs = math.inf, None, 0, 0
+    tracker = EpochTracker(ckpt_path, cfg.patience)
     if cfg.resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, model, opt)
-        history, best_val, start_epoch = ck["history"], ck["best_val"], ck["epoch"] + 1
-        best_state = ck.get("best_state")
-        bad_epochs = ck.get("bad_epochs", 0)
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+        tracker.resume(model, opt)
+        log.info("resumed from %s at epoch %d", ckpt_path, tracker.start_epoch)
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters, %d steps/epoch", model_cfg, n_params / 1e6, steps_per_epoch)
     t0 = time.monotonic()
     out_of_time = False
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(tracker.start_epoch, cfg.epochs):
         model.train()
         state = None
         # a random shift per epoch so windows do not always start at the same characters
@@ -140,24 +135,17 @@ def train_lm(cfg: LMTrainConfig) -> dict:
                 break
         bar.close()
         val = evaluate_lm(model, val_ids)
-        history.append({"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), "val_loss": val,
-                        "val_perplexity": math.exp(val), "minutes": (time.monotonic() - t0) / 60})
-        log.info("epoch %d: train %.4f val %.4f (%.1f min)", epoch + 1, history[-1]["train_loss"], val,
-                 history[-1]["minutes"])
-        if val < best_val:
-            best_val, bad_epochs = val, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        save_checkpoint(ckpt_path, model, opt, epoch=epoch, history=history, best_val=best_val,
-                        best_state=best_state, bad_epochs=bad_epochs)
-        if out_of_time or bad_epochs >= cfg.patience:
+        record = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), "val_loss": val,
+                  "val_perplexity": math.exp(val), "minutes": (time.monotonic() - t0) / 60}
+        log.info("epoch %d: train %.4f val %.4f (%.1f min)", epoch + 1, record["train_loss"], val, record["minutes"])
+        if tracker.end_epoch(epoch, model, opt, val, record) or out_of_time:
             break
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(tracker.best_state)
+    best_val = tracker.best
     metrics = {"name": cfg.name, "best_val_loss": best_val, "best_val_perplexity": math.exp(best_val),
                "best_val_bits_per_char": best_val / math.log(2), "parameters": n_params,
-               "train_minutes": (time.monotonic() - t0) / 60, "history": history, "train_config": asdict(cfg)}
+               "train_minutes": (time.monotonic() - t0) / 60, "history": tracker.history, "train_config": asdict(cfg)}
     save_lm(out, model, tokenizer, meta={"name": cfg.name})
     write_metrics(out, metrics)
     if not out_of_time:  # a run stopped by --max-minutes keeps its checkpoint for --resume

@@ -6,6 +6,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +67,44 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     opt.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"])
     return ck
+
+
+@dataclass
+class EpochTracker:
+    """Epoch-end bookkeeping of both trainers: history, the best epoch's weights, patience, and the
+    resumable checkpoint written after every epoch. The score is a validation loss (lower is better)
+    or a BLEU (higher is better)."""
+    path: Path
+    patience: int
+    higher_is_better: bool = False
+    history: list[dict] = field(default_factory=list)
+    best: float = math.nan
+    best_state: dict | None = None
+    bad_epochs: int = 0
+    start_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.best):
+            self.best = -math.inf if self.higher_is_better else math.inf
+
+    def resume(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        ck = load_checkpoint(self.path, model, opt)
+        self.history, self.best, self.start_epoch = ck["history"], ck["best_val"], ck["epoch"] + 1
+        self.best_state, self.bad_epochs = ck.get("best_state"), ck.get("bad_epochs", 0)
+
+    def end_epoch(self, epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer, score: float,
+                  record: dict) -> bool:
+        """Record the epoch, keep the weights if it is the best so far, checkpoint; True once the score
+        has not improved for `patience` epochs."""
+        self.history.append(record)
+        if score > self.best if self.higher_is_better else score < self.best:
+            self.best, self.bad_epochs = score, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        save_checkpoint(self.path, model, opt, epoch=epoch, history=self.history, best_val=self.best,
+                        best_state=self.best_state, bad_epochs=self.bad_epochs)
+        return self.bad_epochs >= self.patience
 
 
 def write_metrics(folder: Path, metrics: dict) -> None:

@@ -21,8 +21,7 @@ from rnnserve.models.folder import save_translation
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq, Seq2SeqConfig
 from rnnserve.tokenizer import WordTokenizer
 from rnnserve.training.data import read_multi30k
-from rnnserve.training.loop import (ProgressBar, cosine_lr, load_checkpoint, save_checkpoint, seed_everything,
-                                    write_metrics)
+from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, seed_everything, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +140,15 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     out = Path(cfg.out)
     ckpt_path = out / "train_state.pt"
-    history: list[dict] = []
-    best_bleu, best_state, start_epoch, bad = -1.0, None, 0, 0
+    tracker = EpochTracker(ckpt_path, cfg.patience, higher_is_better=True)  # by validation BLEU
     if cfg.resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, model, opt)
-        history, best_bleu, start_epoch = ck["history"], ck["best_val"], ck["epoch"] + 1
-        best_state, bad = ck.get("best_state"), ck.get("bad_epochs", 0)
+        tracker.resume(model, opt)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters; vocab de %d en %d; %d steps/epoch", mcfg, n_params / 1e6,
              src_tok.vocab_size, tgt_tok.vocab_size, steps_per_epoch)
     t0 = time.monotonic()
     out_of_time = False
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(tracker.start_epoch, cfg.epochs):
         model.train()
         tf = 1.0 - (1.0 - cfg.tf_min) * (epoch / max(1, cfg.epochs - 1))
         bar = ProgressBar(steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs} tf {tf:.2f}")
@@ -179,23 +175,17 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
         val_loss = evaluate_loss(model, val)
         hyps = [" ".join(tgt_tok.decode(h)) for h in translate_ids(model, [s for s, _ in val])]
         bleu, chrf = corpus_bleu(hyps, val_refs)
-        history.append({"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), "val_loss": val_loss,
-                        "val_perplexity": math.exp(val_loss), "val_bleu_greedy": bleu, "val_chrf_greedy": chrf,
-                        "teacher_forcing": tf, "minutes": (time.monotonic() - t0) / 60})
+        record = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), "val_loss": val_loss,
+                  "val_perplexity": math.exp(val_loss), "val_bleu_greedy": bleu, "val_chrf_greedy": chrf,
+                  "teacher_forcing": tf, "minutes": (time.monotonic() - t0) / 60}
         log.info("epoch %d: train %.3f val loss %.3f ppl %.2f BLEU %.2f (%.1f min)", epoch + 1,
-                 history[-1]["train_loss"], val_loss, math.exp(val_loss), bleu, history[-1]["minutes"])
-        if bleu > best_bleu:
-            best_bleu, bad = bleu, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-        save_checkpoint(ckpt_path, model, opt, epoch=epoch, history=history, best_val=best_bleu,
-                        best_state=best_state, bad_epochs=bad)
-        if out_of_time or bad >= cfg.patience:
+                 record["train_loss"], val_loss, math.exp(val_loss), bleu, record["minutes"])
+        if tracker.end_epoch(epoch, model, opt, bleu, record) or out_of_time:
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(tracker.best_state)
+    history = tracker.history
     best = max(history, key=lambda h: h["val_bleu_greedy"])
-    metrics = {"name": cfg.name, "best_epoch": best["epoch"], "best_val_bleu_greedy": best_bleu,
+    metrics = {"name": cfg.name, "best_epoch": best["epoch"], "best_val_bleu_greedy": tracker.best,
                "best_val_loss": best["val_loss"], "best_val_perplexity": best["val_perplexity"],
                "parameters": n_params, "train_minutes": (time.monotonic() - t0) / 60, "history": history,
                "train_config": asdict(cfg)}

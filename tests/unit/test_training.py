@@ -77,3 +77,25 @@ def test_mismatched_files_are_refused(tmp_path, tiny_translation_folder):
     r = subprocess.run([sys.executable, "-m", "rnnserve.cli", "evaluate", str(tiny_translation_folder),
                         "--src-file", str(src), "--ref-file", str(ref)], capture_output=True, text=True)
     assert r.returncode == 1 and "has 2 lines but" in r.stderr
+
+
+def test_epoch_tracker_keeps_the_best_weights_stops_on_patience_and_resumes(tmp_path):
+    import torch
+
+    from rnnserve.training.loop import EpochTracker
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = EpochTracker(tmp_path / "state.pt", patience=2, higher_is_better=True)  # a BLEU: higher is better
+    stops = []
+    for epoch, (score, weight) in enumerate([(10.0, 1.0), (12.0, 2.0), (11.0, 3.0), (12.0, 4.0)]):
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        stops.append(t.end_epoch(epoch, model, opt, score, {"epoch": epoch + 1, "bleu": score}))
+    assert stops == [False, False, False, True]  # 12.0 again is no improvement
+    assert t.best == 12.0 and t.best_state["weight"].eq(2.0).all()
+    again = EpochTracker(tmp_path / "state.pt", patience=2, higher_is_better=True)
+    again.resume(torch.nn.Linear(2, 1), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert (again.start_epoch, again.best, again.bad_epochs) == (4, 12.0, 2)
+    assert [h["bleu"] for h in again.history] == [10.0, 12.0, 11.0, 12.0]
+    assert EpochTracker(tmp_path / "other.pt", patience=1).best == float("inf")  # a loss: lower is better
