@@ -54,10 +54,10 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    def run_step(self, short: bool) -> dict[str, StepOutput]:
+    def run_step(self, short: bool, scale: float = 1.0) -> dict[str, StepOutput]:
         if not self.engine.has_work():
             return {}
-        budget = self.admit_step_s if short else self.target_step_s
+        budget = self.admit_step_s if short else scale * self.target_step_s
         return {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget)}
 
     def merge(self, first: StepOutput, second: StepOutput) -> StepOutput:

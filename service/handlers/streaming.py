@@ -10,8 +10,9 @@ Overlap: TorchServe's round trip between two calls (frames out to the clients, t
 costs ~10 ms at 32 streams, during which the worker would idle. So the long step of a call runs in a
 background thread after the call has returned, and the next call collects it. A call that admits
 requests first runs a short step (prefill, first token) itself, so that a new request's first tokens
-leave with the call that admitted it. The engine is touched by one thread at a time: every call waits
-for the background step before anything else.
+leave with the call that admitted it; the background step after it is cut by the share of new
+requests in the batch, because a burst brings more of them with the next calls. The engine is
+touched by one thread at a time: every call waits for the background step before anything else.
 """
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ class ContinuousBatchingHandler:
         """Queue a new request; ValueError for the caller's mistakes."""
         raise NotImplementedError
 
-    def run_step(self, short: bool) -> dict[str, Any]:
+    def run_step(self, short: bool, scale: float = 1.0) -> dict[str, Any]:
         """One engine step -> {request id: output} for the requests that advanced. A short step admits the
-        waiting requests and gives them a first token; a long one decodes for the step budget."""
+        waiting requests and gives them a first token; a long one decodes for `scale` x the step budget."""
         raise NotImplementedError
 
     def merge(self, first: Any, second: Any) -> Any:
@@ -92,10 +93,10 @@ class ContinuousBatchingHandler:
         if self._running is not None:
             self._running.result()
 
-    def _step(self, short: bool) -> dict[str, Any]:
+    def _step(self, short: bool, scale: float = 1.0) -> dict[str, Any]:
         """run_step; when it fails, every running request ends with an error frame (a str output)."""
         try:
-            return self.run_step(short)
+            return self.run_step(short, scale)
         except Exception:
             log.exception("engine step failed; ending the running requests")
             ids = self.engine_ids()
@@ -125,26 +126,29 @@ class ContinuousBatchingHandler:
 
         frames: dict[str, tuple[str, bool]] = {}
         engine_ids = set(self.engine_ids())
-        admitted = False
+        n_admitted = 0
         for i, rid in enumerate(ids):
             if rid in self.pending:
                 frames[rid] = (self.pending.pop(rid), True)
             elif rid not in engine_ids and rid not in self.started and rid not in outputs:
                 try:
                     self.admit(rid, data[i].get("body") or data[i].get("data"))
-                    admitted = True
+                    n_admitted += 1
                 except ValueError as e:
                     frames[rid] = (error_frame(str(e), "invalid_request_error", 400), True)
                 except Exception:  # one bad request must not end the others' streams
                     log.exception("request %s could not be admitted", rid)
                     frames[rid] = (error_frame("internal error while admitting the request", "internal_error", 500),
                                    True)
-        if admitted or not self.overlap:
-            outputs = self._merge(outputs, self._step(short=admitted))
+        if n_admitted or not self.overlap:
+            outputs = self._merge(outputs, self._step(short=n_admitted > 0))
         if self.overlap and self.has_work():
-            # while requests keep arriving (a call admitted some), keep the cycle short too: the next
-            # call, which may bring more of them, then waits for one token instead of a whole step
-            self._running = self._stepper.submit(self._step, admitted)
+            # A call that admitted many requests, against the batch, is likely one of a burst whose other
+            # requests come with the next calls: the next step is cut shorter the larger the new share,
+            # so that they wait less. A steady trickle (a few new requests in a full batch) keeps
+            # nearly whole steps and their throughput.
+            fresh = n_admitted / max(1, len(self.engine_ids()))
+            self._running = self._stepper.submit(self._step, False, 1.0 - fresh)
         for rid, out in outputs.items():
             frames[rid] = (out, True) if isinstance(out, str) else self.render(rid, out)
 

@@ -53,11 +53,11 @@ class TranslationHandler(ContinuousBatchingHandler):
     def has_work(self) -> bool:
         return self.engine.has_work()
 
-    def run_step(self, short: bool) -> dict[str, TranslationOutput]:
-        """Decoder steps until `target_step_ms` is spent (one, for a short step that admits): TorchServe
-        costs a few milliseconds per round trip, more than one decoder step of a small batch."""
+    def run_step(self, short: bool, scale: float = 1.0) -> dict[str, TranslationOutput]:
+        """Decoder steps until `scale` x `target_step_ms` is spent (one, for a short step that admits):
+        TorchServe costs a few milliseconds per round trip, more than one decoder step of a small batch."""
         merged: dict[str, TranslationOutput] = {}
-        deadline = time.perf_counter() + self.target_step_s
+        deadline = time.perf_counter() + scale * self.target_step_s
         while self.engine.has_work():
             for out in self.engine.step():
                 merged[out.request_id] = merge_outputs(merged[out.request_id], out) if out.request_id in merged else out

@@ -67,23 +67,23 @@ def test_same_seed_same_text_through_the_handler(tiny_lm_folder):
 
 def test_a_call_that_admits_sends_first_tokens_and_long_steps_run_between_calls(tiny_lm_folder):
     """A call returns the step that ran in the background since the previous call. A call that admits also
-    runs a short step (prefill, one token) itself, so new requests get text in their first frame, and the
-    background step after it is short too (more requests may be on their way); otherwise it is long."""
+    runs a short step (prefill, one token) itself, so new requests get text in their first frame; the
+    background step after it is cut by the share of new requests in the batch (all new: one token)."""
     ctx = FakeContext(tiny_lm_folder, {"target_step_ms": 60_000, "admit_step_ms": 0, "max_tokens_per_step": 8})
     h = LanguageModelHandler()
     h.initialize(ctx)
     fe = Frontend(h, ctx)
     fe.submit("a", {"prompt": "x", "max_tokens": 100, "seed": 1})
-    fe.step()  # a's first token; a short step in the background
+    fe.step()  # a's first token; the whole batch is new: one token in the background
     fe.submit("b", {"prompt": "y", "max_tokens": 100, "seed": 2})
-    fe.step()  # a: 1 from the background and 1 from the short step that admits b
-    fe.step()  # nothing admitted: a long step (8 tokens) starts in the background
+    fe.step()  # a: 1 from the background and 1 from the short step that admits b; then half a budget
+    fe.step()  # nothing admitted: a whole step
     fe.submit("c", {"prompt": "z", "max_tokens": 100, "seed": 3})
     fe.step()
     fe.step()
-    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 2, 1, 9, 1]
-    assert [len(f["text"]) for f in fe.frames["b"]] == [1, 1, 9, 1]
-    assert [len(f["text"]) for f in fe.frames["c"]] == [1, 1]
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 2, 8, 9, 8]
+    assert [len(f["text"]) for f in fe.frames["b"]] == [1, 8, 9, 8]
+    assert [len(f["text"]) for f in fe.frames["c"]] == [1, 8]
 
 
 def test_without_overlap_a_call_returns_its_own_step(tiny_lm_folder):
