@@ -21,6 +21,24 @@ from rnnserve.service.stack import start_stack, stop_stack
 WARMUP_FRACTION = 0.2
 
 
+
+def memory_growth(warm: list[dict]) -> dict[str, float]:
+    """Growth in % from the median of the first quarter of the samples after warm-up to the median of
+    the last quarter. Medians, not the first and last samples: the JVM's resident size saw-tooths by
+    ~10% with its garbage collector, and one sample caught low or high decided the verdict."""
+    if len(warm) < 4:
+        return {}
+    q = len(warm) // 4
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    out = {}
+    for k in ("gateway", "workers", "java"):
+        first, last = median([s[k] for s in warm[:q]]), median([s[k] for s in warm[-q:]])
+        out[k] = round(100 * (last - first) / max(first, 1e-9), 2)
+    return out
+
 def rss_mb(run_dir: Path, gateway_pid: int) -> dict[str, float]:
     """Resident memory of the gateway process and of every TorchServe worker of the stack, in MB."""
     out = subprocess.run(["ps", "-eww", "-o", "pid=,rss=,args="], capture_output=True, text=True).stdout
@@ -80,8 +98,7 @@ def soak(minutes: float, users: int, out: Path | None) -> dict:
         finally:
             stop_stack(stack)
     warm = [s for s in samples if s["t"] >= WARMUP_FRACTION * minutes * 60]
-    growth = {k: round(100 * (warm[-1][k] - warm[0][k]) / max(warm[0][k], 1e-9), 2)
-              for k in ("gateway", "workers", "java")} if len(warm) >= 2 else {}
+    growth = memory_growth(warm)
     lat = sorted(d for _, d in latencies)
     buckets = {}
     for at, d in latencies:
@@ -91,6 +108,9 @@ def soak(minutes: float, users: int, out: Path | None) -> dict:
     result = {"minutes": minutes, "users": users, "requests": len(latencies), "errors": len(errors),
               "first_errors": errors[:3], "memory_growth_after_warmup_percent": growth,
               "memory_mb_first_last": [warm[0], warm[-1]] if warm else [],
+              "growth_first_last_sample_percent": {  # the older, single-sample measure, for comparison
+                  k: round(100 * (warm[-1][k] - warm[0][k]) / max(warm[0][k], 1e-9), 2)
+                  for k in ("gateway", "workers", "java")} if len(warm) >= 2 else {},
               "latency_p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
               "latency_p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 1) if lat else None,
               "latency_p50_ms_per_minute": per_minute,

@@ -33,3 +33,15 @@ def test_poisson_arrivals_keep_the_offered_rate_whatever_the_users():
 def test_loadtests_stay_on_loopback_by_default():
     assert _loopback("http://127.0.0.1:8000") and _loopback("http://localhost:8000") and _loopback("http://[::1]:80")
     assert not _loopback("http://10.0.0.5:8000") and not _loopback("https://example.com")
+
+
+def test_soak_memory_growth_reads_through_a_garbage_collectors_saw_tooth():
+    from rnnserve.soak import memory_growth
+
+    flat = [240.0, 230.0, 262.0, 236.0, 245.0, 240.0, 250.0, 236.0, 245.0, 240.0, 245.0, 230.0]
+    warm = [{"t": i, "gateway": 100.0, "workers": 500.0 + i, "java": j} for i, j in enumerate(flat)]
+    growth = memory_growth(warm)
+    assert growth["gateway"] == 0.0
+    assert growth["workers"] == round(100 * (510 - 501) / 501, 2)  # a steady rise is still seen
+    assert growth["java"] == 0.0  # medians 240 and 240; single samples would say anything from -12% to +14%
+    assert memory_growth(warm[:3]) == {}
