@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # one frame; the last of a translation with attention is the largest
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"  # INFO, not TorchServe's per-frame DEBUG
 
+
 def model_archives(settings: Settings) -> list[str]:
     names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))
     missing = [n for n in names if not (settings.model_store / f"{n}.mar").exists()]

@@ -18,14 +18,21 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from rnnserve.service.handlers.frames import EMPTY_FRAME, error_frame, pick_device, split_final
 
 log = logging.getLogger(__name__)
+
+ENV_OVERRIDES = {
+    "RNNSERVE_WORKER_THREADS": ("torch_threads", int),
+    "RNNSERVE_TARGET_STEP_MS": ("target_step_ms", float),
+    "RNNSERVE_ADMIT_STEP_MS": ("admit_step_ms", float),
+    "RNNSERVE_OVERLAP_STEPS": ("overlap_steps", lambda v: bool(int(v))),
+}
 
 
 class ContinuousBatchingHandler:
@@ -43,14 +50,14 @@ class ContinuousBatchingHandler:
         cuda:{gpu_id} from TorchServe's context (fp16 when `half_precision`), else CPU in fp32."""
         props = ctx.system_properties
         cfg = dict((ctx.model_yaml_config or {}).get("handler", {}))
-        for key in ("target_step_ms", "admit_step_ms"):  # as for threads below: try values without rebuilding
-            if os.environ.get(f"RNNSERVE_{key.upper()}"):
-                cfg[key] = float(os.environ[f"RNNSERVE_{key.upper()}"])
+        # environment variables (inherited from TorchServe's) override model-config.yaml, to try another
+        # value without rebuilding the archive
+        for env, (key, parse) in ENV_OVERRIDES.items():
+            if os.environ.get(env):
+                cfg[key] = parse(os.environ[env])
         device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
-        # threads per worker: model-config.yaml, or RNNSERVE_WORKER_THREADS (inherited from TorchServe's
-        # environment) to try another value without rebuilding the archive; 0 keeps torch's default
-        self.overlap = bool(int(os.environ.get("RNNSERVE_OVERLAP_STEPS") or cfg.get("overlap_steps", True)))
-        threads = int(os.environ.get("RNNSERVE_WORKER_THREADS") or cfg.get("torch_threads", 0))
+        self.overlap = bool(cfg.get("overlap_steps", True))
+        threads = int(cfg.get("torch_threads", 0))  # 0 keeps torch's default
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
         return props["model_dir"], cfg, device, dtype
@@ -89,7 +96,7 @@ class ContinuousBatchingHandler:
         return running.result() if running is not None else {}
 
     def settle(self) -> None:
-        """Wait for the background step to finish, leaving its outputs to the next call (tests, shutdown)."""
+        """Wait for the background step to finish, leaving its outputs to the next call (tests)."""
         if self._running is not None:
             self._running.result()
 

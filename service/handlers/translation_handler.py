@@ -59,8 +59,7 @@ class TranslationHandler(ContinuousBatchingHandler):
         merged: dict[str, TranslationOutput] = {}
         deadline = time.perf_counter() + scale * self.target_step_s
         while self.engine.has_work():
-            for out in self.engine.step():
-                merged[out.request_id] = merge_outputs(merged[out.request_id], out) if out.request_id in merged else out
+            merged = self._merge(merged, {out.request_id: out for out in self.engine.step()})
             if short or time.perf_counter() >= deadline:
                 break
         return merged
