@@ -1,6 +1,7 @@
 """`rnnserve bench`: serving throughput and latency against baselines measured in the same run.
 
-    rnnserve bench lm            # raw engine (the ceiling) vs naive handler vs full stack
+    rnnserve bench lm            # raw engine (the ceiling) vs naive handlers vs full stack
+    rnnserve bench engine        # the engine alone: oneDNN vs native kernels, module vs folded decode step
     rnnserve bench translation   # raw engine vs full stack, greedy and beam 4
     rnnserve bench cpu           # CPU per request and per streamed event of each process of the stack
 
@@ -232,15 +233,19 @@ def print_table(rows: list[dict], unit: str, ratios: list[str]) -> None:
         print("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in cols) + " |", flush=True)
 
 
+# the naive baselines' archives (service/archive.py) and their names in the tables
+NAIVE = {"lm-naive": "naive handler", "lm-naive-modules": "naive, module step"}
+
+
 def _bench_models_dir(tmp: Path, names: list[str], naive: bool) -> Path:
     models = tmp / "models"
     models.mkdir()
     for name in names:
         shutil.copytree(MODELS_DIR / name, models / name)
-    if naive:
-        shutil.copytree(MODELS_DIR / "lm-shakespeare", models / "lm-naive")
-        cfg = json.loads((models / "lm-naive" / "config.json").read_text())
-        (models / "lm-naive" / "config.json").write_text(json.dumps({**cfg, "serving": "lm-naive"}))
+    for baseline in NAIVE if naive else ():  # the LM under the naive handler's archives
+        shutil.copytree(MODELS_DIR / "lm-shakespeare", models / baseline)
+        cfg = json.loads((models / baseline / "config.json").read_text())
+        (models / baseline / "config.json").write_text(json.dumps({**cfg, "serving": baseline}))
     return models
 
 
@@ -257,15 +262,16 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
             # JVM compiles its hot paths over the first few thousand frames (its CPU per frame falls ~3x)
             raw_lm(LMEngine(loaded.model, loaded.tokenizer), 4, 32, step_ms)
-            asyncio.run(http_lm(stack.url, "lm-naive", "warm-up", 2, 16))
+            for baseline in NAIVE:
+                asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16))
             for _ in range(WARMUP_ROUNDS):
                 asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
             for c in concurrency:
                 runs = [[raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64), c, tokens, step_ms),
-                         asyncio.run(http_lm(stack.url, "lm-naive", "naive handler", c, tokens)),
+                         *(asyncio.run(http_lm(stack.url, model, label, c, tokens)) for model, label in NAIVE.items()),
                          asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))]
                         for _ in range(repeat)]
-                rows += summarize(runs, "tokens_per_s", {"vs_raw": 0, "vs_naive": 1})
+                rows += summarize(runs, "tokens_per_s", {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2})
         finally:
             stop_stack(stack)
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
@@ -373,15 +379,18 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
 
 
 def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict]:
-    """Decode tokens/s of the engine alone, oneDNN (mkldnn) on vs off, per batch size."""
+    """Decode tokens/s of the engine alone, per batch size: the modules' step on oneDNN (mkldnn) and on
+    torch's native kernels, and the folded step (models/decode.py) on native kernels."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
+    variants = {"onednn_modules": (0, False), "native_modules": (None, False), "native_folded": (None, True)}
     rows = []
     for b in batches:
         row = {"batch": b}
-        for name, threshold in (("onednn", 0), ("native", None)):
+        for name, (threshold, folded) in variants.items():
             runs = []
             for _ in range(3):
-                engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=b, mkldnn_min_batch=threshold)
+                engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=b, mkldnn_min_batch=threshold,
+                                  folded_step=folded)
                 for i in range(b):
                     engine.add(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=tokens, seed=i))
                 engine.step(1)  # prefill outside the timing
@@ -390,8 +399,9 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict
                 while engine.has_work():
                     n += sum(len(o.text) for o in engine.step(16))
                 runs.append(n / (time.perf_counter() - t0))
-            row[f"{name}_tokens_per_s"] = round(sorted(runs)[1], 1)  # median of 3
-        row["native_vs_onednn"] = round(row["native_tokens_per_s"] / row["onednn_tokens_per_s"], 2)
+            row[name] = round(_median(runs), 1)
+        row["native_vs_onednn"] = round(row["native_modules"] / row["onednn_modules"], 2)
+        row["folded_vs_modules"] = round(row["native_folded"] / row["native_modules"], 2)
         rows.append(row)
         print(row, flush=True)
     _write(out, {"engine": rows, "tokens": tokens, "threads": torch.get_num_threads()})
@@ -408,6 +418,8 @@ def main(args) -> int:
     levels = [int(x) for x in args.concurrency.split(",")]
     out = Path(args.out) if args.out else None
     if args.task == "engine":
+        if args.worker_threads:
+            torch.set_num_threads(args.worker_threads)
         bench_engine(levels, args.tokens, out)
     elif args.task == "cpu":
         bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat)

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 HANDLERS_DIR = Path(__file__).resolve().parent / "handlers"
 HANDLER_FILES = {"lm": HANDLERS_DIR / "lm_handler.py", "translation": HANDLERS_DIR / "translation_handler.py",
-                 "lm-naive": HANDLERS_DIR / "naive_lm_handler.py"}
+                 "lm-naive": HANDLERS_DIR / "naive_lm_handler.py",
+                 "lm-naive-modules": HANDLERS_DIR / "naive_lm_handler.py"}
 
 # Per-task TorchServe settings. Why these numbers:
 # - batchSize is the number of live sequences one worker decodes together. A recurrent step costs
@@ -56,14 +57,21 @@ MODEL_CONFIGS: dict[str, dict] = {
             # (streaming.py); false runs every step inside the call
             "overlap_steps": True,
             "max_tokens_per_step": 32,
+            # decode LSTM steps with folded weights, a few GEMMs per token (rnnserve/models/decode.py):
+            # 1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules
+            "folded_step": True,
             # one thread per worker: on a small CPU machine the worker shares the cores with TorchServe's
             # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
             "torch_threads": 1,
             "half_precision": True,  # GPU only; CPU always runs fp32
         },
     },
-    # Benchmark baseline only (rnnserve bench): one request at a time, a frame per token.
-    "lm-naive": {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1, "responseTimeout": 60},
+    # Benchmark baselines only (rnnserve bench): one request at a time, a frame per token, the same
+    # thread setting as "lm"; with the folded decode step, and with the model's modules.
+    "lm-naive": {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1, "responseTimeout": 60,
+                 "handler": {"torch_threads": 1, "folded_step": True}},
+    "lm-naive-modules": {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1,
+                         "responseTimeout": 60, "handler": {"torch_threads": 1, "folded_step": False}},
     # A translation step decodes one token for every beam of every sentence: 256 rows hold e.g.
     # 64 sentences at beam 4. batchSize counts requests (each may carry many sentences); sentences
     # beyond the rows wait inside the engine, in arrival order.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rnnserve.engine.sampling import SamplingParams, make_generator, sample_rows
+from rnnserve.models.decode import decode_step, module_step
 from rnnserve.models.lm import RNNLanguageModel, State, concat_rows, select_rows
 from rnnserve.tokenizer import CharTokenizer
 
@@ -65,8 +66,11 @@ class _Sequence:
 class LMEngine:
     def __init__(self, model: RNNLanguageModel, tokenizer: CharTokenizer, max_batch_size: int = 64,
                  max_tokens_limit: int = 2048, max_prompt_chars: int = 8192,
-                 device: torch.device | str = "cpu", mkldnn_min_batch: int | None = None) -> None:
+                 device: torch.device | str = "cpu", mkldnn_min_batch: int | None = None,
+                 folded_step: bool = True) -> None:
         self.model = model.eval()
+        # folded weights make a decode step a few GEMMs (models/decode.py); False steps the modules
+        self._decode = decode_step(self.model) if folded_step else module_step(self.model)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_tokens_limit = max_tokens_limit
@@ -181,8 +185,7 @@ class LMEngine:
             s.text += self.tokenizer.chars[tok]
             self._check_stop(s)
         with mkldnn_enabled(self._use_mkldnn(len(seqs))):
-            out, _, self._state = self.model(tokens.unsqueeze(1), self._state)
-        self._logits = out[:, -1]
+            self._logits, self._state = self._decode(tokens, self._state)
 
     def _use_mkldnn(self, batch: int) -> bool:
         return self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch

@@ -9,6 +9,7 @@ Translation: {"deltas": [{"index", "text"}]} per step; last adds "finish_reason"
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
@@ -88,6 +89,33 @@ def pick_device(gpu_id: Any, half: bool) -> tuple[torch.device, torch.dtype]:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}"), (torch.float16 if half else torch.float32)
     return torch.device("cpu"), torch.float32
+
+
+# environment variables (inherited from TorchServe's) override model-config.yaml, to try another value
+# without rebuilding the archive
+ENV_OVERRIDES = {
+    "RNNSERVE_WORKER_THREADS": ("torch_threads", int),
+    "RNNSERVE_TARGET_STEP_MS": ("target_step_ms", float),
+    "RNNSERVE_ADMIT_STEP_MS": ("admit_step_ms", float),
+    "RNNSERVE_OVERLAP_STEPS": ("overlap_steps", lambda v: bool(int(v))),
+    "RNNSERVE_FOLDED_STEP": ("folded_step", lambda v: bool(int(v))),
+}
+
+
+def handler_setup(ctx) -> tuple[str, dict, torch.device, torch.dtype]:
+    """Model folder, the model-config.yaml `handler:` section (with ENV_OVERRIDES applied), and the device
+    and dtype to load on: cuda:{gpu_id} from TorchServe's context (fp16 when `half_precision`), else CPU
+    in fp32. Sets the worker's torch threads from `torch_threads` (0 keeps torch's default)."""
+    props = ctx.system_properties
+    cfg = dict((ctx.model_yaml_config or {}).get("handler", {}))
+    for env, (key, parse) in ENV_OVERRIDES.items():
+        if os.environ.get(env):
+            cfg[key] = parse(os.environ[env])
+    device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
+    threads = int(cfg.get("torch_threads", 0))
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    return props["model_dir"], cfg, device, dtype
 
 
 TRANSLATE_FIELDS = {"texts", "beam_size", "max_tokens", "length_penalty", "return_attention"}

@@ -34,10 +34,11 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             max_prompt_chars=int(cfg.get("max_prompt_chars", 8192)),
             device=device,
             mkldnn_min_batch=cfg.get("mkldnn_min_batch"),
+            folded_step=bool(cfg.get("folded_step", True)),
         )
-        self.target_step_s = float(cfg.get("target_step_ms", 30)) / 1000
+        self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
         self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
-        self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 16))
+        self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 32))
         self.initialized = True
         log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
 

@@ -1,8 +1,10 @@
 """Baseline for `rnnserve bench`: the usual TorchServe streaming example, one request at a time.
 
 batchSize 1, no continuous batching: the request's tokens are decoded one by one and each is sent
-with send_intermediate_predict_response. Same model, same engine code and the same frames as the
-served handler, so the benchmark compares serving designs, not kernels. Not used in production.
+with send_intermediate_predict_response. Same model, same engine code, threads and frames as the
+served handler, so the benchmark compares serving designs, not kernels. The `lm-naive-modules`
+archive steps the model's modules instead of the folded weights (`folded_step: false`), as the
+usual example calls the model's forward. Not used in production.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.models.folder import load_lm
-from rnnserve.service.handlers.frames import error_frame, output_frame, parse_generate_body
+from rnnserve.service.handlers.frames import error_frame, handler_setup, output_frame, parse_generate_body
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +22,10 @@ class NaiveLanguageModelHandler:
         self.initialized = False
 
     def initialize(self, ctx) -> None:
-        loaded = load_lm(ctx.system_properties["model_dir"])
-        self.engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=1)
+        model_dir, cfg, device, dtype = handler_setup(ctx)
+        loaded = load_lm(model_dir, device=device, dtype=dtype)
+        self.engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=1, device=device,
+                               folded_step=bool(cfg.get("folded_step", True)))
         self.initialized = True
 
     def handle(self, data: list[dict], ctx) -> list[str]:

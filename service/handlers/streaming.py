@@ -17,23 +17,14 @@ touched by one thread at a time: every call waits for the background step before
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from rnnserve.service.handlers.frames import EMPTY_FRAME, error_frame, pick_device, split_final
+from rnnserve.service.handlers.frames import EMPTY_FRAME, error_frame, handler_setup, split_final
 
 log = logging.getLogger(__name__)
-
-ENV_OVERRIDES = {
-    "RNNSERVE_WORKER_THREADS": ("torch_threads", int),
-    "RNNSERVE_TARGET_STEP_MS": ("target_step_ms", float),
-    "RNNSERVE_ADMIT_STEP_MS": ("admit_step_ms", float),
-    "RNNSERVE_OVERLAP_STEPS": ("overlap_steps", lambda v: bool(int(v))),
-}
-
 
 class ContinuousBatchingHandler:
     def __init__(self) -> None:
@@ -46,21 +37,10 @@ class ContinuousBatchingHandler:
         self._running: Future | None = None  # the step started at the end of the previous call
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
-        """Model folder, the model-config.yaml `handler:` section, and the device and dtype to load on:
-        cuda:{gpu_id} from TorchServe's context (fp16 when `half_precision`), else CPU in fp32."""
-        props = ctx.system_properties
-        cfg = dict((ctx.model_yaml_config or {}).get("handler", {}))
-        # environment variables (inherited from TorchServe's) override model-config.yaml, to try another
-        # value without rebuilding the archive
-        for env, (key, parse) in ENV_OVERRIDES.items():
-            if os.environ.get(env):
-                cfg[key] = parse(os.environ[env])
-        device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
+        """frames.handler_setup, and the overlap setting this class reads."""
+        model_dir, cfg, device, dtype = handler_setup(ctx)
         self.overlap = bool(cfg.get("overlap_steps", True))
-        threads = int(cfg.get("torch_threads", 0))  # 0 keeps torch's default
-        if threads and device.type == "cpu":
-            torch.set_num_threads(threads)
-        return props["model_dir"], cfg, device, dtype
+        return model_dir, cfg, device, dtype
 
     # -- what a model handler provides ---------------------------------------------------------
     def engine_ids(self) -> list[str]:

@@ -113,3 +113,19 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_handler_goes_on(
     fe.submit("b", {"prompt": "y", "max_tokens": 20, "seed": 2})
     fe.drain()
     assert fe.frames["b"][-1]["usage"]["completion_tokens"] == 20
+
+
+def test_folded_and_module_steps_give_the_same_seeded_text(tiny_lm_folder, monkeypatch):
+    """`folded_step` (model-config, or RNNSERVE_FOLDED_STEP) picks the decode step; both give the same text."""
+    from rnnserve.models.decode import LSTMStep
+
+    texts = {}
+    for folded in ("1", "0"):
+        monkeypatch.setenv("RNNSERVE_FOLDED_STEP", folded)
+        fe = make(tiny_lm_folder)
+        assert isinstance(fe.h.engine._decode, LSTMStep) == (folded == "1")
+        for i in range(3):
+            fe.submit(f"r{i}", {"prompt": "KING:", "max_tokens": 60, "seed": i, "temperature": 0.9, "top_p": 0.95})
+        fe.drain()
+        texts[folded] = ["".join(f["text"] for f in fe.frames[f"r{i}"]) for i in range(3)]
+    assert texts["1"] == texts["0"] and all(len(t) == 60 for t in texts["1"])

@@ -1,0 +1,86 @@
+"""One decode step of a trained language model, in the form serving wants.
+
+Training keeps torch's recurrent modules, whose kernels are built for whole sequences. One decode
+step through them is an embedding lookup and two GEMMs per layer, each call with a fixed cost that
+dominates small batches on CPU. For LSTM, `LSTMStep` folds the weights once, at load:
+- layer 0's input projection and both biases into a (vocab, 4H) table, so the embedding lookup
+  replaces that GEMM (while the table stays small);
+- each other layer's input and hidden weights into one (in + H, 4H) matrix: one GEMM per layer;
+- the gate order (i, f, g, o) into (i, f, o, g), so one sigmoid covers three gates.
+The result equals the modules' up to float rounding (tests/unit/test_decode.py). Other cells step
+through the modules. Both read the weights once, when built: rebuild after changing them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rnnserve.models.lm import RNNLanguageModel, State
+
+# (tokens (B,) long, state) -> (next-token logits (B, V), new state); the state keeps the model's format
+StepFn = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
+
+MAX_TABLE_BYTES = 64 * 2**20  # a word-level vocabulary would make layer 0's table too large to keep
+
+
+def _ifog(w: torch.Tensor) -> torch.Tensor:
+    """Reorder torch's LSTM gate blocks (i, f, g, o) along dim 0 into (i, f, o, g)."""
+    i, f, g, o = w.chunk(4, 0)
+    return torch.cat([i, f, o, g], 0)
+
+
+class LSTMStep:
+    def __init__(self, model: RNNLanguageModel, max_table_bytes: int = MAX_TABLE_BYTES) -> None:
+        cfg = model.config
+        self.hidden = cfg.hidden_size
+        self.residual = cfg.residual
+        self.embed = model.embed.weight.detach()
+        first = model.layers[0]
+        w_ih0 = _ifog(first.weight_ih_l0.detach())
+        self.bias0 = _ifog((first.bias_ih_l0 + first.bias_hh_l0).detach())
+        table_bytes = cfg.vocab_size * w_ih0.size(0) * w_ih0.element_size()
+        self.table = (torch.addmm(self.bias0, self.embed, w_ih0.t()).contiguous()
+                      if table_bytes <= max_table_bytes else None)
+        self.w_ih0 = w_ih0.t().contiguous()  # used when there is no table
+        self.w_hh0 = _ifog(first.weight_hh_l0.detach()).t().contiguous()
+        # layers after the first: gates = [x, h] @ w + b, one GEMM
+        self.w = [_ifog(torch.cat([m.weight_ih_l0, m.weight_hh_l0], 1).detach()).t().contiguous()
+                  for m in model.layers[1:]]
+        self.b = [_ifog((m.bias_ih_l0 + m.bias_hh_l0).detach()) for m in model.layers[1:]]
+        self.head_w = model.head.weight.detach().t().contiguous()
+        self.head_b = model.head.bias.detach()
+
+    def _cell(self, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        H = self.hidden
+        s = gates[:, : 3 * H].sigmoid()
+        c = torch.addcmul(s[:, H: 2 * H] * c, s[:, :H], gates[:, 3 * H:].tanh())
+        return s[:, 2 * H:] * c.tanh(), c
+
+    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        (h, c) = state[0]
+        if self.table is not None:
+            x_part = self.table.index_select(0, tokens)
+        else:
+            x_part = torch.addmm(self.bias0, self.embed.index_select(0, tokens), self.w_ih0)
+        x, c = self._cell(torch.addmm(x_part, h[0], self.w_hh0), c[0])
+        new_state: State = [(x.unsqueeze(0), c.unsqueeze(0))]
+        for (h, c), w, b in zip(state[1:], self.w, self.b):
+            out, c = self._cell(torch.addmm(b, torch.cat([x, h[0]], 1), w), c[0])
+            new_state.append((out.unsqueeze(0), c.unsqueeze(0)))
+            x = out + x if self.residual else out
+        return torch.addmm(self.head_b, x, self.head_w), new_state
+
+
+def module_step(model: RNNLanguageModel) -> StepFn:
+    """A decode step through the model's own modules."""
+    def step(tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        logits, _, state = model(tokens.unsqueeze(1), state)
+        return logits[:, -1], state
+
+    return step
+
+
+def decode_step(model: RNNLanguageModel) -> StepFn:
+    """The fastest exact decode step this model has: folded weights for LSTM, the modules otherwise."""
+    return LSTMStep(model) if model.config.cell == "lstm" else module_step(model)

@@ -1,0 +1,54 @@
+"""The folded decode step equals stepping the trained modules, for every shape it folds."""
+import pytest
+import torch
+
+from rnnserve.models.decode import LSTMStep, decode_step
+from rnnserve.models.lm import LMConfig, RNNLanguageModel
+
+
+def _model(cell: str, **kw) -> RNNLanguageModel:
+    torch.manual_seed(0)
+    m = RNNLanguageModel(LMConfig(vocab_size=13, cell=cell, embed_dim=8, hidden_size=16, **kw)).eval()
+    with torch.no_grad():  # trained-looking biases: torch's init would hide a bias folded twice
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def _roll(step, m: RNNLanguageModel, tokens: torch.Tensor):
+    """Feed tokens (B, T) one step at a time through `step` -> logits (B, T, V), final state."""
+    state = m.init_state(tokens.size(0))
+    logits = []
+    for t in range(tokens.size(1)):
+        out, state = step(tokens[:, t], state)
+        logits.append(out)
+    return torch.stack(logits, 1), state
+
+
+@pytest.mark.parametrize("layers,residual,table", [(1, False, True), (2, False, True), (3, True, True),
+                                                   (3, True, False)])
+def test_folded_lstm_step_equals_the_modules(layers, residual, table):
+    m = _model("lstm", num_layers=layers, residual=residual)
+    step = LSTMStep(m, max_table_bytes=10**9 if table else 0)
+    assert (step.table is not None) == table
+    tokens = torch.randint(0, 13, (5, 9))
+    with torch.inference_mode():
+        want_logits, _, want_state = m(tokens)
+        got_logits, got_state = _roll(step, m, tokens)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    for (gh, gc), (wh, wc) in zip(got_state, want_state, strict=True):
+        assert gh.shape == wh.shape == (1, 5, 16)
+        torch.testing.assert_close(gh, wh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gc, wc, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_other_cells_step_through_the_modules(cell):
+    m = _model(cell, num_layers=2, residual=True)
+    step = decode_step(m)
+    assert not isinstance(step, LSTMStep)
+    tokens = torch.randint(0, 13, (3, 6))
+    with torch.inference_mode():
+        want_logits, _, _ = m(tokens)
+        got_logits, _ = _roll(step, m, tokens)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
