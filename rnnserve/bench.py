@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -216,17 +217,18 @@ def summarize(runs: list[list[Result]], unit: str, baselines: dict[str, int]) ->
         for name, b in baselines.items():
             row[name] = round(_median([run[k].row()[unit] / run[b].row()[unit] for run in runs]), 2)
         rows.append(row)
-    print_table(rows, unit, list(baselines))
+    print_table(rows, ["name", "clients", unit, "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+                       *baselines, "errors"])
     return rows
 
 
 def _median(xs: list) -> float | None:
-    xs = sorted(x for x in xs if x is not None)
-    return xs[len(xs) // 2] if xs else None
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
-def print_table(rows: list[dict], unit: str, ratios: list[str]) -> None:
-    cols = ["name", "clients", unit, "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", *ratios, "errors"]
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    """A markdown table of `cols`; "-" where a row has no value."""
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -369,11 +371,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
                 rows.append(row)
         finally:
             stop_stack(stack)
-    cols = list(rows[0]) + [k for k in rows[-1] if k not in rows[0]]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |", flush=True)
+    print_table(rows, list(rows[0]) + [k for k in rows[-1] if k not in rows[0]])
     _write(out, {"cpu": rows, "tokens": tokens, "repeat": repeat})
     return rows
 

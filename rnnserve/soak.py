@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from statistics import median
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,6 @@ from rnnserve.service.stack import start_stack, stop_stack
 WARMUP_FRACTION = 0.2
 
 
-
 def memory_growth(warm: list[dict]) -> dict[str, float]:
     """Growth in % from the median of the first quarter of the samples after warm-up to the median of
     the last quarter. Medians, not the first and last samples: the JVM's resident size saw-tooths by
@@ -29,15 +29,12 @@ def memory_growth(warm: list[dict]) -> dict[str, float]:
     if len(warm) < 4:
         return {}
     q = len(warm) // 4
-
-    def median(xs: list[float]) -> float:
-        return sorted(xs)[len(xs) // 2]
-
     out = {}
     for k in ("gateway", "workers", "java"):
         first, last = median([s[k] for s in warm[:q]]), median([s[k] for s in warm[-q:]])
         out[k] = round(100 * (last - first) / max(first, 1e-9), 2)
     return out
+
 
 def rss_mb(run_dir: Path, gateway_pid: int) -> dict[str, float]:
     """Resident memory of the gateway process and of every TorchServe worker of the stack, in MB."""
