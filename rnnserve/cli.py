@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs of every level; the tables give medians")
     p.add_argument("--step-ms", type=float, default=None,
                    help="lm: the handler's and raw engine's step budget (default: the archive's target_step_ms)")
-    p.add_argument("--worker-threads", type=int, default=0, help="torch threads of the workers and of the raw engine (0 = torch's default)")
+    p.add_argument("--worker-threads", type=int, default=0,
+                   help="torch threads of the workers and of the raw engine (0 = torch's default)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=_cmd_bench)
 

@@ -48,7 +48,8 @@ def summarize(out: Path) -> dict:
     requests = [r for r in stats if r["Type"] in ("POST", "GET")]
     n_requests = sum(int(r["Request Count"]) for r in requests)
     n_failures = sum(int(r["Failure Count"]) for r in requests)
-    tokens = sum(int(float(r["Average Content Size"]) * int(r["Request Count"])) for r in stats if r["Type"] == "TOKENS")
+    tokens = sum(int(float(r["Average Content Size"]) * int(r["Request Count"]))
+                 for r in stats if r["Type"] == "TOKENS")
 
     def pct(kind: str, p: str) -> float | None:
         rows = [r for r in stats if r["Type"] == "SSE" and r["Name"].startswith(kind)]

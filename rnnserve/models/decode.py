@@ -7,12 +7,12 @@ dominates small batches on CPU. For LSTM, `LSTMStep` folds the weights once, at 
   replaces that GEMM (while the table stays small);
 - each other layer's input and hidden weights into one (in + H, 4H) matrix: one GEMM per layer;
 - the gate order (i, f, g, o) into (i, f, o, g), so one sigmoid covers three gates.
-The result equals the modules' up to float rounding (tests/unit/test_decode.py). Other cells step
-through the modules. Both read the weights once, when built: rebuild after changing them.
+The result equals the modules' up to float rounding (tests/unit/test_decode.py). `LSTMStep` folds
+the weights when built: rebuild it after changing them. Other cells step through the modules.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -26,6 +26,7 @@ from rnnserve.service.handlers.frames import EMPTY_FRAME, error_frame, handler_s
 
 log = logging.getLogger(__name__)
 
+
 class ContinuousBatchingHandler:
     def __init__(self) -> None:
         self.initialized = False
