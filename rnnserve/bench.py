@@ -16,10 +16,12 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psutil
 import torch
 
 from rnnserve.engine.lm_engine import LMEngine
@@ -47,6 +49,7 @@ class Result:
     errors: int = 0
     units: int = 0  # sentences, for translation
     events: int = 0  # SSE events received
+    steal_pct: float | None = None  # CPU the hypervisor took from this machine during the run (measured)
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,7 +59,21 @@ class Result:
         return {"name": self.name, "clients": self.clients, "tokens_per_s": round(self.tokens_per_s, 1),
                 "units_per_s": round(self.units / self.seconds, 2) if self.seconds else 0.0,
                 "ttft_p50_ms": _ms(_pct(self.ttft, 50)), "ttft_p99_ms": _ms(_pct(self.ttft, 99)),
-                "itl_p50_ms": _ms(_pct(self.itl, 50)), "itl_p99_ms": _ms(_pct(self.itl, 99)), "errors": self.errors}
+                "itl_p50_ms": _ms(_pct(self.itl, 50)), "itl_p99_ms": _ms(_pct(self.itl, 99)), "errors": self.errors,
+                "steal_pct": self.steal_pct}
+
+
+def measured(run: Callable[[], Result]) -> Result:
+    """Run one setup and record the share of the machine's CPU time that the hypervisor stole meanwhile.
+    These shared machines' speed moves by up to 3x within an hour, and steal is where it goes: a run
+    with high steal starves the stack's several processes more than the in-process raw engine."""
+    before = psutil.cpu_times()
+    res = run()
+    after = psutil.cpu_times()
+    total = sum(after) - sum(before)
+    stolen = getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)  # Linux only
+    res.steal_pct = round(100 * stolen / total, 1) if total > 0 else None
+    return res
 
 
 def _pct(xs: list[float], p: float) -> float | None:
@@ -218,7 +235,7 @@ def summarize(runs: list[list[Result]], unit: str, baselines: dict[str, int]) ->
             row[name] = round(_median([run[k].row()[unit] / run[b].row()[unit] for run in runs]), 2)
         rows.append(row)
     print_table(rows, ["name", "clients", unit, "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-                       *baselines, "errors"])
+                       *baselines, "errors", "steal_pct"])
     return rows
 
 
@@ -269,10 +286,12 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             for _ in range(WARMUP_ROUNDS):
                 asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
             for c in concurrency:
-                runs = [[raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64), c, tokens, step_ms),
-                         *(asyncio.run(http_lm(stack.url, model, label, c, tokens)) for model, label in NAIVE.items()),
-                         asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))]
-                        for _ in range(repeat)]
+                setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64), c, tokens,
+                                             step_ms),
+                          *(lambda c=c, m=model, n=label: asyncio.run(http_lm(stack.url, m, n, c, tokens))
+                            for model, label in NAIVE.items()),
+                          lambda c=c: asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))]
+                runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
                 rows += summarize(runs, "tokens_per_s", {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2})
         finally:
             stop_stack(stack)
@@ -306,9 +325,10 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
             asyncio.run(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
             for beam in beams:
                 for c in concurrency:
-                    runs = [[raw_translation(TranslationEngine(tr.model), c, ids, beam, per_client),
-                             asyncio.run(http_translation(stack.url, "translate-de-en", c, texts, beam, per_client))]
-                            for _ in range(repeat)]
+                    setups = [lambda c=c, b=beam: raw_translation(TranslationEngine(tr.model), c, ids, b, per_client),
+                              lambda c=c, b=beam: asyncio.run(http_translation(stack.url, "translate-de-en", c, texts,
+                                                                               b, per_client))]
+                    runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
                     rows += summarize(runs, "units_per_s", {"vs_raw": 0})
         finally:
             stop_stack(stack)
@@ -323,8 +343,6 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
     Per request: 200 one-token generations, one at a time. Per event: `c` streaming clients of `tokens`
     tokens each. Medians of `repeat` runs (after a warm-up that lets the JVM compile its hot paths).
     """
-    import psutil
-
     def cpu_s(procs: dict) -> dict[str, float]:
         return {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from rnnserve.service.stack import start_stack, stop_stack
 
@@ -34,6 +35,18 @@ def memory_growth(warm: list[dict]) -> dict[str, float]:
         first, last = median([s[k] for s in warm[:q]]), median([s[k] for s in warm[-q:]])
         out[k] = round(100 * (last - first) / max(first, 1e-9), 2)
     return out
+
+
+def steal_per_minute(samples: list[dict]) -> dict[int, float]:
+    """% of the machine's CPU time the hypervisor stole, per minute of the run. On shared machines a
+    latency that rises while memory stays flat is often this, not the stack."""
+    cpu: dict[int, float] = {}
+    stolen: dict[int, float] = {}
+    for a, b in zip(samples, samples[1:]):
+        m = int(b["t"] // 60)
+        cpu[m] = cpu.get(m, 0.0) + b["cpu_s"] - a["cpu_s"]
+        stolen[m] = stolen.get(m, 0.0) + b["steal_s"] - a["steal_s"]
+    return {m: round(100 * stolen[m] / cpu[m], 1) for m in cpu if cpu[m] > 0}
 
 
 def rss_mb(run_dir: Path, gateway_pid: int) -> dict[str, float]:
@@ -87,7 +100,9 @@ def soak(minutes: float, users: int, out: Path | None) -> dict:
             async def run() -> None:
                 load = asyncio.create_task(_load(stack.url, users, stop_at, latencies, errors))
                 while not load.done():
-                    samples.append({"t": round(time.monotonic() - t0, 1), **rss_mb(stack.run_dir, stack.proc.pid)})
+                    cpu = psutil.cpu_times()
+                    samples.append({"t": round(time.monotonic() - t0, 1), **rss_mb(stack.run_dir, stack.proc.pid),
+                                    "cpu_s": sum(cpu), "steal_s": getattr(cpu, "steal", 0.0)})
                     await asyncio.sleep(5)
                 await load
 
@@ -111,6 +126,7 @@ def soak(minutes: float, users: int, out: Path | None) -> dict:
               "latency_p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
               "latency_p99_ms": round(lat[int(0.99 * (len(lat) - 1))] * 1000, 1) if lat else None,
               "latency_p50_ms_per_minute": per_minute,
+              "steal_percent_per_minute": steal_per_minute(samples),
               "passed": not errors and bool(growth) and all(v < 5 for v in growth.values())}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,3 +15,16 @@ def test_summary_takes_medians_and_the_median_of_per_run_ratios(capsys):
     assert full["vs_raw"] == 0.8  # per-run ratios 0.8, 0.9, 0.5: their median, not 800 / 1000 by chance
     assert raw["vs_raw"] == 1.0 and full["runs"] == 3
     assert "| full stack | 4 | 800.0 | 200.0 | 200.0 | - | - | 0.8 | 0 |" in capsys.readouterr().out
+
+
+def test_measured_records_the_share_of_cpu_time_stolen_during_the_run(monkeypatch):
+    from collections import namedtuple
+
+    import rnnserve.bench as bench
+
+    Times = namedtuple("Times", "user system idle steal")
+    ticks = iter([Times(100.0, 10.0, 50.0, 40.0), Times(130.0, 20.0, 60.0, 70.0)])  # +80 s of CPU, 30 of them stolen
+    monkeypatch.setattr(bench.psutil, "cpu_times", lambda: next(ticks))
+    res = bench.measured(lambda: Result("raw engine", 1, tokens=10, seconds=1.0))
+    assert res.steal_pct == 37.5  # 30 / 80
+    assert res.row()["steal_pct"] == 37.5

@@ -45,3 +45,14 @@ def test_soak_memory_growth_reads_through_a_garbage_collectors_saw_tooth():
     assert growth["workers"] == round(100 * (510 - 501) / 501, 2)  # a steady rise is still seen
     assert growth["java"] == 0.0  # medians 240 and 240; single samples would say anything from -12% to +14%
     assert memory_growth(warm[:3]) == {}
+
+
+def test_soak_steal_per_minute_divides_stolen_by_all_cpu_time_in_each_minute():
+    from rnnserve.soak import steal_per_minute
+
+    # samples every 30 s; minute 0: 10 of 60 CPU-seconds stolen, minute 1: 30 of 60, minute 2: none
+    samples = [{"t": 0.0, "cpu_s": 0.0, "steal_s": 0.0}, {"t": 30.0, "cpu_s": 60.0, "steal_s": 10.0},
+               {"t": 60.0, "cpu_s": 90.0, "steal_s": 20.0}, {"t": 90.0, "cpu_s": 120.0, "steal_s": 40.0},
+               {"t": 120.0, "cpu_s": 180.0, "steal_s": 40.0}]
+    assert steal_per_minute(samples) == {0: round(100 * 10 / 60, 1), 1: 50.0, 2: 0.0}
+    assert steal_per_minute(samples[:1]) == {}
