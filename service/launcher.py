@@ -7,7 +7,9 @@ so no java or worker process outlives the command.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import time
 
 import uvicorn
@@ -80,8 +82,25 @@ def torchserve(**overrides) -> int:
     return 0 if received else 1
 
 
+def _exit_with_parent() -> None:
+    """Under a harness that names itself in RNNSERVE_PARENT_PID (tests, bench, soak: `start_stack`), stop
+    as on SIGTERM once that process is gone: killed, it cannot stop us, and a whole stack would live on."""
+    parent = os.environ.get("RNNSERVE_PARENT_PID")
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        log.warning("the process that started this stack (pid %s) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def serve(**overrides) -> int:
     configure_logging()
+    _exit_with_parent()
     settings = Settings(**overrides)
     ts = _start_torchserve(settings)
     log.info("rnnserve: gateway http://%s:%d (docs at /docs), TorchServe %s; Ctrl-C stops both",

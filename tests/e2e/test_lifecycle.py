@@ -59,3 +59,29 @@ def test_sigkill_of_serve_still_takes_torchserve_and_workers_down(tmp_path):
         assert processes_of(stack.run_dir) == []
     finally:
         stop_stack(stack)
+
+
+def test_a_killed_harness_takes_its_stack_down(tmp_path):
+    """A benchmark or test run killed with SIGKILL runs no cleanup: the stack it started notices and stops."""
+    harness = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from rnnserve.service.stack import "
+         "start_stack; s = start_stack(Path(sys.argv[1])); print(s.proc.pid, flush=True); time.sleep(600)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        serve_pid = int(harness.stdout.readline())
+        assert any("java" in p for p in processes_of(tmp_path / "run"))
+        harness.kill()
+        harness.wait(timeout=10)
+        def serve_alive() -> bool:  # an exited process waits as a zombie until init reaps it
+            stat = subprocess.run(["ps", "-o", "stat=", "-p", str(serve_pid)], capture_output=True, text=True)
+            return stat.stdout.strip() not in ("", "Z")
+
+        deadline = time.monotonic() + 60
+        while (processes_of(tmp_path / "run") or serve_alive()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_of(tmp_path / "run") == []
+        assert not serve_alive()  # the gateway process is gone too
+        log = (tmp_path / "serve.log").read_text()
+        assert "is gone; stopping" in log and "TorchServe stopped" in log
+    finally:
+        harness.kill()
