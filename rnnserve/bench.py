@@ -65,8 +65,8 @@ class Result:
 
 def measured(run: Callable[[], Result]) -> Result:
     """Run one setup and record the share of the machine's CPU time that the hypervisor stole meanwhile.
-    These shared machines' speed moves by up to 3x within an hour, and steal is where it goes: a run
-    with high steal starves the stack's several processes more than the in-process raw engine."""
+    These shared machines' speed moves by up to 3x within an hour; steal is the part of it the guest can
+    see, and a run with high steal starves the stack's several processes more than the raw engine."""
     before = psutil.cpu_times()
     res = run()
     after = psutil.cpu_times()
@@ -230,7 +230,8 @@ def summarize(runs: list[list[Result]], unit: str, baselines: dict[str, int]) ->
         row = {"name": per_run[0]["name"], "clients": per_run[0]["clients"], "runs": len(runs)}
         for key in per_run[0]:
             if key not in row:
-                row[key] = _median([r[key] for r in per_run])
+                m = _median([r[key] for r in per_run])
+                row[key] = round(m, 2) if isinstance(m, float) else m  # an even count averages two
         for name, b in baselines.items():
             row[name] = round(_median([run[k].row()[unit] / run[b].row()[unit] for run in runs]), 2)
         rows.append(row)

@@ -39,7 +39,7 @@ def memory_growth(warm: list[dict]) -> dict[str, float]:
 
 def steal_per_minute(samples: list[dict]) -> dict[int, float]:
     """% of the machine's CPU time the hypervisor stole, per minute of the run. On shared machines a
-    latency that rises while memory stays flat is often this, not the stack."""
+    latency that rises while memory stays flat can be this rather than the stack."""
     cpu: dict[int, float] = {}
     stolen: dict[int, float] = {}
     for a, b in zip(samples, samples[1:]):
