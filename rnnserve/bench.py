@@ -31,6 +31,7 @@ from rnnserve.models.folder import load_lm, load_translation
 from rnnserve.paths import MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.stack import start_stack, stop_stack
+from rnnserve.soak import cpu_seconds
 from rnnserve.text import tokenize
 from rnnserve.training.data import read_multi30k
 
@@ -67,12 +68,10 @@ def measured(run: Callable[[], Result]) -> Result:
     """Run one setup and record the share of the machine's CPU time that the hypervisor stole meanwhile.
     These shared machines' speed moves by up to 3x within an hour; steal is the part of it the guest can
     see, and a run with high steal starves the stack's several processes more than the raw engine."""
-    before = psutil.cpu_times()
+    cpu0, steal0 = cpu_seconds()
     res = run()
-    after = psutil.cpu_times()
-    total = sum(after) - sum(before)
-    stolen = getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)  # Linux only
-    res.steal_pct = round(100 * stolen / total, 1) if total > 0 else None
+    cpu1, steal1 = cpu_seconds()
+    res.steal_pct = round(100 * (steal1 - steal0) / (cpu1 - cpu0), 1) if cpu1 > cpu0 else None
     return res
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from statistics import median
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import httpx
 import psutil
@@ -35,6 +35,12 @@ def memory_growth(warm: list[dict]) -> dict[str, float]:
         first, last = median([s[k] for s in warm[:q]]), median([s[k] for s in warm[-q:]])
         out[k] = round(100 * (last - first) / max(first, 1e-9), 2)
     return out
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """The machine's CPU seconds so far, all and those the hypervisor stole (steal is Linux only)."""
+    cpu = psutil.cpu_times()
+    return sum(cpu), getattr(cpu, "steal", 0.0)
 
 
 def steal_per_minute(samples: list[dict]) -> dict[int, float]:
@@ -100,9 +106,9 @@ def soak(minutes: float, users: int, out: Path | None) -> dict:
             async def run() -> None:
                 load = asyncio.create_task(_load(stack.url, users, stop_at, latencies, errors))
                 while not load.done():
-                    cpu = psutil.cpu_times()
+                    cpu_s, steal_s = cpu_seconds()
                     samples.append({"t": round(time.monotonic() - t0, 1), **rss_mb(stack.run_dir, stack.proc.pid),
-                                    "cpu_s": sum(cpu), "steal_s": getattr(cpu, "steal", 0.0)})
+                                    "cpu_s": cpu_s, "steal_s": steal_s})
                     await asyncio.sleep(5)
                 await load
 

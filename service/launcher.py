@@ -85,12 +85,12 @@ def torchserve(**overrides) -> int:
 def _exit_with_parent() -> None:
     """Under a harness that names itself in RNNSERVE_PARENT_PID (tests, bench, soak: `start_stack`), stop
     as on SIGTERM once that process is gone: killed, it cannot stop us, and a whole stack would live on."""
-    parent = os.environ.get("RNNSERVE_PARENT_PID")
-    if not parent:
+    if not os.environ.get("RNNSERVE_PARENT_PID"):
         return
+    parent = int(os.environ["RNNSERVE_PARENT_PID"])
 
     def watch() -> None:
-        while os.getppid() == int(parent):
+        while os.getppid() == parent:
             time.sleep(0.5)
         log.warning("the process that started this stack (pid %s) is gone; stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)

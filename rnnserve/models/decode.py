@@ -42,7 +42,7 @@ class LSTMStep:
         table_bytes = cfg.vocab_size * w_ih0.size(0) * w_ih0.element_size()
         self.table = (torch.addmm(self.bias0, self.embed, w_ih0.t()).contiguous()
                       if table_bytes <= max_table_bytes else None)
-        self.w_ih0 = w_ih0.t().contiguous()  # used when there is no table
+        self.w_ih0 = w_ih0.t().contiguous() if self.table is None else None
         self.w_hh0 = _ifog(first.weight_hh_l0.detach()).t().contiguous()
         # layers after the first: gates = [x, h] @ w + b, one GEMM
         self.w = [_ifog(torch.cat([m.weight_ih_l0, m.weight_hh_l0], 1).detach()).t().contiguous()
@@ -65,7 +65,7 @@ class LSTMStep:
             x_part = torch.addmm(self.bias0, self.embed.index_select(0, tokens), self.w_ih0)
         x, c = self._cell(torch.addmm(x_part, h[0], self.w_hh0), c[0])
         new_state: State = [(x.unsqueeze(0), c.unsqueeze(0))]
-        for (h, c), w, b in zip(state[1:], self.w, self.b):
+        for (h, c), w, b in zip(state[1:], self.w, self.b, strict=True):
             out, c = self._cell(torch.addmm(b, torch.cat([x, h[0]], 1), w), c[0])
             new_state.append((out.unsqueeze(0), c.unsqueeze(0)))
             x = out + x if self.residual else out
