@@ -58,7 +58,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "overlap_steps": True,
             "max_tokens_per_step": 32,
             # decode LSTM steps with folded weights, a few GEMMs per token (rnnserve/models/decode.py):
-            # 1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules
+            # 1.2-1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules
             "folded_step": True,
             # one thread per worker: on a small CPU machine the worker shares the cores with TorchServe's
             # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
