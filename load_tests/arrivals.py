@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Callable
 
 
 class PoissonArrivals:
@@ -14,16 +15,17 @@ class PoissonArrivals:
     rate x latency).
     """
 
-    def __init__(self, rate: float, seed: int | None = None) -> None:
+    def __init__(self, rate: float, seed: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate
         self.rng = random.Random(seed)
+        self.clock = clock
         self.next_at: dict[int, float] = {}
 
     def __call__(self, user) -> float:
         users = max(1, user.environment.runner.user_count if user.environment.runner else 1)
-        now = time.monotonic()
+        now = self.clock()
         due = max(now, self.next_at.get(id(user), now)) + self.rng.expovariate(self.rate / users)
         self.next_at[id(user)] = due
         return max(0.0, due - now)

@@ -14,11 +14,11 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.name == "extra":
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default, text = f.default, f.metadata["help"]  # every field has one (training.loop.opt)
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default: %(default)s)")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -65,9 +65,12 @@ def _cmd_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
+    import os
+
     from rnnserve.service.archive import build_archives
 
-    for path in build_archives(args.models_dir, args.model_store):
+    models_dir = args.models_dir or os.environ.get("RNNSERVE_MODELS_DIR")
+    for path in build_archives(models_dir, args.model_store or os.environ.get("RNNSERVE_MODEL_STORE")):
         print(path)
     return 0
 
@@ -83,10 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return getattr(launcher, args.command)(**overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO: one line per upstream call in the gateway, per client in benchmarks
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -110,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-file", help="language models: text to score")
     p.add_argument("--src-file", help="translation: source sentences, one per line")
     p.add_argument("--ref-file", help="translation: reference translations, line-aligned with --src-file")
-    p.add_argument("--beam-size", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha")
+    p.add_argument("--beam-size", type=int, default=4, help="translation: beams per sentence (default: 4)")
+    p.add_argument("--length-penalty", type=float, default=0.6,
+                   help="translation: GNMT length-penalty alpha (0: none; default: 0.6)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="throughput and latency: raw engine vs naive handler vs full stack")
-    p.add_argument("task", choices=["engine", "lm", "translation", "cpu"])
+    p.add_argument("task", choices=["engine", "lm", "translation", "cpu"],
+                   help="engine: the LM engine in-process; lm, translation: full stack vs raw engine vs naive "
+                        "handler; cpu: CPU time per request of each process")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts")
     p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
     p.add_argument("--beams", default="1,4", help="translation: beam sizes")
@@ -129,26 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("loadtest", help="locust, headless, against a running stack; reports in results/")
-    p.add_argument("--host", default="http://127.0.0.1:8000")
+    p.add_argument("--host", default="http://127.0.0.1:8000", help="gateway URL (loopback unless --allow-remote)")
     p.add_argument("--users", type=int, default=8, help="concurrent users (closed loop)")
     p.add_argument("--run-time", default="60s", help="bound by time, e.g. 30s, 5m")
     p.add_argument("--max-requests", type=int, default=0, help="bound by count (0 = no bound)")
     p.add_argument("--arrival-rate", type=float, default=0.0, help="open loop: Poisson arrivals per second")
     p.add_argument("--weights", default=None, help='e.g. "stream=4,generate=1,openai=1,translate=2"')
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each generation request")
     p.add_argument("--out", default=None, help="results folder (default results/loadtest-<time>)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback host")
     p.set_defaults(func=_cmd_loadtest)
 
     p = sub.add_parser("soak", help="minutes of moderate load on a fresh stack: memory and latency over time")
-    p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--minutes", type=float, default=5.0, help="how long the load runs")
+    p.add_argument("--users", type=int, default=8, help="concurrent locust users")
     p.add_argument("--out", default=None, help="write samples and result as JSON here")
     p.set_defaults(func=_cmd_soak)
 
     p = sub.add_parser("archive", help="build a .mar for every model folder into the model store")
-    p.add_argument("--models-dir", default=None)
-    p.add_argument("--model-store", default=None)
+    p.add_argument("--models-dir", default=None,
+                   help="folder of model folders (default: RNNSERVE_MODELS_DIR, else the repository's models/)")
+    p.add_argument("--model-store", default=None,
+                   help="where the .mar files go (default: RNNSERVE_MODEL_STORE, else model_store/)")
     p.set_defaults(func=_cmd_archive)
 
     for command, text in (("serve", "start TorchServe and the gateway in the foreground"),
@@ -161,8 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management", "worker"):
             p.add_argument(f"--ts-{name}-port", type=int, help=f"TorchServe {name} port")
         p.set_defaults(func=_cmd_serve)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: one line per upstream call in the gateway, per client in benchmarks
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

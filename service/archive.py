@@ -57,6 +57,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             # (streaming.py); false runs every step inside the call
             "overlap_steps": True,
             "max_tokens_per_step": 32,
+            # a floor on each step's duration (0: none); the test suite sets it with max_tokens_per_step 1
+            # (RNNSERVE_MIN_STEP_MS, RNNSERVE_MAX_TOKENS_PER_STEP) for streams slow on any machine
+            "min_step_ms": 0,
             # decode LSTM steps with folded weights, a few GEMMs per token (rnnserve/models/decode.py):
             # 1.2-1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules
             "folded_step": True,

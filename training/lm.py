@@ -18,37 +18,37 @@ from rnnserve.models.folder import save_lm
 from rnnserve.models.lm import LMConfig, RNNLanguageModel, detach_state
 from rnnserve.tokenizer import CharTokenizer
 from rnnserve.training.data import shakespeare_splits
-from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, seed_everything, write_metrics
+from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, opt, seed_everything, write_metrics
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LMTrainConfig:
-    out: str = "models/lm-shakespeare"
-    name: str = "lm-shakespeare"
-    cell: str = "lstm"
-    embed_dim: int = 128
-    hidden_size: int = 512
-    num_layers: int = 2
-    dropout: float = 0.25
-    residual: bool = False
-    tie_weights: bool = False
-    batch_size: int = 64
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    epochs: int = 10
-    max_minutes: float = 60.0  # stop early (keeping the best checkpoint) when the budget is spent
-    patience: int = 3  # epochs without validation improvement before stopping
-    eval_every: int = 0  # steps between validations; 0 = once per epoch
-    seed: int = 1337
-    threads: int = 0  # 0 = torch default
-    limit_chars: int = 0  # train on a prefix only (smoke runs, tests)
-    resume: bool = False
+    out: str = opt("models/lm-shakespeare", "model folder to write (weights, config, tokenizer, metrics, loss plot)")
+    name: str = opt("lm-shakespeare", "model name, as served and listed by /v1/models")
+    cell: str = opt("lstm", "recurrent cell: lstm, gru or rnn")
+    embed_dim: int = opt(128, "embedding size")
+    hidden_size: int = opt(512, "hidden units per layer")
+    num_layers: int = opt(2, "stacked recurrent layers")
+    dropout: float = opt(0.25, "dropout between layers and before the output layer")
+    residual: bool = opt(False, "add each layer's input to its output (layers after the first)")
+    tie_weights: bool = opt(False, "share the embedding and output matrices (needs embed-dim = hidden-size)")
+    batch_size: int = opt(64, "parallel text streams per step")
+    seq_len: int = opt(128, "characters per truncated-BPTT window")
+    lr: float = opt(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(100, "steps of linear learning-rate warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    clip: float = opt(1.0, "gradient-norm clipping threshold")
+    epochs: int = opt(10, "passes over the training text")
+    max_minutes: float = opt(60.0, "stop after this many minutes, keeping the best epoch")
+    patience: int = opt(3, "epochs without validation improvement before stopping")
+    eval_every: int = opt(0, "steps between validations (0: once per epoch)")
+    seed: int = opt(1337, "random seed (initialisation, batching, dropout)")
+    threads: int = opt(0, "torch threads (0: torch's default)")
+    limit_chars: int = opt(0, "train on this many characters only (0: all; for smoke runs)")
+    resume: bool = opt(False, "continue from the folder's train_state.pt checkpoint")
     extra: dict = field(default_factory=dict)
 
 

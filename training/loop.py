@@ -12,6 +12,11 @@ from pathlib import Path
 import torch
 
 
+def opt(default, help: str):
+    """A training-config field with its command-line help (rnnserve train builds one flag per field)."""
+    return field(default=default, metadata={"help": help})
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

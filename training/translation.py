@@ -21,37 +21,37 @@ from rnnserve.models.folder import save_translation
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq, Seq2SeqConfig
 from rnnserve.tokenizer import WordTokenizer
 from rnnserve.training.data import read_multi30k
-from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, seed_everything, write_metrics
+from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, opt, seed_everything, write_metrics
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TranslationTrainConfig:
-    out: str = "models/translate-de-en"
-    name: str = "translate-de-en"
-    cell: str = "gru"
-    embed_dim: int = 256
-    enc_hidden: int = 256
-    dec_hidden: int = 512
-    attn_dim: int = 256
-    enc_layers: int = 2
-    dropout: float = 0.3
-    min_freq: int = 2
-    batch_size: int = 128
-    lr: float = 2e-3
-    min_lr: float = 5e-5
-    warmup_steps: int = 200
-    label_smoothing: float = 0.1
-    clip: float = 1.0
-    tf_min: float = 0.85  # teacher-forcing ratio reached at the last epoch
-    epochs: int = 12
-    max_minutes: float = 85.0
-    patience: int = 4
-    seed: int = 1234
-    threads: int = 0
-    limit_sentences: int = 0  # train on a prefix only (smoke runs, tests)
-    resume: bool = False
+    out: str = opt("models/translate-de-en", "model folder to write (weights, config, tokenizer, metrics, loss plot)")
+    name: str = opt("translate-de-en", "model name, as served and listed by /v1/models")
+    cell: str = opt("gru", "recurrent cell of encoder and decoder: gru or lstm")
+    embed_dim: int = opt(256, "embedding size (source and target)")
+    enc_hidden: int = opt(256, "hidden units per direction of the bidirectional encoder")
+    dec_hidden: int = opt(512, "hidden units of the decoder")
+    attn_dim: int = opt(256, "size of the additive attention's hidden layer")
+    enc_layers: int = opt(2, "stacked encoder layers")
+    dropout: float = opt(0.3, "dropout on embeddings and between layers")
+    min_freq: int = opt(2, "words seen fewer times than this map to <unk>")
+    batch_size: int = opt(128, "sentence pairs per step")
+    lr: float = opt(2e-3, "peak learning rate (Adam)")
+    min_lr: float = opt(5e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = opt(200, "steps of linear learning-rate warm-up")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
+    clip: float = opt(1.0, "gradient-norm clipping threshold")
+    tf_min: float = opt(0.85, "teacher-forcing ratio reached at the last epoch (scheduled sampling)")
+    epochs: int = opt(12, "passes over the training pairs")
+    max_minutes: float = opt(85.0, "stop after this many minutes, keeping the best epoch")
+    patience: int = opt(4, "epochs without validation improvement before stopping")
+    seed: int = opt(1234, "random seed (initialisation, batching, dropout)")
+    threads: int = opt(0, "torch threads (0: torch's default)")
+    limit_sentences: int = opt(0, "train on this many pairs only (0: all; for smoke runs)")
+    resume: bool = opt(False, "continue from the folder's train_state.pt checkpoint")
     extra: dict = field(default_factory=dict)
 
 

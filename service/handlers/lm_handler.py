@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 
 from rnnserve.engine.lm_engine import LMEngine, StepOutput
@@ -39,6 +40,9 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
         self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
         self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 32))
+        # a floor on a step's duration: with max_tokens_per_step 1 it paces every stream to at most
+        # 1000 / min_step_ms tokens/s whatever the machine's speed (the test suite's slow streams)
+        self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
         self.initialized = True
         log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
 
@@ -58,8 +62,12 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def run_step(self, short: bool, scale: float = 1.0) -> dict[str, StepOutput]:
         if not self.engine.has_work():
             return {}
+        t0 = time.monotonic()
         budget = self.admit_step_s if short else scale * self.target_step_s
-        return {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget)}
+        outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget)}
+        if self.min_step_s:
+            time.sleep(max(0.0, self.min_step_s - (time.monotonic() - t0)))
+        return outputs
 
     def merge(self, first: StepOutput, second: StepOutput) -> StepOutput:
         return replace(second, text=first.text + second.text)

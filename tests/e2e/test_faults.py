@@ -1,4 +1,6 @@
-"""Faults through the real stack: a worker killed mid-stream, SIGTERM under load, clients that never read."""
+"""Faults through the real stack: a worker killed mid-stream, SIGTERM under load, clients that never read.
+
+The stack's streams are paced (waits.PACED), so they are still running whenever a fault strikes."""
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import httpx
 import pytest
 
 from rnnserve.service.stack import start_stack, stop_stack
+from tests.e2e.waits import PACED, metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +36,9 @@ def lm_worker_pid(stack) -> int:
     return pids[-1]
 
 
-def read_events(url: str, body: dict, out: list, timeout: float = 60) -> None:
+def read_events(url: str, body: dict, out: list, started: list | None = None, timeout: float = 60) -> None:
+    """Stream a generation; (status, events, seconds) goes to `out`, and the body's seed to `started` once
+    its first event has arrived."""
     t0 = time.monotonic()
     try:
         with httpx.Client(base_url=url, timeout=timeout) as c, c.stream("POST", "/v1/generate", json=body) as r:
@@ -41,7 +46,12 @@ def read_events(url: str, body: dict, out: list, timeout: float = 60) -> None:
                 r.read()
                 out.append((r.status_code, [json.dumps(r.json()), "[DONE]"], time.monotonic() - t0))
                 return
-            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 1 and started is not None:
+                        started.append(body.get("seed"))
         out.append((r.status_code, events, time.monotonic() - t0))
     except httpx.HTTPError as e:
         out.append((None, [repr(e)], time.monotonic() - t0))
@@ -49,17 +59,20 @@ def read_events(url: str, body: dict, out: list, timeout: float = 60) -> None:
 
 @pytest.fixture
 def fresh(tmp_path):
-    s = start_stack(tmp_path, extra_env={"RNNSERVE_REQUEST_TIMEOUT_S": "60", "RNNSERVE_READY_PROBE_TIMEOUT_S": "1"})
+    s = start_stack(tmp_path, extra_env={"RNNSERVE_REQUEST_TIMEOUT_S": "60", "RNNSERVE_READY_PROBE_TIMEOUT_S": "1",
+                                         **PACED})
     yield s
     stop_stack(s)
 
 
 def test_killed_worker_ends_every_stream_with_an_error_then_recovers(fresh):
     results: list = []
-    threads = [threading.Thread(target=read_events, args=(fresh.url, {**LONG, "seed": i}, results)) for i in range(3)]
+    started: list = []
+    threads = [threading.Thread(target=read_events, args=(fresh.url, {**LONG, "seed": i}, results, started))
+               for i in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_for(lambda: len(started) == 3, "every stream's first event")  # paced: they run for over 40 s
     statuses: list[int] = []
     polling = threading.Event()
 
@@ -79,14 +92,14 @@ def test_killed_worker_ends_every_stream_with_an_error_then_recovers(fresh):
         r = c.post("/v1/translate", json={"model": "translate-de-en", "text": "Ein Hund rennt.", "beam_size": 1})
         assert r.status_code == 200 and "dog" in r.json()["translations"][0]["tokens"]
     for t in threads:
-        t.join(timeout=30)
+        t.join(timeout=60)
     assert len(results) == 3
     for status, events, _ in results:
         # an error event ends a stream that had started; one that had not gets an error status
         assert status in (200, 502, 503) and events[-1] == "[DONE]"
         err = json.loads(events[-2])["error"]
         assert err["code"] in (502, 503) and err["type"] in ("upstream_error", "unavailable_error"), err
-    assert time.monotonic() - killed_at < 15  # no hung connection
+    assert time.monotonic() - killed_at < 45  # no hung connection (the paced streams had 40 s left)
     # TorchServe restarts the worker; readiness comes back and requests succeed
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not (503 in statuses and statuses[-1] == 200):
@@ -102,16 +115,18 @@ def test_killed_worker_ends_every_stream_with_an_error_then_recovers(fresh):
 
 def test_sigterm_under_load_ends_streams_and_leaves_no_process(fresh):
     results: list = []
-    threads = [threading.Thread(target=read_events, args=(fresh.url, {**LONG, "seed": i}, results)) for i in range(3)]
+    started: list = []
+    threads = [threading.Thread(target=read_events, args=(fresh.url, {**LONG, "seed": i}, results, started))
+               for i in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_for(lambda: len(started) == 3, "every stream's first event")
     fresh.proc.send_signal(signal.SIGTERM)
     for t in threads:
-        t.join(timeout=40)
+        t.join(timeout=60)
     assert len(results) == 3
     for status, events, seconds in results:
-        assert seconds < 30
+        assert seconds < 40  # the graceful shutdown gives streams 10 s; the paced ones needed 40 more
         # each stream either ended properly or was told it failed; none hangs
         assert events and (events[-1] == "[DONE]" or status is None)
     assert fresh.proc.wait(timeout=60) == 0
@@ -123,15 +138,10 @@ def test_a_client_that_never_reads_is_bounded_and_frees_its_slot(fresh):
     with httpx.Client(base_url=fresh.url, timeout=60) as c:
         with c.stream("POST", "/v1/generate", json={**LONG, "max_tokens": 600}) as r:
             assert r.status_code == 200
-            time.sleep(5)  # never read: generation is bounded by max_tokens and the deadline
-        deadline = time.monotonic() + 20
-        running = None
-        while time.monotonic() < deadline:
-            running = [line for line in c.get("/metrics").text.splitlines()
-                       if line.startswith('rnnserve_requests_running{model="lm-shakespeare"}')]
-            if running and running[0].endswith(" 0.0"):
-                break
-            time.sleep(0.3)
-        assert running and running[0].endswith(" 0.0")
+            # never read while the server writes: the paced generation goes on behind a full socket
+            wait_for(lambda: metric(c, "rnnserve_requests_running", model="lm-shakespeare") == 1, "admission")
+            time.sleep(2)
+        # the connection closed unread: the slot is freed
+        wait_for(lambda: metric(c, "rnnserve_requests_running", model="lm-shakespeare") == 0, "the slot to be freed")
         ok = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "b", "max_tokens": 4})
         assert ok.status_code == 200

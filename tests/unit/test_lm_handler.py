@@ -129,3 +129,22 @@ def test_folded_and_module_steps_give_the_same_seeded_text(tiny_lm_folder, monke
         fe.drain()
         texts[folded] = ["".join(f["text"] for f in fe.frames[f"r{i}"]) for i in range(3)]
     assert texts["1"] == texts["0"] and all(len(t) == 60 for t in texts["1"])
+
+
+def test_paced_steps_decode_one_token_each_and_last_at_least_min_step_ms(tiny_lm_folder, monkeypatch):
+    """What the end-to-end suite uses for streams that stay slow on any machine: one token per step and a
+    floor on each step's duration, set through the environment as for a running TorchServe."""
+    import time
+
+    monkeypatch.setenv("RNNSERVE_MAX_TOKENS_PER_STEP", "1")
+    monkeypatch.setenv("RNNSERVE_MIN_STEP_MS", "30")
+    ctx = FakeContext(tiny_lm_folder, {"target_step_ms": 60_000, "overlap_steps": False})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    fe.submit("x", {"prompt": "a", "max_tokens": 5, "seed": 1})
+    t0 = time.monotonic()
+    fe.drain()
+    texts = [f["text"] for f in fe.frames["x"]]
+    assert [len(t) for t in texts[:5]] == [1, 1, 1, 1, 1] and "".join(texts) == "".join(texts[:5])
+    assert time.monotonic() - t0 >= 5 * 0.030  # a lower bound only: sleeping never makes a step shorter
