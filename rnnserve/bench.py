@@ -28,12 +28,11 @@ from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
 from rnnserve.models.folder import load_lm, load_translation
-from rnnserve.paths import MODELS_DIR
+from rnnserve.paths import DATA_DIR, MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.soak import cpu_seconds
-from rnnserve.text import tokenize
-from rnnserve.training.data import read_multi30k
+from rnnserve.training.corpus import read_lines
 
 WARMUP_ROUNDS = 3
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", "First Citizen:\n", "To be, or not to be", "MENENIUS:\n"]
@@ -313,9 +312,8 @@ def _env(worker_threads: int) -> dict:
 def bench_translation(concurrency: list[int], beams: list[int], per_client: int, out: Path | None,
                       worker_threads: int = 0, repeat: int = 3) -> list[dict]:
     tr = load_translation(MODELS_DIR / "translate-de-en")
-    src, _ = read_multi30k("test_2016_flickr")
-    texts = [" ".join(s) for s in src]
-    ids = [tr.src.encode(tokenize(t)) for t in texts]
+    texts = read_lines(DATA_DIR / "multi30k" / "raw" / "test_2016_flickr.de.gz")  # raw, cased, as clients send
+    ids = [tr.src.encode(t) for t in texts]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["translate-de-en"], naive=False),

@@ -22,6 +22,16 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from rnnserve.training.corpus import DataError
+
+    try:
+        return _train(args)
+    except DataError as e:  # bad data stops the run before training, naming the file and line
+        print(f"rnnserve train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.task == "lm":
         from rnnserve.training.lm import LMTrainConfig, train_lm
 
@@ -37,6 +47,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics.pop("history", None)
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from rnnserve.offline import main_translate
+
+    return main_translate(args)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from rnnserve.offline import main_generate
+
+    return main_generate(args)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from rnnserve.importer import main as import_model
+
+    return import_model(args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -94,16 +122,51 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="task", required=True)
     from rnnserve.training.lm import LMTrainConfig
 
-    _add_dataclass_args(tsub.add_parser("lm", help="character-level language model on Tiny Shakespeare"),
+    _add_dataclass_args(tsub.add_parser("lm", help="language model on any text, over characters or subwords"),
                         LMTrainConfig)
     try:
         from rnnserve.training.translation import TranslationTrainConfig
 
-        _add_dataclass_args(tsub.add_parser("translation", help="German-English seq2seq on Multi30k"),
+        _add_dataclass_args(tsub.add_parser("translation", help="attention encoder-decoder on any language pair, "
+                                                                "from line-aligned files or a TSV"),
                             TranslationTrainConfig)
     except ImportError:
         pass
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("translate", help="translate lines from a file or standard input, without the server")
+    p.add_argument("model", help="a model folder, or the name of one under RNNSERVE_MODELS_DIR (default models/)")
+    p.add_argument("--input", "-i", default=None, help="source lines (default: standard input)")
+    p.add_argument("--output", "-o", default=None, help="where the translations go (default: standard output)")
+    p.add_argument("--beam-size", type=int, default=4, help="beams per sentence, 1 = greedy (default: 4)")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length-penalty alpha (default: 0.6)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences decoded together (default: 64)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most subword tokens per translation (default: twice the source's, plus 10)")
+    p.add_argument("--quiet", action="store_true", help="no progress on standard error")
+    p.set_defaults(func=_cmd_translate)
+
+    p = sub.add_parser("generate", help="print a language model's generation after a prompt, without the server")
+    p.add_argument("model", help="a model folder, or the name of one under RNNSERVE_MODELS_DIR (default models/)")
+    p.add_argument("--prompt", default="", help="text to continue (default: none)")
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--stop", action="append", default=None, help="a string that ends the text (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("import", help="turn a word_language_model state_dict and its vocabulary into a model folder")
+    p.add_argument("--weights", required=True, help="the state_dict file (torch.save(model.state_dict(), F))")
+    p.add_argument("--vocab", required=True,
+                   help="the vocabulary: one word per line in index order (corpus.dictionary.idx2word), or a JSON list")
+    p.add_argument("--out", required=True, help="model folder to write, e.g. models/lm-wikitext")
+    p.add_argument("--name", default="", help="model name as served (default: the folder's name)")
+    p.add_argument("--cell", choices=["lstm", "gru", "rnn"], default=None,
+                   help="the recurrent cell (default: read from the weights' shapes)")
+    p.add_argument("--data-terms", default="", help="the training data's origin and terms, for the model card")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("evaluate", help="loss/perplexity on a text, or BLEU/chrF on line-aligned files")
     p.add_argument("model", help="served model name (folder under models/) or a model folder")
@@ -174,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     # httpx logs every request at INFO: one line per upstream call in the gateway, per client in benchmarks
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    from rnnserve.training.card import invoked_with
+
+    invoked_with(argv)  # model cards record the command
     return args.func(args)
 
 

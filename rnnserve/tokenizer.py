@@ -6,10 +6,7 @@ Characters outside the vocabulary never raise: they map to `unk`, a character of
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
-
-from rnnserve.models.seq2seq import SPECIALS, UNK
 
 
 class CharTokenizer:
@@ -37,6 +34,9 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def decoder(self, line_start: bool = False) -> "CharDecoder":
+        return CharDecoder(self.chars)
+
     def unknown(self, text: str) -> set[str]:
         return {c for c in text if c not in self.stoi}
 
@@ -54,41 +54,74 @@ class CharTokenizer:
         return cls(d["chars"], unk=d["unk"])
 
 
-class WordTokenizer:
-    """Word vocabulary for translation, over Moses-tokenized lowercased text (rnnserve.text).
+class CharDecoder:
+    """Text of generated tokens, one token at a time (every tokenizer of a language model has one)."""
 
-    Why words and not subwords: Multi30k's sentences are short and repetitive (the words seen twice
-    in train cover 96% of German and 98% of English test tokens), the public references use words,
-    and word-level BLEU is then directly comparable. Unknown words map to <unk>.
-    """
+    def __init__(self, chars: list[str]) -> None:
+        self.chars = chars
 
-    def __init__(self, itos: list[str]) -> None:
-        if itos[: len(SPECIALS)] != SPECIALS:
-            raise ValueError(f"vocabulary must start with {SPECIALS}")
-        self.itos = list(itos)
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
+    def add(self, token: int) -> str:
+        return self.chars[token]
 
-    @classmethod
-    def build(cls, sentences: list[list[str]], min_freq: int = 2) -> "WordTokenizer":
-        counts = Counter(w for s in sentences for w in s)
-        words = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
-        return cls(SPECIALS + words)
+
+class WordLMTokenizer:
+    """A word vocabulary for language models, as PyTorch's word_language_model example builds it: words
+    split on whitespace and `<eos>` at the end of every line. A word outside the vocabulary becomes
+    `<unk>` when the vocabulary has it (WikiText's does), and is left out otherwise."""
+
+    EOS = "<eos>"
+
+    def __init__(self, words: list[str]) -> None:
+        if len(set(words)) != len(words):
+            raise ValueError("duplicate words in vocabulary")
+        if self.EOS not in words:
+            raise ValueError(f"the vocabulary needs {self.EOS!r}, the end of a line")
+        self.words = list(words)
+        self.stoi = {w: i for i, w in enumerate(self.words)}
+        self.unk_id = self.stoi.get("<unk>")
 
     @property
     def vocab_size(self) -> int:
-        return len(self.itos)
+        return len(self.words)
 
-    def encode(self, tokens: list[str]) -> list[int]:
-        return [self.stoi.get(t, UNK) for t in tokens]
+    def encode(self, text: str) -> list[int]:
+        lines = text.split("\n")
+        ids: list[int] = []
+        for i, line in enumerate(lines):
+            for w in line.split():
+                token = self.stoi.get(w, self.unk_id)
+                if token is not None:
+                    ids.append(token)
+            if i < len(lines) - 1:
+                ids.append(self.stoi[self.EOS])
+        return ids
 
-    def decode(self, ids: list[int]) -> list[str]:
-        return [self.itos[i] for i in ids]
+    def decode(self, ids: list[int]) -> str:
+        d = self.decoder(line_start=True)
+        return "".join(d.add(i) for i in ids)
+
+    def decoder(self, line_start: bool = False) -> "WordDecoder":
+        return WordDecoder(self.words, line_start)
 
     def to_dict(self) -> dict:
-        return {"type": "word", "itos": self.itos}
+        return {"type": "words", "words": self.words}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WordTokenizer":
-        if d.get("type") != "word":
+    def from_dict(cls, d: dict) -> "WordLMTokenizer":
+        if d.get("type") != "words":
             raise ValueError("not a word tokenizer")
-        return cls(d["itos"])
+        return cls(d["words"])
+
+
+class WordDecoder:
+    def __init__(self, words: list[str], line_start: bool = False) -> None:
+        self.words, self.line_start = words, line_start
+
+    def add(self, token: int) -> str:
+        word = self.words[token]
+        if word == WordLMTokenizer.EOS:
+            self.line_start = True
+            return "\n"
+        text = word if self.line_start else " " + word
+        self.line_start = False
+        return text

@@ -1,7 +1,8 @@
 """Build one TorchServe archive (.mar) per committed model folder.
 
 The archive holds the handler module, the model folder's files (weights in safetensors, config,
-tokenizer) and a model-config.yaml. The handlers import the engine from the installed `rnnserve`
+tokenizer files, model card) and a model-config.yaml: the task's settings below, with the limits of
+the model's own config.json (its "limits") where it sets lower ones. The handlers import the engine from the installed `rnnserve`
 package, so the worker's Python must be the project's environment (the launcher sees to that).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from rnnserve.models.folder import FILES
+from rnnserve.models.folder import is_model_folder, model_files
 from rnnserve.paths import MODEL_STORE, MODELS_DIR
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,28 @@ MODEL_CONFIGS: dict[str, dict] = {
 }
 
 
+# a model config's "limits" (the gateway's names) -> the handler's settings they bound
+HANDLER_LIMITS = {"lm": {"max_tokens": "max_tokens_limit", "max_prompt_chars": "max_prompt_chars"},
+                  "translation": {"max_tokens": "max_tokens_limit", "max_texts": "max_texts",
+                                  "max_text_chars": "max_text_chars"}}
+
+
+def model_config(task: str, config: dict) -> dict:
+    """The model-config.yaml of an archive: the task's settings, with the model's own lower limits."""
+    out = json.loads(json.dumps(MODEL_CONFIGS[task]))  # a deep copy
+    handler = out["handler"]
+    for key, setting in HANDLER_LIMITS.get(config.get("task"), {}).items():
+        value = (config.get("limits") or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1 and setting in handler:
+            handler[setting] = min(handler[setting], value)
+    return out
+
+
 def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
     """(name, folder, task) for every folder under models_dir holding a complete model."""
     found = []
-    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-        if not all((folder / f).exists() for f in FILES):
+    for folder in sorted(p for p in Path(models_dir).iterdir() if p.is_dir()):
+        if not is_model_folder(folder):
             continue
         config = json.loads((folder / "config.json").read_text())
         task = config.get("serving", config.get("task"))  # "serving" picks another handler (benchmarks)
@@ -117,8 +135,9 @@ def build_archive(name: str, folder: Path, task: str, model_store: Path) -> Path
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(MODEL_CONFIGS[task], sort_keys=False))
-        extra = ",".join(str(folder / f) for f in FILES)
+        config = json.loads((folder / "config.json").read_text())
+        config_file.write_text(yaml.safe_dump(model_config(task, config), sort_keys=False))
+        extra = ",".join(str(p) for p in model_files(folder))
         cmd = [_archiver(), "--model-name", name, "--version", "1.0",
                "--handler", str(HANDLER_FILES[task]), "--extra-files", extra, "--config-file", str(config_file),
                "--export-path", str(model_store), "--force"]
@@ -141,7 +160,7 @@ def stale_archives(models_dir: str | Path | None = None, model_store: str | Path
     stale = []
     for name, folder, _task in model_folders(models_dir):
         mar = model_store / f"{name}.mar"
-        newest = max([code, *((folder / f).stat().st_mtime for f in FILES)])
+        newest = max([code, *(p.stat().st_mtime for p in model_files(folder))])
         if not mar.exists() or mar.stat().st_mtime < newest:
             stale.append(name)
     return stale

@@ -9,24 +9,16 @@ from pathlib import Path
 import torch
 
 from rnnserve.models.folder import load_lm, load_translation
-from rnnserve.paths import MODELS_DIR
-from rnnserve.text import tokenize
+from rnnserve.offline import resolve_model
+from rnnserve.text import lowercase_tokenized
+from rnnserve.training.corpus import DataError, read_lines
 from rnnserve.training.lm import evaluate_lm
-from rnnserve.training.translation import corpus_bleu, translate_ids
-
-
-def resolve_model(model: str) -> Path:
-    """A served model's name (a folder under models/) or a path to a model folder."""
-    path = Path(model)
-    if (path / "config.json").exists():
-        return path
-    if (MODELS_DIR / model / "config.json").exists():
-        return MODELS_DIR / model
-    raise SystemExit(f"no model folder {model!r} (neither a path nor a name under {MODELS_DIR})")
+from rnnserve.training.translation import corpus_bleu, sacre_bleu, translate_ids
 
 
 def evaluate_text(folder: Path, text_file: Path) -> dict:
     lm = load_lm(folder)
+    read_lines(text_file)  # names the first line that is not UTF-8
     text = text_file.read_text(encoding="utf-8")
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
     batch = max(1, min(32, (len(ids) - 1) // 256))  # short texts: fewer, longer streams
@@ -36,22 +28,33 @@ def evaluate_text(folder: Path, text_file: Path) -> dict:
 
 
 def evaluate_translation(folder: Path, src_file: Path, ref_file: Path, beam_size: int, alpha: float) -> dict:
+    """sacreBLEU's default BLEU (cased, 13a, on detokenized output) with its signature, and chrF; then BLEU on
+    lowercased Moses tokens (hypotheses and references alike), comparable with published Multi30k results."""
     tr = load_translation(folder)
-    src = [tokenize(line) for line in src_file.read_text(encoding="utf-8").splitlines()]
-    refs = [" ".join(tokenize(line)) for line in ref_file.read_text(encoding="utf-8").splitlines()]
+    src, refs = read_lines(src_file), read_lines(ref_file)
     if len(src) != len(refs):
-        raise SystemExit(f"{src_file} has {len(src)} lines but {ref_file} has {len(refs)}")
+        raise DataError(f"{src_file} has {len(src)} lines but {ref_file} has {len(refs)}")
     t0 = time.perf_counter()
     out = translate_ids(tr.model, [tr.src.encode(s) for s in src], beam_size=beam_size, alpha=alpha)
     seconds = time.perf_counter() - t0
-    hyps = [" ".join(tr.tgt.decode(h)) for h in out]
-    bleu, chrf = corpus_bleu(hyps, refs)
-    return {"model": tr.meta.get("name", folder.name), "bleu": bleu, "chrf": chrf, "sentences": len(src),
-            "seconds": seconds, "beam_size": beam_size, "length_penalty": alpha}
+    hyps = [tr.tgt.decode(h) for h in out]
+    lang = (tr.meta.get("languages") or {}).get("target", "en")
+    lc_bleu, lc_chrf = corpus_bleu([lowercase_tokenized(h, lang) for h in hyps],
+                                   [lowercase_tokenized(r, lang) for r in refs])
+    return {"model": tr.meta.get("name", folder.name), **sacre_bleu(hyps, refs),
+            "bleu_lowercased_tokenized": lc_bleu, "sentences": len(src), "seconds": seconds,
+            "beam_size": beam_size, "length_penalty": alpha}
 
 
 def main(args) -> int:
     folder = resolve_model(args.model)
+    try:
+        return _evaluate(args, folder)
+    except DataError as e:
+        raise SystemExit(f"rnnserve evaluate: error: {e}") from None
+
+
+def _evaluate(args, folder: Path) -> int:
     if args.text_file:
         result = evaluate_text(folder, Path(args.text_file))
     elif args.src_file and args.ref_file:

@@ -1,4 +1,5 @@
-"""Train a character-level recurrent language model with truncated BPTT.
+"""Train a recurrent language model on any text with truncated BPTT: characters, or SentencePiece
+subwords for word-level text (lines end with `<eos>`).
 
 The training text is cut into `batch_size` parallel streams; each step feeds the next `seq_len`
 characters of every stream and carries the (detached) hidden state into the next window, so the
@@ -16,8 +17,10 @@ import torch
 
 from rnnserve.models.folder import save_lm
 from rnnserve.models.lm import LMConfig, RNNLanguageModel, detach_state
+from rnnserve.subword import SubwordLMTokenizer
 from rnnserve.tokenizer import CharTokenizer
-from rnnserve.training.data import shakespeare_splits
+from rnnserve.training.card import article, command_line, write_card
+from rnnserve.training.corpus import DataError, read_text
 from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, opt, seed_everything, write_metrics
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LMTrainConfig:
-    out: str = opt("models/lm-shakespeare", "model folder to write (weights, config, tokenizer, metrics, loss plot)")
-    name: str = opt("lm-shakespeare", "model name, as served and listed by /v1/models")
+    train_file: str = opt("", "training text (UTF-8; .gz read too)")
+    valid_file: str = opt("", "validation text (default: the last --valid-share of the training text)")
+    valid_share: float = opt(0.1, "share of the training text, from its end, held out when no --valid-file is given")
+    tokenizer: str = opt("char", "char: one token per character; subword: SentencePiece pieces learnt from the "
+                                 "training text, for word-level text")
+    vocab_size: int = opt(8000, "--tokenizer subword: vocabulary size")
+    data_terms: str = opt("", "the data's origin and terms of use, copied into the model card")
+    out: str = opt("", "model folder to write, e.g. models/lm-mytext")
+    name: str = opt("", "model name as served (default: the folder's name)")
     cell: str = opt("lstm", "recurrent cell: lstm, gru or rnn")
     embed_dim: int = opt(128, "embedding size")
     hidden_size: int = opt(512, "hidden units per layer")
@@ -35,7 +45,7 @@ class LMTrainConfig:
     residual: bool = opt(False, "add each layer's input to its output (layers after the first)")
     tie_weights: bool = opt(False, "share the embedding and output matrices (needs embed-dim = hidden-size)")
     batch_size: int = opt(64, "parallel text streams per step")
-    seq_len: int = opt(128, "characters per truncated-BPTT window")
+    seq_len: int = opt(128, "tokens per truncated-BPTT window")
     lr: float = opt(3e-3, "peak learning rate (AdamW)")
     min_lr: float = opt(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = opt(100, "steps of linear learning-rate warm-up")
@@ -47,7 +57,7 @@ class LMTrainConfig:
     eval_every: int = opt(0, "steps between validations (0: once per epoch)")
     seed: int = opt(1337, "random seed (initialisation, batching, dropout)")
     threads: int = opt(0, "torch threads (0: torch's default)")
-    limit_chars: int = opt(0, "train on this many characters only (0: all; for smoke runs)")
+    limit_chars: int = opt(0, "train on this many characters of the text only (0: all; for smoke runs)")
     resume: bool = opt(False, "continue from the folder's train_state.pt checkpoint")
     extra: dict = field(default_factory=dict)
 
@@ -75,16 +85,47 @@ def evaluate_lm(model: RNNLanguageModel, ids: torch.Tensor, batch_size: int = 32
     return total / max(count, 1)
 
 
+def load_texts(cfg: LMTrainConfig) -> tuple[str, str, list[tuple[str, str]]]:
+    """Training and validation text, checked (DataError) before anything trains; and the card's data rows."""
+    if not cfg.train_file:
+        raise DataError("give --train-file, the text to train on")
+    if cfg.tokenizer not in ("char", "subword"):
+        raise DataError(f"--tokenizer must be char or subword, not {cfg.tokenizer!r}")
+    text = read_text(cfg.train_file)
+    if cfg.valid_file:
+        train_text, val_text = text, read_text(cfg.valid_file)
+        rows = [("train", f"{cfg.train_file}: {len(train_text):,} characters"),
+                ("validation", f"{cfg.valid_file}: {len(val_text):,} characters")]
+    else:
+        cut = int(len(text) * (1 - cfg.valid_share))
+        train_text, val_text = text[:cut], text[cut:]
+        rows = [("train", f"{cfg.train_file}: the first {len(train_text):,} characters"),
+                ("validation", f"{cfg.train_file}: the last {len(val_text):,} characters")]
+    if len(train_text) < 2 or len(val_text) < 2:
+        raise DataError(f"{cfg.train_file}: too little text to train and validate on ({len(text)} characters)")
+    return train_text, val_text, rows
+
+
 def train_lm(cfg: LMTrainConfig) -> dict:
+    train_text, val_text, data_rows = load_texts(cfg)  # every data problem stops here
+    if not cfg.out:
+        raise DataError("give --out, the model folder to write (e.g. models/lm-mytext)")
+    name = cfg.name or Path(cfg.out).name
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_text, val_text = shakespeare_splits()
-    tokenizer = CharTokenizer.from_text(train_text + val_text)
+    chars = CharTokenizer.from_text(train_text + val_text)  # every character of the given text
     if cfg.limit_chars:
         train_text, val_text = train_text[: cfg.limit_chars], val_text[: max(cfg.limit_chars // 10, 2048)]
+    if cfg.tokenizer == "subword":
+        tokenizer = SubwordLMTokenizer.train(train_text, cfg.vocab_size)
+        kind = f"SentencePiece unigram, {tokenizer.vocab_size} pieces, lines ended by <eos>"
+    else:
+        tokenizer = chars
+        kind = f"characters ({tokenizer.vocab_size})"
     train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+    chars_per_token = len(val_text) / max(1, len(val_ids))
 
     model_cfg = LMConfig(vocab_size=tokenizer.vocab_size, cell=cfg.cell, embed_dim=cfg.embed_dim,
                          hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, dropout=cfg.dropout,
@@ -143,11 +184,25 @@ def train_lm(cfg: LMTrainConfig) -> dict:
 
     model.load_state_dict(tracker.best_state)
     best_val = tracker.best
-    metrics = {"name": cfg.name, "best_val_loss": best_val, "best_val_perplexity": math.exp(best_val),
-               "best_val_bits_per_char": best_val / math.log(2), "parameters": n_params,
-               "train_minutes": (time.monotonic() - t0) / 60, "history": tracker.history, "train_config": asdict(cfg)}
-    save_lm(out, model, tokenizer, meta={"name": cfg.name})
+    minutes = (time.monotonic() - t0) / 60
+    bits_per_char = best_val / chars_per_token / math.log(2)
+    metrics = {"name": name, "best_val_loss": best_val, "best_val_perplexity": math.exp(best_val),
+               "best_val_bits_per_char": bits_per_char, "tokenizer": cfg.tokenizer, "parameters": n_params,
+               "train_minutes": minutes, "history": tracker.history, "train_config": asdict(cfg)}
+    save_lm(out, model, tokenizer, meta={"name": name})
     write_metrics(out, metrics)
+    unit = "character" if cfg.tokenizer == "char" else "token"
+    write_card(out, name=name, task="lm",
+               summary=f"{article(cfg.cell)} {cfg.cell.upper()} language model served by rnnserve.",
+               languages=None, data=data_rows, terms=cfg.data_terms, command=command_line(),
+               metrics={f"validation loss (nats per {unit})": best_val,
+                        f"validation perplexity (per {unit})": math.exp(best_val),
+                        "validation bits per character": bits_per_char, "parameters": n_params},
+               minutes=minutes, architecture={"cell": cfg.cell, "layers": cfg.num_layers,
+                                              "hidden": cfg.hidden_size, "embeddings": cfg.embed_dim},
+               tokenizer=kind,
+               usage=f"Put this folder under `models/` and run `make serve`, or try it without a server: "
+                     f"`rnnserve generate {out} --prompt 'Some text'`.")
     if not out_of_time:  # a run stopped by --max-minutes keeps its checkpoint for --resume
         ckpt_path.unlink(missing_ok=True)
     return metrics

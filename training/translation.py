@@ -1,4 +1,7 @@
-"""Train the German-to-English attention encoder-decoder on Multi30k.
+"""Train an attention encoder-decoder on any pair of languages, from line-aligned files or a TSV.
+
+Subword vocabularies (SentencePiece) are learnt from the training sentences, one per side, so
+cased, raw text goes in and detokenized text comes out.
 
 Teacher forcing with scheduled sampling (the share of gold previous tokens falls linearly from 1
 to `tf_min`), label smoothing, gradient-norm clipping, Adam with warm-up and cosine decay, and the
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +23,9 @@ import torch.nn.functional as F
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
 from rnnserve.models.folder import save_translation
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq, Seq2SeqConfig
-from rnnserve.tokenizer import WordTokenizer
-from rnnserve.training.data import read_multi30k
+from rnnserve.subword import SubwordTokenizer
+from rnnserve.training.card import article, command_line, write_card
+from rnnserve.training.corpus import MAX_CHARS, DataError, Parallel, hold_out, read_parallel, read_tsv
 from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, opt, seed_everything, write_metrics
 
 log = logging.getLogger(__name__)
@@ -28,8 +33,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TranslationTrainConfig:
-    out: str = opt("models/translate-de-en", "model folder to write (weights, config, tokenizer, metrics, loss plot)")
-    name: str = opt("translate-de-en", "model name, as served and listed by /v1/models")
+    train_src: str = opt("", "training source sentences, one per line (UTF-8, raw and cased; .gz read too)")
+    train_tgt: str = opt("", "training target sentences, line-aligned with --train-src")
+    train_tsv: str = opt("", "or: one tab-separated file holding both sides (see --src-column, --tgt-column)")
+    src_column: int = opt(0, "--train-tsv/--valid-tsv: the source's column, numbered from 0")
+    tgt_column: int = opt(1, "--train-tsv/--valid-tsv: the target's column, numbered from 0")
+    valid_src: str = opt("", "validation source sentences (without a validation set, --valid-share is held out)")
+    valid_tgt: str = opt("", "validation target sentences, line-aligned with --valid-src")
+    valid_tsv: str = opt("", "or: a tab-separated validation file")
+    valid_share: float = opt(0.05, "share of the training pairs held out for validation when none is given "
+                                   "(seeded, at most 1,000 pairs)")
+    src_lang: str = opt("", "source language code, e.g. de (shown by /v1/models and the model card)")
+    tgt_lang: str = opt("", "target language code, e.g. en")
+    max_chars: int = opt(MAX_CHARS, "pairs with a side longer than this many characters are dropped (and counted)")
+    data_terms: str = opt("", "the data's origin and terms of use, copied into the model card")
+    out: str = opt("", "model folder to write, e.g. models/translate-fr-en")
+    name: str = opt("", "model name as served (default: the folder's name)")
+    subword: str = opt("unigram", "SentencePiece model type: unigram or bpe")
+    src_vocab: int = opt(8000, "source subword vocabulary size")
+    tgt_vocab: int = opt(8000, "target subword vocabulary size")
     cell: str = opt("gru", "recurrent cell of encoder and decoder: gru or lstm")
     embed_dim: int = opt(256, "embedding size (source and target)")
     enc_hidden: int = opt(256, "hidden units per direction of the bidirectional encoder")
@@ -37,7 +59,6 @@ class TranslationTrainConfig:
     attn_dim: int = opt(256, "size of the additive attention's hidden layer")
     enc_layers: int = opt(2, "stacked encoder layers")
     dropout: float = opt(0.3, "dropout on embeddings and between layers")
-    min_freq: int = opt(2, "words seen fewer times than this map to <unk>")
     batch_size: int = opt(128, "sentence pairs per step")
     lr: float = opt(2e-3, "peak learning rate (Adam)")
     min_lr: float = opt(5e-5, "learning rate at the end of the cosine decay")
@@ -48,11 +69,49 @@ class TranslationTrainConfig:
     epochs: int = opt(12, "passes over the training pairs")
     max_minutes: float = opt(85.0, "stop after this many minutes, keeping the best epoch")
     patience: int = opt(4, "epochs without validation improvement before stopping")
-    seed: int = opt(1234, "random seed (initialisation, batching, dropout)")
+    seed: int = opt(1234, "random seed (held-out split, initialisation, batching, dropout)")
     threads: int = opt(0, "torch threads (0: torch's default)")
     limit_sentences: int = opt(0, "train on this many pairs only (0: all; for smoke runs)")
     resume: bool = opt(False, "continue from the folder's train_state.pt checkpoint")
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TranslationData:
+    train: Parallel
+    valid: Parallel
+    described: list[tuple[str, str]]  # (role, description) rows for the model card
+
+
+def load_data(cfg: TranslationTrainConfig) -> TranslationData:
+    """The training and validation pairs the options name, checked (DataError) before anything trains."""
+    if bool(cfg.train_tsv) == bool(cfg.train_src or cfg.train_tgt):
+        raise DataError("give either --train-src and --train-tgt, or --train-tsv")
+    if not cfg.train_tsv and not (cfg.train_src and cfg.train_tgt):
+        raise DataError("--train-src and --train-tgt go together")
+    if cfg.train_tsv:
+        train = read_tsv(cfg.train_tsv, cfg.src_column, cfg.tgt_column, cfg.max_chars)
+    else:
+        train = read_parallel(cfg.train_src, cfg.train_tgt, cfg.max_chars)
+    if cfg.valid_src or cfg.valid_tgt:
+        if not (cfg.valid_src and cfg.valid_tgt):
+            raise DataError("--valid-src and --valid-tgt go together")
+        valid = read_parallel(cfg.valid_src, cfg.valid_tgt, cfg.max_chars)
+    elif cfg.valid_tsv:
+        valid = read_tsv(cfg.valid_tsv, cfg.src_column, cfg.tgt_column, cfg.max_chars)
+    else:
+        train, valid = hold_out(train, cfg.valid_share, cfg.seed)
+    if cfg.limit_sentences:
+        train = Parallel(train.src[: cfg.limit_sentences], train.tgt[: cfg.limit_sentences], train.dropped,
+                         train.origin)
+        valid = Parallel(valid.src[:200], valid.tgt[:200], valid.dropped, valid.origin)
+    if train.dropped:
+        print(f"dropped {train.dropped} training pairs with an empty side or a side over {cfg.max_chars} characters",
+              file=sys.stderr)
+    described = [("train", f"{train.origin}: {len(train):,} pairs ({train.dropped:,} dropped: empty or over "
+                           f"{cfg.max_chars} characters)"),
+                 ("validation", f"{valid.origin}: {len(valid):,} pairs")]
+    return TranslationData(train, valid, described)
 
 
 def to_batch(pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,6 +164,17 @@ def translate_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int = 1, 
     return out
 
 
+def sacre_bleu(hyps: list[str], refs: list[str]) -> dict:
+    """sacreBLEU's default BLEU (cased, 13a tokenization of detokenized text) with its signature, and chrF."""
+    import sacrebleu
+
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b = bleu.corpus_score(hyps, [refs])
+    return {"bleu": b.score, "bleu_signature": str(bleu.get_signature()), "chrf": chrf.corpus_score(hyps, [refs]).score,
+            "chrf_signature": str(chrf.get_signature())}
+
+
 def corpus_bleu(hyps: list[str], refs: list[str]) -> tuple[float, float]:
     """BLEU-4 and chrF with sacrebleu on already lowercased, tokenized text (no re-tokenization)."""
     import sacrebleu
@@ -116,20 +186,22 @@ def corpus_bleu(hyps: list[str], refs: list[str]) -> tuple[float, float]:
 
 
 def train_translation(cfg: TranslationTrainConfig) -> dict:
+    data = load_data(cfg)  # every data problem stops here, before anything is trained
+    if not cfg.out:
+        raise DataError("give --out, the model folder to write (e.g. models/translate-fr-en)")
+    name = cfg.name or Path(cfg.out).name
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_src, train_tgt = read_multi30k("train")
-    val_src, val_tgt = read_multi30k("val")
-    if cfg.limit_sentences:
-        train_src, train_tgt = train_src[: cfg.limit_sentences], train_tgt[: cfg.limit_sentences]
-        val_src, val_tgt = val_src[:200], val_tgt[:200]
-    src_tok = WordTokenizer.build(train_src, cfg.min_freq)
-    tgt_tok = WordTokenizer.build(train_tgt, cfg.min_freq)
-    train = [(src_tok.encode(s), tgt_tok.encode(t)) for s, t in zip(train_src, train_tgt)]
-    val = [(src_tok.encode(s), tgt_tok.encode(t)) for s, t in zip(val_src, val_tgt)]
-    val_refs = [" ".join(t) for t in val_tgt]
+    t_tok = time.monotonic()
+    src_tok = SubwordTokenizer.train(data.train.src, cfg.src_vocab, cfg.subword)
+    tgt_tok = SubwordTokenizer.train(data.train.tgt, cfg.tgt_vocab, cfg.subword)
+    log.info("subword vocabularies: %d source, %d target pieces (%.1f s)", src_tok.vocab_size, tgt_tok.vocab_size,
+             time.monotonic() - t_tok)
+    train = [(src_tok.encode(s), tgt_tok.encode(t)) for s, t in zip(data.train.src, data.train.tgt)]
+    val = [(src_tok.encode(s), tgt_tok.encode(t)) for s, t in zip(data.valid.src, data.valid.tgt)]
+    val_refs = data.valid.tgt
 
     mcfg = Seq2SeqConfig(src_vocab=src_tok.vocab_size, tgt_vocab=tgt_tok.vocab_size, cell=cfg.cell,
                          embed_dim=cfg.embed_dim, enc_hidden=cfg.enc_hidden, dec_hidden=cfg.dec_hidden,
@@ -144,7 +216,7 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
     if cfg.resume and ckpt_path.exists():
         tracker.resume(model, opt)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters; vocab de %d en %d; %d steps/epoch", mcfg, n_params / 1e6,
+    log.info("model %s: %.2fM parameters; vocab %d source %d target; %d steps/epoch", mcfg, n_params / 1e6,
              src_tok.vocab_size, tgt_tok.vocab_size, steps_per_epoch)
     t0 = time.monotonic()
     out_of_time = False
@@ -173,8 +245,9 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
                 break
         bar.close()
         val_loss = evaluate_loss(model, val)
-        hyps = [" ".join(tgt_tok.decode(h)) for h in translate_ids(model, [s for s, _ in val])]
-        bleu, chrf = corpus_bleu(hyps, val_refs)
+        hyps = [tgt_tok.decode(h) for h in translate_ids(model, [s for s, _ in val])]
+        scores = sacre_bleu(hyps, val_refs)
+        bleu, chrf = scores["bleu"], scores["chrf"]
         record = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), "val_loss": val_loss,
                   "val_perplexity": math.exp(val_loss), "val_bleu_greedy": bleu, "val_chrf_greedy": chrf,
                   "teacher_forcing": tf, "minutes": (time.monotonic() - t0) / 60}
@@ -185,12 +258,31 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
     model.load_state_dict(tracker.best_state)
     history = tracker.history
     best = max(history, key=lambda h: h["val_bleu_greedy"])
-    metrics = {"name": cfg.name, "best_epoch": best["epoch"], "best_val_bleu_greedy": tracker.best,
-               "best_val_loss": best["val_loss"], "best_val_perplexity": best["val_perplexity"],
-               "parameters": n_params, "train_minutes": (time.monotonic() - t0) / 60, "history": history,
-               "train_config": asdict(cfg)}
-    save_translation(out, model, src_tok, tgt_tok, meta={"name": cfg.name})
+    minutes = (time.monotonic() - t0) / 60
+    languages = {"source": cfg.src_lang or "source", "target": cfg.tgt_lang or "target"}
+    metrics = {"name": name, "best_epoch": best["epoch"], "best_val_bleu_greedy": tracker.best,
+               "best_val_chrf_greedy": best["val_chrf_greedy"], "best_val_loss": best["val_loss"],
+               "best_val_perplexity": best["val_perplexity"], "parameters": n_params, "train_minutes": minutes,
+               "train_pairs": len(train), "valid_pairs": len(val), "dropped_pairs": data.train.dropped,
+               "history": history, "train_config": asdict(cfg)}
+    save_translation(out, model, src_tok, tgt_tok, meta={"name": name, "languages": languages})
     write_metrics(out, metrics)
+    write_card(out, name=name, task="translation",
+               summary=f"{article(cfg.cell)} {cfg.cell.upper()} encoder-decoder with additive attention translating "
+                       f"{languages['source']} to {languages['target']}, served by rnnserve.",
+               languages=languages, data=data.described, terms=cfg.data_terms, command=command_line(),
+               metrics={"validation BLEU, greedy (sacreBLEU, cased)": tracker.best,
+                        "validation chrF, greedy": best["val_chrf_greedy"],
+                        "validation perplexity (per subword)": best["val_perplexity"], "best epoch": best["epoch"],
+                        "parameters": n_params},
+               minutes=minutes, architecture={"cell": cfg.cell, "embeddings": cfg.embed_dim,
+                                              "encoder": f"{cfg.enc_layers} x {cfg.enc_hidden} bidirectional",
+                                              "decoder": cfg.dec_hidden, "attention": cfg.attn_dim},
+               tokenizer=f"SentencePiece {cfg.subword}, {src_tok.vocab_size} source and {tgt_tok.vocab_size} "
+                         f"target pieces",
+               usage=f"Put this folder under `models/` and run `make serve`, or try it without a server: "
+                     f"`echo 'A sentence.' | rnnserve translate {out}`. "
+                     f"Score a test set with `rnnserve evaluate {out} --src-file F --ref-file F`.")
     if not out_of_time:  # a run stopped by --max-minutes keeps its checkpoint for --resume
         ckpt_path.unlink(missing_ok=True)
     return metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class _Sequence:
     params: SamplingParams
     prompt_ids: list[int]
     generator: torch.Generator
+    decoder: Any  # the tokenizer's text of each new token (CharDecoder, SubwordDecoder, WordDecoder)
     prompt_tokens: int = 0  # the caller's prompt length (an empty prompt counts 0)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -96,7 +98,11 @@ class LMEngine:
             raise ValueError(f"prompt must be at most {self.max_prompt_chars} characters")
         params.validate(self.max_tokens_limit)
         ids = self.tokenizer.encode(prompt or EMPTY_PROMPT)
-        seq = _Sequence(request_id, params, ids, make_generator(params.seed, self.device), prompt_tokens=len(prompt))
+        if not ids:  # a prompt of nothing the vocabulary can spell (a word model's unknown words)
+            ids = self.tokenizer.encode(EMPTY_PROMPT)
+        decoder = self.tokenizer.decoder(line_start=not prompt or prompt.endswith("\n"))
+        seq = _Sequence(request_id, params, ids, make_generator(params.seed, self.device), decoder,
+                        prompt_tokens=len(ids) if prompt else 0)
         self._waiting.append(seq)
         self._ids.add(request_id)
 
@@ -182,18 +188,19 @@ class LMEngine:
             if s.finish_reason:  # finished earlier in this step; its row idles until retired
                 continue
             s.token_ids.append(tok)
-            s.text += self.tokenizer.chars[tok]
-            self._check_stop(s)
+            new = s.decoder.add(tok)
+            s.text += new
+            self._check_stop(s, len(new))
         with mkldnn_enabled(self._use_mkldnn(len(seqs))):
             self._logits, self._state = self._decode(tokens, self._state)
 
     def _use_mkldnn(self, batch: int) -> bool:
         return self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch
 
-    def _check_stop(self, s: _Sequence) -> None:
+    def _check_stop(self, s: _Sequence, added: int) -> None:
         for stop in s.params.stop:
-            # only the tail can hold a new match: the stop string ending at the last character
-            start = max(0, len(s.text) - len(stop) - 1)
+            # only the tail can hold a new match: a stop string ending in the text the token added
+            start = max(0, len(s.text) - len(stop) - added + 1)
             pos = s.text.find(stop, start)
             if pos != -1:
                 s.text = s.text[:pos]

@@ -1,8 +1,10 @@
 """A model folder: the unit that training writes, `rnnserve archive` packs and handlers load.
 
-    config.json        {"task": "lm", "model": {...LMConfig...}, ...}
-    tokenizer.json     vocabulary (JSON, no pickle)
+    config.json        {"task": "lm", "model": {...LMConfig...}, "tokenizer": {...}, "languages", "limits", ...}
     model.safetensors  weights, fp16 to keep the repository small
+    tokenizer files    source.model + target.model (translation) or tokenizer.model (LM): SentencePiece's
+                       own format; or tokenizer.json: a character or word vocabulary (JSON)
+    README.md          the model card: languages, data and its terms, the command, the metrics
     metrics.json, loss.png  written by training
 
 Weights are read with safetensors, which cannot execute code, so a folder from an untrusted
@@ -20,23 +22,53 @@ from safetensors.torch import load_model, save_model
 
 from rnnserve.models.lm import LMConfig, RNNLanguageModel
 from rnnserve.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from rnnserve.tokenizer import CharTokenizer, WordTokenizer
+from rnnserve.subword import SubwordLMTokenizer, SubwordTokenizer
+from rnnserve.tokenizer import CharTokenizer, WordLMTokenizer
+
+LMTokenizer = CharTokenizer | SubwordLMTokenizer | WordLMTokenizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
-FILES = (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE)
+CARD_FILE = "README.md"
+SOURCE_SPM, TARGET_SPM, LM_SPM = "source.model", "target.model", "tokenizer.model"
+FILES = (CONFIG_FILE, WEIGHTS_FILE)  # every model folder has these; model_files() lists the rest
+
+
+def model_files(folder: str | Path) -> list[Path]:
+    """The files a model folder serves from: config, weights, its tokenizer's files and the model card."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    tokenizer = config.get("tokenizer", {}).get("files", [TOKENIZER_FILE])
+    names = [CONFIG_FILE, WEIGHTS_FILE, *tokenizer] + ([CARD_FILE] if (folder / CARD_FILE).exists() else [])
+    return [folder / n for n in names]
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    folder = Path(folder)
+    try:
+        return all(p.is_file() for p in model_files(folder))
+    except (OSError, ValueError):  # no config.json, or not JSON
+        return False
 
 
 @dataclass
 class LoadedLM:
     model: RNNLanguageModel
-    tokenizer: CharTokenizer
+    tokenizer: LMTokenizer
     meta: dict
 
 
-def save_lm(folder: str | Path, model: RNNLanguageModel, tokenizer: CharTokenizer,
+def save_lm(folder: str | Path, model: RNNLanguageModel, tokenizer: LMTokenizer,
             meta: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    meta = dict(meta or {})
+    if isinstance(tokenizer, SubwordLMTokenizer):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tokenizer.save(Path(folder) / LM_SPM)
+        (Path(folder) / TOKENIZER_FILE).unlink(missing_ok=True)
+        meta["tokenizer"] = {"type": "sentencepiece", "files": [LM_SPM]}
+        return _save(folder, "lm", model, RNNLanguageModel(model.config), None, meta, dtype)
+    meta["tokenizer"] = {"type": tokenizer.to_dict()["type"], "files": [TOKENIZER_FILE]}
     return _save(folder, "lm", model, RNNLanguageModel(model.config), tokenizer.to_dict(), meta, dtype)
 
 
@@ -45,24 +77,36 @@ def load_lm(folder: str | Path, device: str | torch.device = "cpu",
     folder, meta = Path(folder), _meta(folder, "lm", "a language model")
     model = RNNLanguageModel(LMConfig(**meta["model"]))
     _load_weights(folder, model, device, dtype)
-    return LoadedLM(model, CharTokenizer.load(folder / TOKENIZER_FILE), meta)
+    kind = meta.get("tokenizer", {}).get("type", "char")
+    if kind == "sentencepiece":
+        tokenizer: LMTokenizer = SubwordLMTokenizer.load(folder / LM_SPM)
+    elif kind == "words":
+        tokenizer = WordLMTokenizer.from_dict(json.loads((folder / TOKENIZER_FILE).read_text()))
+    else:
+        tokenizer = CharTokenizer.load(folder / TOKENIZER_FILE)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                         f"{model.config.vocab_size}")
+    return LoadedLM(model, tokenizer, meta)
 
 
 @dataclass
 class LoadedTranslation:
     model: Seq2Seq
-    src: WordTokenizer
-    tgt: WordTokenizer
+    src: SubwordTokenizer
+    tgt: SubwordTokenizer
     meta: dict
 
 
-def _save(folder: str | Path, task: str, model: torch.nn.Module, copy: torch.nn.Module, tokenizer: dict,
+def _save(folder: str | Path, task: str, model: torch.nn.Module, copy: torch.nn.Module, tokenizer: dict | None,
           meta: dict | None, dtype: torch.dtype) -> Path:
+    """tokenizer: tokenizer.json's content, or None when the caller wrote the tokenizer's own files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"task": task, "model": model.config.to_dict(), **(meta or {})}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    (folder / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False, indent=None))
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False))
+    if tokenizer is not None:
+        (folder / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False, indent=None))
     # a converted copy is saved so that the live model keeps its training dtype
     copy.load_state_dict(model.state_dict())
     save_model(copy.to(dtype), str(folder / WEIGHTS_FILE))
@@ -85,16 +129,26 @@ def _load_weights(folder: Path, model: torch.nn.Module, device, dtype: torch.dty
     model.to(device=device, dtype=dtype).eval()
 
 
-def save_translation(folder: str | Path, model: Seq2Seq, src: WordTokenizer, tgt: WordTokenizer,
+def save_translation(folder: str | Path, model: Seq2Seq, src: SubwordTokenizer, tgt: SubwordTokenizer,
                      meta: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    tokenizer = {"type": "seq2seq", "src": src.to_dict(), "tgt": tgt.to_dict()}
-    return _save(folder, "translation", model, Seq2Seq(model.config), tokenizer, meta, dtype)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src.save(folder / SOURCE_SPM)
+    tgt.save(folder / TARGET_SPM)
+    (folder / TOKENIZER_FILE).unlink(missing_ok=True)  # the vocabulary of an earlier model there
+    meta = {**(meta or {}), "tokenizer": {"type": "sentencepiece", "files": [SOURCE_SPM, TARGET_SPM]}}
+    return _save(folder, "translation", model, Seq2Seq(model.config), None, meta, dtype)
 
 
 def load_translation(folder: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> LoadedTranslation:
     folder, meta = Path(folder), _meta(folder, "translation", "a translation model")
+    if meta.get("tokenizer", {}).get("type") != "sentencepiece":
+        raise ValueError(f"{folder}: a translation model needs SentencePiece tokenizers (source.model, target.model)")
     model = Seq2Seq(Seq2SeqConfig(**meta["model"]))
     _load_weights(folder, model, device, dtype)
-    tok = json.loads((folder / TOKENIZER_FILE).read_text())
-    return LoadedTranslation(model, WordTokenizer.from_dict(tok["src"]), WordTokenizer.from_dict(tok["tgt"]), meta)
+    src, tgt = SubwordTokenizer.load(folder / SOURCE_SPM), SubwordTokenizer.load(folder / TARGET_SPM)
+    if (src.vocab_size, tgt.vocab_size) != (model.config.src_vocab, model.config.tgt_vocab):
+        raise ValueError(f"{folder}: the tokenizers' vocabularies ({src.vocab_size}, {tgt.vocab_size}) do not match "
+                         f"the model's ({model.config.src_vocab}, {model.config.tgt_vocab})")
+    return LoadedTranslation(model, src, tgt, meta)

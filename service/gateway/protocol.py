@@ -109,6 +109,7 @@ class ModelCard(BaseModel):
     cell: str
     vocab_size: int
     limits: dict[str, int]
+    languages: dict[str, str] | None = Field(None, description="translation: source and target language codes")
 
 
 class ModelList(BaseModel):

@@ -1,4 +1,7 @@
-"""The served models and what clients may know about them, read from the model folders."""
+"""The served models and what clients may know about them, read from the model folders.
+
+A model's limits are the service-wide caps (protocol.py), lowered by its config.json's "limits"
+where the model asks for less: a model trained on short sentences can refuse long ones."""
 from __future__ import annotations
 
 import json
@@ -19,6 +22,15 @@ LIMITS = {
 }
 
 
+def model_limits(task: str, config: dict) -> dict[str, int]:
+    """The service-wide caps of the task, lowered by the model config's "limits" (unknown keys ignored)."""
+    caps = dict(LIMITS[task])
+    for key, value in (config.get("limits") or {}).items():
+        if key in caps and isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            caps[key] = min(caps[key], value)
+    return caps
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -26,11 +38,31 @@ class ModelInfo:
     cell: str
     vocab_size: int
     created: int
+    limits: dict
+    languages: dict | None = None
 
     def card(self) -> ModelCard:
-        limits = LIMITS[self.task]
         return ModelCard(id=self.name, created=self.created, task=self.task, cell=self.cell,
-                         vocab_size=self.vocab_size, limits=limits)
+                         vocab_size=self.vocab_size, limits=self.limits, languages=self.languages)
+
+    def check_generate(self, max_tokens: int, prompts: list[str]) -> None:
+        """The model's own limits, below the service-wide ones that validation already applied."""
+        if max_tokens > self.limits["max_tokens"]:
+            raise invalid(f"max_tokens must be at most {self.limits['max_tokens']} for model {self.name!r}",
+                          "max_tokens")
+        if any(len(p) > self.limits["max_prompt_chars"] for p in prompts):
+            raise invalid(f"prompt must be at most {self.limits['max_prompt_chars']} characters for model "
+                          f"{self.name!r}", "prompt")
+
+    def check_translate(self, texts: list[str], max_tokens: int | None) -> None:
+        if len(texts) > self.limits["max_texts"]:
+            raise invalid(f"at most {self.limits['max_texts']} texts per request for model {self.name!r}", "text")
+        if any(len(t) > self.limits["max_text_chars"] for t in texts):
+            raise invalid(f"each text must be at most {self.limits['max_text_chars']} characters for model "
+                          f"{self.name!r}", "text")
+        if max_tokens is not None and max_tokens > self.limits["max_tokens"]:
+            raise invalid(f"max_tokens must be at most {self.limits['max_tokens']} for model {self.name!r}",
+                          "max_tokens")
 
 
 class Registry:
@@ -54,7 +86,8 @@ class Registry:
 
 def _read(folder: Path, name: str) -> ModelInfo:
     config = json.loads((folder / "config.json").read_text())
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    vocab = len(tokenizer["tgt"]["itos"]) if tokenizer["type"] == "seq2seq" else len(tokenizer["chars"])
-    return ModelInfo(name=name, task=config["task"], cell=config["model"]["cell"], vocab_size=vocab,
-                     created=int((folder / "model.safetensors").stat().st_mtime))
+    model, task = config["model"], config["task"]
+    vocab = model["tgt_vocab"] if task == "translation" else model["vocab_size"]
+    return ModelInfo(name=name, task=task, cell=model["cell"], vocab_size=vocab,
+                     created=int((folder / "model.safetensors").stat().st_mtime), limits=model_limits(task, config),
+                     languages=config.get("languages"))

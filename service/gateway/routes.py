@@ -66,7 +66,7 @@ def _stream(events) -> StreamingResponse:
 async def generate(req: GenerateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """Generate text after `prompt`. With `stream: true`: `data: {"text": ...}` per chunk, a last
     event with `finish_reason` and `usage`, then `data: [DONE]`."""
-    registry.get(req.model, "lm")
+    registry.get(req.model, "lm").check_generate(req.max_tokens, [req.prompt])
     ctx = _context(request, req.model, "generate", request_id)
     started = await start(ctx, [req.upstream_body(req.prompt)])
     if not req.stream:
@@ -90,7 +90,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
 @api.post("/v1/completions", response_model=CompletionResponse, tags=["generation"], responses=SSE)
 async def completions(req: CompletionRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """OpenAI-compatible text completions (the official `openai` client works against it)."""
-    registry.get(req.model, "lm")
+    registry.get(req.model, "lm").check_generate(req.max_tokens, req.prompts)
     ctx = _context(request, req.model, "completions", request_id)
     choices = req.choices()
     started = await start(ctx, [body for _, _, body in choices])
@@ -125,7 +125,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
 async def translate(req: TranslateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """Translate one text or a list. With `stream: true` (one text): `data: {"text": ...}` as the
     words every beam agrees on become final, a last event with the whole `translation`, then `[DONE]`."""
-    registry.get(req.model, "translation")
+    registry.get(req.model, "translation").check_translate(req.texts, req.max_tokens)
     ctx = _context(request, req.model, "translate", request_id)
     started = await start(ctx, [req.upstream_body()])
     if not req.stream:

@@ -17,7 +17,6 @@ import torch
 from rnnserve.engine.lm_engine import StepOutput
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationOutput, TranslationParams
-from rnnserve.text import detokenize
 
 GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed"}
 
@@ -141,19 +140,26 @@ def parse_translate_body(body: Any, max_texts: int, max_chars: int) -> tuple[lis
 
 
 class TextStreams:
-    """Readable text of each sentence as its tokens arrive. Detokenizing left to right never changes
-    what was already written, so each step's new text is the tail of the whole."""
+    """Readable text of each sentence as its tokens arrive: the whole is decoded again and the new tail
+    sent. A tail that would not extend what was sent (a character still missing some of its bytes, a
+    space the next token may take back) waits for the next tokens; `final` is the whole text."""
 
-    def __init__(self, vocab: list[str], n: int) -> None:
-        self.vocab = vocab
+    def __init__(self, codec, n: int) -> None:
+        self.codec = codec  # encode / decode / pieces (rnnserve.models.folder.TextCodec)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.text = [""] * n
+        self.text = [""] * n  # what was sent
 
     def add(self, index: int, ids: list[int]) -> str:
         self.tokens[index] += ids
-        whole = detokenize([self.vocab[i] for i in self.tokens[index]])
-        new, self.text[index] = whole[len(self.text[index]):], whole
-        return new
+        whole = self.codec.decode(self.tokens[index]).rstrip("\ufffd")
+        sent = self.text[index]
+        if not whole.startswith(sent) or len(whole) == len(sent):
+            return ""
+        self.text[index] = whole
+        return whole[len(sent):]
+
+    def final(self, index: int) -> str:
+        return self.codec.decode(self.tokens[index])
 
 
 def translation_frame(out: TranslationOutput, streams: TextStreams, sources: list[list[str]]) -> str:
@@ -163,7 +169,7 @@ def translation_frame(out: TranslationOutput, streams: TextStreams, sources: lis
         reasons = [r.finish_reason for r in out.results]
         frame["finish_reason"] = "length" if "length" in reasons else "stop"
         frame["translations"] = [
-            {"text": streams.text[i], "tokens": [streams.vocab[t] for t in r.tokens], "source_tokens": sources[i],
+            {"text": streams.final(i), "tokens": streams.codec.pieces(r.tokens), "source_tokens": sources[i],
              "finish_reason": r.finish_reason, **({"attention": r.attention} if r.attention is not None else {})}
             for i, r in enumerate(out.results)]
         frame["usage"] = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}

@@ -1,7 +1,8 @@
 """TorchServe handler for the attention encoder-decoder: a thin adapter over `TranslationEngine`.
 
-Texts are tokenized as the training data was (rnnserve.text), every sentence of every request
-decodes in one running batch, and each frame carries the text every beam already agrees on.
+Texts are tokenized by the model folder's own tokenizer (SentencePiece, or a word vocabulary), every
+sentence of every request decodes in one running batch, and each frame carries the text every beam
+already agrees on.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from rnnserve.engine.translation_engine import TranslationEngine, TranslationOut
 from rnnserve.models.folder import load_translation
 from rnnserve.service.handlers.frames import TextStreams, parse_translate_body, translation_frame
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
-from rnnserve.text import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ class TranslationHandler(ContinuousBatchingHandler):
 
     def admit(self, request_id: str, body) -> None:
         texts, params = parse_translate_body(body, self.max_texts, self.max_chars)
-        sources = [tokenize(t) for t in texts]
-        self.engine.add(request_id, [self.src.encode(s) for s in sources], params)
-        self.streams[request_id] = (TextStreams(self.tgt.itos, len(texts)), sources)
+        ids = [self.src.encode(t) for t in texts]
+        self.engine.add(request_id, ids, params)
+        self.streams[request_id] = (TextStreams(self.tgt, len(texts)), [self.src.pieces(i) for i in ids])
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from rnnserve.text import detokenize
+from rnnserve.models.folder import load_translation
+from rnnserve.paths import MODELS_DIR
 
 pytestmark = pytest.mark.e2e
 
@@ -18,13 +19,27 @@ def test_translates_a_list_with_beam_search(stack):
     body = r.json()
     assert set(body) == {"id", "model", "translations", "usage"}
     dogs, man, empty = body["translations"]
-    assert dogs["source_tokens"] == ["zwei", "hunde", "spielen", "im", "schnee", "."]
-    assert "dogs" in dogs["tokens"] and "snow" in dogs["tokens"]  # a trained model, not noise
-    assert "man" in man["tokens"]
-    assert dogs["text"] == detokenize(dogs["tokens"]) and dogs["finish_reason"] == "stop"
+    tr = load_translation(MODELS_DIR / M)
+    assert dogs["source_tokens"] == tr.src.pieces(tr.src.encode("Zwei Hunde spielen im Schnee."))
+    # a trained model: cased, detokenized English, no <unk>
+    assert dogs["text"].startswith("Two dogs") and "snow" in dogs["text"] and dogs["text"].endswith(".")
+    assert man["text"].startswith("A man") and ("bike" in man["text"] or "bicycle" in man["text"])
+    assert "<unk>" not in dogs["text"] + man["text"] and "\u2047" not in dogs["text"] + man["text"]
+    assert "".join(dogs["tokens"]).replace("\u2581", " ").strip() == dogs["text"]
+    assert dogs["finish_reason"] == "stop"
     assert empty == {"text": "", "finish_reason": "stop", "tokens": [], "source_tokens": [], "attention": None}
-    assert body["usage"]["prompt_tokens"] == 6 + 5
+    assert body["usage"]["prompt_tokens"] == len(dogs["source_tokens"]) + len(man["source_tokens"])
     assert body["usage"]["completion_tokens"] == len(dogs["tokens"]) + len(man["tokens"])
+
+
+def test_cased_german_with_sharp_s_and_umlauts_comes_back_as_cased_english(stack):
+    with stack.client() as c:
+        r = c.post("/v1/translate", json={"model": M, "text": ["Ich habe das Fußballspiel gesehen.",
+                                                                "Zwei Männer überqueren eine große Straße."]})
+    soccer, street = (t["text"] for t in r.json()["translations"])
+    # the model knows image captions, not first-person talk; but no word becomes <unk>
+    assert soccer[0].isupper() and "soccer" in soccer and "<unk>" not in soccer and "\u2047" not in soccer
+    assert street.startswith("Two men") and "street" in street
 
 
 def test_greedy_equals_beam_of_one_and_attention_rows_cover_the_source(stack):

@@ -8,9 +8,12 @@ import pytest
 
 from rnnserve.cli import main
 from rnnserve.models.folder import load_lm, load_translation
+from rnnserve.paths import DATA_DIR
 from rnnserve.training.lm import LMTrainConfig, train_lm
 
-TINY_LM = ["--limit-chars", "20000", "--hidden-size", "32", "--embed-dim", "16", "--batch-size", "8",
+SHAKESPEARE = str(DATA_DIR / "tinyshakespeare" / "input.txt")
+RAW = DATA_DIR / "multi30k" / "raw"
+TINY_LM = ["--train-file", SHAKESPEARE, "--limit-chars", "20000", "--hidden-size", "32", "--embed-dim", "16", "--batch-size", "8",
            "--seq-len", "32", "--warmup-steps", "5", "--threads", "1"]
 
 
@@ -19,7 +22,7 @@ def test_train_lm_writes_a_servable_folder_and_learns(tmp_path, capsys):
     assert main(["train", "lm", "--out", str(out), "--epochs", "2", *TINY_LM]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert {p.name for p in out.iterdir()} == {"config.json", "tokenizer.json", "model.safetensors", "metrics.json",
-                                               "loss.png"}
+                                               "loss.png", "README.md"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert metrics["history"][1]["val_loss"] < metrics["history"][0]["val_loss"] < math.log(65)
@@ -27,10 +30,13 @@ def test_train_lm_writes_a_servable_folder_and_learns(tmp_path, capsys):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     lm = load_lm(out)
     assert lm.model.config.hidden_size == 32 and lm.tokenizer.vocab_size == 65
+    card = (out / "README.md").read_text()
+    assert f"rnnserve train lm --out {out} --epochs 2 --train-file {SHAKESPEARE} --limit-chars 20000" in card
+    assert "| validation loss (nats per character) |" in card and "| tokenizer | characters (65) |" in card
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path):
-    cfg = LMTrainConfig(out=str(tmp_path / "lm"), epochs=3, limit_chars=20000, hidden_size=32, embed_dim=16,
+    cfg = LMTrainConfig(train_file=SHAKESPEARE, out=str(tmp_path / "lm"), epochs=3, limit_chars=20000, hidden_size=32, embed_dim=16,
                         batch_size=8, seq_len=32, warmup_steps=5, threads=1, max_minutes=0.0)
     first = train_lm(cfg)  # the time budget stops it within the first epoch
     assert len(first["history"]) == 1 and (tmp_path / "lm" / "train_state.pt").exists()
@@ -56,18 +62,21 @@ def test_evaluate_prints_loss_perplexity_and_bits_per_char(tmp_path, capsys):
 
 def test_train_and_evaluate_translation(tmp_path, capsys):
     out = tmp_path / "tr"
-    assert main(["train", "translation", "--out", str(out), "--epochs", "1", "--limit-sentences", "400",
-                 "--embed-dim", "16", "--enc-hidden", "16", "--dec-hidden", "24", "--attn-dim", "8",
-                 "--batch-size", "64", "--threads", "1"]) == 0
+    assert main(["train", "translation", "--train-src", str(RAW / "val.de.gz"), "--train-tgt", str(RAW / "val.en.gz"),
+                 "--out", str(out), "--epochs", "1", "--limit-sentences", "400", "--src-vocab", "400",
+                 "--tgt-vocab", "400", "--embed-dim", "16", "--enc-hidden", "16", "--dec-hidden", "24",
+                 "--attn-dim", "8", "--batch-size", "64", "--threads", "1"]) == 0
     capsys.readouterr()
     tr = load_translation(out)
-    assert tr.model.config.cell == "gru" and tr.src.itos[:4] == ["<pad>", "<unk>", "<bos>", "<eos>"]
+    assert tr.model.config.cell == "gru" and tr.src.pieces([0, 1, 2, 3]) == ["<pad>", "<unk>", "<s>", "</s>"]
     src, ref = tmp_path / "src.de", tmp_path / "ref.en"
     src.write_text("Zwei Hunde spielen im Schnee.\nEin Mann.\n")
     ref.write_text("Two dogs play in the snow.\nA man.\n")
     assert main(["evaluate", str(out), "--src-file", str(src), "--ref-file", str(ref), "--beam-size", "2"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["sentences"] == 2 and 0 <= r["bleu"] <= 100 and r["beam_size"] == 2 and r["seconds"] > 0
+    assert r["bleu_signature"] == "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
+    assert 0 <= r["bleu_lowercased_tokenized"] <= 100 and 0 <= r["chrf"] <= 100
 
 
 def test_mismatched_files_are_refused(tmp_path, tiny_translation_folder):

@@ -1,5 +1,5 @@
+from rnnserve.models.folder import load_translation
 from rnnserve.service.handlers.translation_handler import TranslationHandler
-from rnnserve.text import detokenize
 from tests.unit.fakes import FakeContext, Frontend
 
 
@@ -20,15 +20,16 @@ def test_streams_deltas_then_translations_with_attention(tiny_translation_folder
     frames = fe.frames["a"]
     last = frames[-1]
     assert "finish_reason" not in frames[0] and last["finish_reason"] == "length"
-    assert [t["source_tokens"] for t in last["translations"]] == [
-        ["ein", "mann", "läuft", "."], ["zwei", "hunde", "spielen", "im", "schnee", "!"]]
+    tr = load_translation(tiny_translation_folder)
+    sources = [tr.src.encode(t) for t in ("Ein Mann läuft.", "Zwei Hunde spielen im Schnee!")]
+    assert [t["source_tokens"] for t in last["translations"]] == [tr.src.pieces(ids) for ids in sources]
     for i, t in enumerate(last["translations"]):
         assert len(t["tokens"]) == 6 and t["finish_reason"] == "length"
-        assert t["text"] == detokenize(t["tokens"])
+        assert t["text"] == tr.tgt.decode([tr.tgt.sp.piece_to_id(p) for p in t["tokens"]])
         streamed = "".join(d["text"] for f in frames for d in f.get("deltas", []) if d["index"] == i)
         assert streamed == t["text"]
         assert len(t["attention"]) == 6 and all(len(row) == len(t["source_tokens"]) for row in t["attention"])
-    assert last["usage"] == {"prompt_tokens": 10, "completion_tokens": 12}
+    assert last["usage"] == {"prompt_tokens": sum(map(len, sources)), "completion_tokens": 12}
 
 
 def test_bad_requests_end_alone(tiny_translation_folder):

@@ -1,0 +1,105 @@
+"""Models without the server: `rnnserve translate` and `rnnserve generate` run the serving engines
+in-process on a model folder, the way a user checks a model before deploying it."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, TextIO
+
+from rnnserve.engine.lm_engine import LMEngine
+from rnnserve.engine.sampling import SamplingParams
+from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
+from rnnserve.models.folder import load_lm, load_translation
+from rnnserve.paths import MODELS_DIR
+
+
+def resolve_model(model: str) -> Path:
+    """A model folder's path, or the name of a folder under RNNSERVE_MODELS_DIR (default models/)."""
+    import os
+
+    path = Path(model)
+    if (path / "config.json").exists():
+        return path
+    models_dir = Path(os.environ.get("RNNSERVE_MODELS_DIR") or MODELS_DIR)
+    if (models_dir / model / "config.json").exists():
+        return models_dir / model
+    raise SystemExit(f"no model folder {model!r} (neither a path nor a name under {models_dir})")
+
+
+def translate_lines(folder: Path, lines: Iterable[str], out: TextIO, beam_size: int = 4, length_penalty: float = 0.6,
+                    batch_size: int = 64, max_tokens: int | None = None, progress: TextIO | None = sys.stderr) -> int:
+    """Translate every line (an empty line stays empty), writing them in input order; returns the count."""
+    tr = load_translation(folder)
+    params = TranslationParams(beam_size=beam_size, length_penalty=length_penalty, max_tokens=max_tokens)
+    params.validate(max_tokens_limit=1024)
+    lines = list(lines)
+    t0, done, shown = time.monotonic(), 0, 0.0
+    for start in range(0, len(lines), 1024):  # bounded memory for any input; the engine batches within
+        chunk = lines[start:start + 1024]
+        engine = TranslationEngine(tr.model, max_rows=batch_size * beam_size, max_tokens_limit=1024,
+                                   max_source_tokens=1024)
+        texts: list[str] = ["" for _ in chunk]
+        for i, line in enumerate(chunk):
+            if line.strip():
+                engine.add(str(i), [tr.src.encode(line)], params)
+        while engine.has_work():
+            for o in engine.step():
+                if o.finished:
+                    texts[int(o.request_id)] = tr.tgt.decode(o.results[0].tokens)
+                    done += 1
+            now = time.monotonic()
+            if progress is not None and now - shown >= 1.0:
+                shown = now
+                progress.write(f"\rtranslated {done}/{len(lines)} lines, {done / max(now - t0, 1e-9):.1f} lines/s")
+        for text in texts:
+            out.write(text + "\n")
+        out.flush()
+    if progress is not None:
+        seconds = time.monotonic() - t0
+        progress.write(f"\rtranslated {len(lines)} lines in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} lines/s)\n")
+    return len(lines)
+
+
+def generate(folder: Path, prompt: str, out: TextIO, params: SamplingParams) -> str:
+    """Stream one generation to `out` as it decodes; returns the text."""
+    lm = load_lm(folder)
+    engine = LMEngine(lm.model, lm.tokenizer, max_batch_size=1, max_tokens_limit=params.max_tokens,
+                      max_prompt_chars=max(len(prompt), 1))
+    engine.add("cli", prompt, params)
+    text = ""
+    while engine.has_work():
+        for o in engine.step(num_tokens=8):
+            out.write(o.text)
+            out.flush()
+            text += o.text
+    return text
+
+
+def main_translate(args) -> int:
+    folder = resolve_model(args.model)
+    source = open(args.input, encoding="utf-8") if args.input else sys.stdin
+    sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        translate_lines(folder, (line.rstrip("\r\n") for line in source), sink, args.beam_size, args.length_penalty,
+                        args.batch_size, args.max_tokens, None if args.quiet else sys.stderr)
+    finally:
+        if args.input:
+            source.close()
+        if args.output:
+            sink.close()
+    return 0
+
+
+def main_generate(args) -> int:
+    folder = resolve_model(args.model)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stop=args.stop or [], seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise SystemExit(f"rnnserve generate: error: {e}") from None
+    sys.stdout.write(args.prompt)
+    generate(folder, args.prompt, sys.stdout, params)
+    sys.stdout.write("\n")
+    return 0
