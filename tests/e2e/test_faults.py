@@ -90,7 +90,7 @@ def test_killed_worker_ends_every_stream_with_an_error_then_recovers(fresh):
     # the other model's worker is untouched and keeps serving during the outage
     with fresh.client() as c:
         r = c.post("/v1/translate", json={"model": "translate-de-en", "text": "Ein Hund rennt.", "beam_size": 1})
-        assert r.status_code == 200 and "dog" in r.json()["translations"][0]["tokens"]
+        assert r.status_code == 200 and r.json()["translations"][0]["text"].startswith("A dog")
     for t in threads:
         t.join(timeout=60)
     assert len(results) == 3

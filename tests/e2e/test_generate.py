@@ -75,7 +75,9 @@ def test_health_readiness_and_models(stack):
         "max_tokens": 2048, "max_prompt_chars": 8192, "max_prompts": 8, "max_n": 8}}
     tr = cards["translate-de-en"]
     assert (tr["task"], tr["cell"], tr["limits"]["max_beam_size"]) == ("translation", "gru", 8)
-    assert tr["vocab_size"] > 5000
+    assert tr["vocab_size"] == 8000
+    languages = {m["id"]: m["languages"] for m in models["data"]}
+    assert languages == {"lm-shakespeare": None, "translate-de-en": {"source": "de", "target": "en"}}
 
 
 def test_invalid_request_gets_one_error_shape_and_changes_nothing(stack):
