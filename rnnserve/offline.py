@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import Callable, Iterable, TextIO
 
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
 from rnnserve.models.folder import load_lm, load_translation
+from rnnserve.models.seq2seq import Seq2Seq
 from rnnserve.paths import MODELS_DIR
 
 
@@ -27,37 +28,53 @@ def resolve_model(model: str) -> Path:
     raise SystemExit(f"no model folder {model!r} (neither a path nor a name under {models_dir})")
 
 
+def translate_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int = 1, batch_size: int = 128,
+                  alpha: float = 0.6, max_tokens: int | None = None, max_len: int = 256,
+                  on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Decode many sentences with the serving engine, `batch_size` sentences in flight, input order kept;
+    `on_done(count)` after each engine step that finished sentences. `max_len` bounds source and output tokens."""
+    params = TranslationParams(beam_size=beam_size, length_penalty=alpha, max_tokens=max_tokens)
+    params.validate(max_tokens_limit=max_len)
+    engine = TranslationEngine(model, max_rows=batch_size * beam_size, max_tokens_limit=max_len,
+                               max_source_tokens=max_len)
+    for i, src in enumerate(src_ids):  # one request per sentence: rows free up as sentences end
+        engine.add(str(i), [src], params)
+    out: list[list[int]] = [[] for _ in src_ids]
+    while engine.has_work():
+        finished = [o for o in engine.step() if o.finished]
+        for o in finished:
+            out[int(o.request_id)] = o.results[0].tokens
+        if finished and on_done is not None:
+            on_done(len(finished))
+    return out
+
+
 def translate_lines(folder: Path, lines: Iterable[str], out: TextIO, beam_size: int = 4, length_penalty: float = 0.6,
                     batch_size: int = 64, max_tokens: int | None = None, progress: TextIO | None = sys.stderr) -> int:
     """Translate every line (an empty line stays empty), writing them in input order; returns the count."""
     tr = load_translation(folder)
-    params = TranslationParams(beam_size=beam_size, length_penalty=length_penalty, max_tokens=max_tokens)
-    params.validate(max_tokens_limit=1024)
     lines = list(lines)
     t0, done, shown = time.monotonic(), 0, 0.0
+
+    def report(n: int) -> None:
+        nonlocal done, shown
+        done += n
+        now = time.monotonic()
+        if progress is not None and now - shown >= 1.0:
+            shown = now
+            progress.write(f"\rtranslated {done}/{len(lines)} lines, {done / max(now - t0, 1e-9):.1f} lines/s")
+
     for start in range(0, len(lines), 1024):  # bounded memory for any input; the engine batches within
         chunk = lines[start:start + 1024]
-        engine = TranslationEngine(tr.model, max_rows=batch_size * beam_size, max_tokens_limit=1024,
-                                   max_source_tokens=1024)
-        texts: list[str] = ["" for _ in chunk]
-        for i, line in enumerate(chunk):
-            if line.strip():
-                engine.add(str(i), [tr.src.encode(line)], params)
-        while engine.has_work():
-            for o in engine.step():
-                if o.finished:
-                    texts[int(o.request_id)] = tr.tgt.decode(o.results[0].tokens)
-                    done += 1
-            now = time.monotonic()
-            if progress is not None and now - shown >= 1.0:
-                shown = now
-                progress.write(f"\rtranslated {done}/{len(lines)} lines, {done / max(now - t0, 1e-9):.1f} lines/s")
-        for text in texts:
-            out.write(text + "\n")
+        ids = translate_ids(tr.model, [tr.src.encode(line) for line in chunk], beam_size, batch_size,
+                            length_penalty, max_tokens, max_len=1024, on_done=report)
+        for tokens in ids:
+            out.write(tr.tgt.decode(tokens) + "\n")
         out.flush()
     if progress is not None:
         seconds = time.monotonic() - t0
-        progress.write(f"\rtranslated {len(lines)} lines in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} lines/s)\n")
+        progress.write(f"\rtranslated {len(lines)} lines in {seconds:.1f} s ({len(lines) / max(seconds, 1e-9):.1f} "
+                       f"lines/s)\n")
     return len(lines)
 
 

@@ -108,13 +108,18 @@ HANDLER_LIMITS = {"lm": {"max_tokens": "max_tokens_limit", "max_prompt_chars": "
 
 
 def model_config(task: str, config: dict) -> dict:
-    """The model-config.yaml of an archive: the task's settings, with the model's own lower limits."""
+    """The model-config.yaml of an archive: the task's settings, with the model's own lower limits (read as
+    the gateway reads them, so both enforce the same numbers)."""
+    from rnnserve.service.gateway.registry import model_limits
+
     out = json.loads(json.dumps(MODEL_CONFIGS[task]))  # a deep copy
     handler = out["handler"]
-    for key, setting in HANDLER_LIMITS.get(config.get("task"), {}).items():
-        value = (config.get("limits") or {}).get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1 and setting in handler:
-            handler[setting] = min(handler[setting], value)
+    limits = HANDLER_LIMITS.get(config.get("task"), {})
+    if limits:
+        lowered = model_limits(config["task"], config)
+        for key, setting in limits.items():
+            if setting in handler:
+                handler[setting] = min(handler[setting], lowered[key])
     return out
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from rnnserve.models.folder import load_lm, load_translation
-from rnnserve.offline import resolve_model
+from rnnserve.offline import resolve_model, translate_ids
 from rnnserve.text import lowercase_tokenized
 from rnnserve.training.corpus import DataError, read_lines
 from rnnserve.training.lm import evaluate_lm
-from rnnserve.training.translation import corpus_bleu, sacre_bleu, translate_ids
+from rnnserve.training.translation import corpus_bleu, sacre_bleu
 
 
 def evaluate_text(folder: Path, text_file: Path) -> dict:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
 from rnnserve.models.folder import save_translation
+from rnnserve.offline import translate_ids
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq, Seq2SeqConfig
 from rnnserve.subword import SubwordTokenizer
 from rnnserve.training.card import article, command_line, write_card
@@ -147,21 +147,6 @@ def evaluate_loss(model: Seq2Seq, pairs: list, batch_size: int = 256) -> float:
                                  reduction="sum").item()
         count += n
     return total / count
-
-
-def translate_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int = 1, batch_size: int = 128,
-                  alpha: float = 0.6) -> list[list[int]]:
-    """Decode many sentences with the serving engine, `batch_size` sentences in flight, input order kept."""
-    engine = TranslationEngine(model, max_rows=batch_size * beam_size)
-    params = TranslationParams(beam_size=beam_size, length_penalty=alpha)
-    for i, src in enumerate(src_ids):  # one request per sentence: rows free up as sentences end
-        engine.add(str(i), [src], params)
-    out: list[list[int]] = [[] for _ in src_ids]
-    while engine.has_work():
-        for o in engine.step():
-            if o.finished:
-                out[int(o.request_id)] = o.results[0].tokens
-    return out
 
 
 def sacre_bleu(hyps: list[str], refs: list[str]) -> dict:
