@@ -109,6 +109,10 @@ class SubwordLMTokenizer:
         """line_start: the text so far is empty or ends a line (no space before the first word)."""
         return SubwordDecoder(self.sp.sp, line_start)
 
+    def token_text(self, token: int) -> str:
+        """One piece as text: `▁` a space, `<eos>` a line break, a byte piece as SentencePiece names it."""
+        return "\n" if token == EOS else self.sp.sp.id_to_piece(token).replace("\u2581", " ")
+
 
 class SubwordDecoder:
     """Generated text one token at a time: `▁` is a space (none at the start of a line), `<eos>` a line

@@ -37,6 +37,10 @@ class CharTokenizer:
     def decoder(self, line_start: bool = False) -> "CharDecoder":
         return CharDecoder(self.chars)
 
+    def token_text(self, token: int) -> str:
+        """One token as text, on its own (logprobs name tokens this way)."""
+        return self.chars[token]
+
     def unknown(self, text: str) -> set[str]:
         return {c for c in text if c not in self.stoi}
 
@@ -102,6 +106,9 @@ class WordLMTokenizer:
 
     def decoder(self, line_start: bool = False) -> "WordDecoder":
         return WordDecoder(self.words, line_start)
+
+    def token_text(self, token: int) -> str:
+        return "\n" if self.words[token] == self.EOS else self.words[token]
 
     def to_dict(self) -> dict:
         return {"type": "words", "words": self.words}

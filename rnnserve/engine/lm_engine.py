@@ -7,15 +7,17 @@ that finished or were aborted. Nothing here knows about TorchServe or HTTP.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from rnnserve.engine.sampling import SamplingParams, make_generator, sample_rows
+from rnnserve.engine.state import LMState
 from rnnserve.models.decode import decode_step, module_step
 from rnnserve.models.lm import RNNLanguageModel, State, concat_rows, select_rows
 from rnnserve.tokenizer import CharTokenizer
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 # A character model has no beginning-of-text token: an empty prompt starts after a newline, where
 # speeches in the corpus start.
 EMPTY_PROMPT = "\n"
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions allow
+MAX_SCORE_TEXTS = 16
+SCORE_CHUNK_VALUES = 2**25  # logits computed at once while scoring (rows x positions x vocabulary)
 
 
 @contextmanager
@@ -39,6 +44,16 @@ def mkldnn_enabled(enabled: bool):
 
 
 @dataclass
+class TokenLogprob:
+    """A token of the text, its natural-log probability under the model (before temperature, top-k and
+    top-p), and the most likely tokens at its place when asked. The first token of a fresh prompt has
+    nothing before it: its logprob is None."""
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]] | None = None
+
+
+@dataclass
 class StepOutput:
     """What one request produced in one engine step."""
     request_id: str
@@ -48,6 +63,28 @@ class StepOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     batch_size: int = 0  # sequences decoded together in this step
+    logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo: the prompt's tokens, in the first output
+    cumulative_logprob: float | None = None  # the whole generation's, when finished with logprobs asked
+    state: LMState | None = None  # when finished and asked for: the state to continue from
+    scores: list[dict] | None = None  # a scoring request's answer, one per text
+
+
+def merge_outputs(first: StepOutput, second: StepOutput) -> StepOutput:
+    """Two consecutive outputs of one request as one (second is the later)."""
+    def join(a, b):
+        return None if a is None and b is None else (a or []) + (b or [])
+
+    return replace(second, text=first.text + second.text, logprobs=join(first.logprobs, second.logprobs),
+                   prompt_logprobs=join(first.prompt_logprobs, second.prompt_logprobs))
+
+
+@dataclass
+class _Score:
+    request_id: str
+    texts: list[str]
+    ids: list[list[int]]
+    token_logprobs: bool
 
 
 @dataclass
@@ -63,6 +100,17 @@ class _Sequence:
     emitted: int = 0  # characters of `text` already returned
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
+    init: LMState | None = None  # continue from this state instead of zeros
+    logprobs: int | None = None  # None: no logprobs; n: the chosen token's and n alternatives
+    echo: bool = False
+    return_state: bool = False
+    at_line_start: bool = True  # everything read so far ends a line
+    entries: list[TokenLogprob] = field(default_factory=list)  # logprobs of token_ids
+    entry_ends: list[int] = field(default_factory=list)  # len(text) after each of them
+    entries_sent: int = 0
+    cumulative: float = 0.0
+    prompt_entries: list[TokenLogprob] | None = None  # echo, until sent
+    final_state: LMState | None = None
 
 
 class LMEngine:
@@ -86,10 +134,16 @@ class LMEngine:
         self._state: State | None = None
         self._logits: torch.Tensor | None = None  # (B, V) next-token logits of each running row
         self._ids: set[str] = set()
+        self._scoring: list[_Score] = []
 
     # -- admission -----------------------------------------------------------------------------
-    def add(self, request_id: str, prompt: str, params: SamplingParams) -> None:
-        """Queue a request; raises ValueError (and keeps nothing) when its parameters are invalid."""
+    def add(self, request_id: str, prompt: str, params: SamplingParams, *, logprobs: int | None = None,
+            echo: bool = False, state: LMState | None = None, return_state: bool = False) -> None:
+        """Queue a request; raises ValueError (and keeps nothing) when its parameters are invalid.
+
+        `state` continues a text the model read before (a session, or a state a client returned): the
+        prompt is read after it, an empty prompt continues where the text stopped.
+        """
         if request_id in self._ids:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not isinstance(prompt, str):
@@ -97,13 +151,37 @@ class LMEngine:
         if len(prompt) > self.max_prompt_chars:
             raise ValueError(f"prompt must be at most {self.max_prompt_chars} characters")
         params.validate(self.max_tokens_limit)
-        ids = self.tokenizer.encode(prompt or EMPTY_PROMPT)
-        if not ids:  # a prompt of nothing the vocabulary can spell (a word model's unknown words)
-            ids = self.tokenizer.encode(EMPTY_PROMPT)
-        decoder = self.tokenizer.decoder(line_start=not prompt or prompt.endswith("\n"))
-        seq = _Sequence(request_id, params, ids, make_generator(params.seed, self.device), decoder,
-                        prompt_tokens=len(ids) if prompt else 0)
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
+        if state is not None:
+            ids = [state.pending] + self.tokenizer.encode(prompt)
+            prompt_tokens = len(ids) - 1
+            line_start = prompt.endswith("\n") if prompt else state.line_start
+        else:
+            ids = self.tokenizer.encode(prompt or EMPTY_PROMPT)
+            if not ids:  # a prompt of nothing the vocabulary can spell (a word model's unknown words)
+                ids = self.tokenizer.encode(EMPTY_PROMPT)
+            prompt_tokens = len(ids) if prompt else 0
+            line_start = not prompt or prompt.endswith("\n")
+        seq = _Sequence(request_id, params, ids, make_generator(params.seed, self.device),
+                        self.tokenizer.decoder(line_start=line_start), prompt_tokens=prompt_tokens, init=state,
+                        logprobs=logprobs, echo=echo, return_state=return_state, at_line_start=line_start)
         self._waiting.append(seq)
+        self._ids.add(request_id)
+
+    def add_score(self, request_id: str, texts: list[str], token_logprobs: bool = False) -> None:
+        """Queue a scoring request: the log-probability of each text as a whole, read after a line break
+        (where the model starts a text). All scoring requests of a step run in one batch."""
+        if request_id in self._ids:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a non-empty list of strings")
+        if len(texts) > MAX_SCORE_TEXTS:
+            raise ValueError(f"at most {MAX_SCORE_TEXTS} texts per scoring request")
+        if any(len(t) > self.max_prompt_chars for t in texts):
+            raise ValueError(f"each text must be at most {self.max_prompt_chars} characters")
+        self._scoring.append(_Score(request_id, list(texts), [self.tokenizer.encode(t) for t in texts],
+                                    bool(token_logprobs)))
         self._ids.add(request_id)
 
     def abort(self, request_id: str) -> bool:
@@ -112,6 +190,7 @@ class LMEngine:
             return False
         self._ids.discard(request_id)
         self._waiting = [s for s in self._waiting if s.request_id != request_id]
+        self._scoring = [j for j in self._scoring if j.request_id != request_id]
         keep = [i for i, s in enumerate(self._running) if s.request_id != request_id]
         if len(keep) != len(self._running):
             self._keep_rows(keep)
@@ -132,7 +211,7 @@ class LMEngine:
         return len(self._waiting)
 
     def has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._scoring)
 
     # -- stepping ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -145,9 +224,10 @@ class LMEngine:
         without adding a full budget of decoding on top.
         """
         t0 = time.perf_counter()
+        scored = self._score()
         self._admit()
         if not self._running:
-            return []
+            return scored
         for _ in range(num_tokens):
             self._decode_one()
             if all(s.finish_reason for s in self._running):
@@ -161,21 +241,129 @@ class LMEngine:
                 if s.finish_reason:
                     self._ids.discard(s.request_id)
             self._keep_rows(alive)
-        return outputs
+        return scored + outputs
 
     def _admit(self) -> None:
         room = self.max_batch_size - len(self._running)
         if room <= 0 or not self._waiting:
             return
         new, self._waiting = self._waiting[:room], self._waiting[room:]
-        with mkldnn_enabled(self._use_mkldnn(len(new))):
-            new_logits, state = self.model.prefill([seq.prompt_ids for seq in new])
+        # an empty prompt after a state is the step a longer request would have run next: run that same
+        # decode step, so that continuing is exact; everything else is read by one packed prefill
+        stepped = [s for s in new if s.init is not None and len(s.prompt_ids) == 1]
+        read = [s for s in new if not (s.init is not None and len(s.prompt_ids) == 1)]
+        if read:
+            self._append(read, *self._prefill(read))
+        if stepped:
+            tokens = torch.tensor([s.prompt_ids[0] for s in stepped], dtype=torch.long, device=self.device)
+            with mkldnn_enabled(self._use_mkldnn(len(stepped))):
+                logits, state = self._decode(tokens, _cat_states([s.init.layers for s in stepped]))
+            self._append(stepped, logits, state)
+        echo = [s for s in new if s.echo and s.logprobs is not None]
+        if echo:
+            self._echo(echo)
+
+    def _prefill(self, seqs: list[_Sequence]) -> tuple[torch.Tensor, State]:
+        """Read the prompts in one packed batch. Identical fresh prompts are read once and their state
+        copied (n > 1 and best_of send the same prompt several times)."""
+        unique: dict[tuple[int, ...], int] = {}
+        prompts, inits, rows = [], [], []
+        for s in seqs:
+            key = tuple(s.prompt_ids) if s.init is None else None
+            if key is not None and key in unique:
+                rows.append(unique[key])
+                continue
+            if key is not None:
+                unique[key] = len(prompts)
+            rows.append(len(prompts))
+            prompts.append(s.prompt_ids)
+            inits.append(s.init)
+        initial = None
+        if any(i is not None for i in inits):
+            dtype = self.model.embed.weight.dtype
+            initial = _cat_states([i.layers if i is not None else self.model.init_state(1, self.device, dtype)
+                                   for i in inits])
+        with mkldnn_enabled(self._use_mkldnn(len(prompts))):
+            logits, state = self.model.prefill(prompts, initial)
+        if len(prompts) != len(seqs):
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            logits, state = logits.index_select(0, index), select_rows(state, index)
+        return logits, state
+
+    def _append(self, seqs: list[_Sequence], logits: torch.Tensor, state: State) -> None:
         if self._state is None:
-            self._state, self._logits = state, new_logits
+            self._state, self._logits = state, logits
         else:
             self._state = concat_rows(self._state, state)
-            self._logits = torch.cat([self._logits, new_logits], 0)
-        self._running.extend(new)
+            self._logits = torch.cat([self._logits, logits], 0)
+        self._running.extend(seqs)
+
+    def _echo(self, seqs: list[_Sequence]) -> None:
+        """The prompt's own token logprobs (OpenAI's `echo`), read again with every position's logits."""
+        inits = [s.init.layers if s.init is not None else None for s in seqs]
+        for s, init in zip(seqs, inits):  # one at a time: echo is rare and prompts differ in length
+            logits, _ = self.model.prefill([s.prompt_ids], init, every_position=True)
+            lp = torch.log_softmax(logits[0].float(), -1)
+            entries = self._entries(lp[:-1], s.prompt_ids[1:], s.logprobs or 0)
+            if s.init is None:
+                if s.prompt_tokens == 0:  # an empty prompt is a line break the caller did not send
+                    entries = []
+                else:
+                    entries.insert(0, TokenLogprob(self.tokenizer.token_text(s.prompt_ids[0]), None, None))
+            s.prompt_entries = entries
+
+    def _entries(self, lp: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+        """lp (T, V) log-probabilities, targets (T,) -> a TokenLogprob per target."""
+        if not targets:
+            return []
+        index = torch.tensor(targets, dtype=torch.long, device=lp.device)
+        chosen = lp.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
+        alts = [None] * len(targets)
+        if top:
+            values, ids = lp.topk(top, dim=-1)
+            alts = [[(self.tokenizer.token_text(i), v) for i, v in zip(row_i, row_v)]
+                    for row_i, row_v in zip(ids.tolist(), values.tolist())]
+        return [TokenLogprob(self.tokenizer.token_text(t), c, a) for t, c, a in zip(targets, chosen, alts)]
+
+    def _score(self) -> list[StepOutput]:
+        """Every queued scoring request in one packed batch (in chunks when the logits would be large)."""
+        if not self._scoring:
+            return []
+        jobs, self._scoring = self._scoring, []
+        context = self.tokenizer.encode(EMPTY_PROMPT)
+        rows = [(j, i) for j, job in enumerate(jobs) for i in range(len(job.ids))]
+        results: dict[tuple[int, int], dict] = {}
+        V = self.model.config.vocab_size
+        chunk: list[tuple[int, int]] = []
+
+        def run(chunk: list[tuple[int, int]]) -> None:
+            seqs = [context + jobs[j].ids[i] for j, i in chunk]
+            logits, _ = self.model.prefill(seqs, every_position=True)
+            for r, (j, i) in enumerate(chunk):
+                ids = jobs[j].ids[i]
+                lp = torch.log_softmax(logits[r, len(context) - 1: len(context) - 1 + len(ids)].float(), -1)
+                entries = self._entries(lp, ids, 0)
+                total = sum(e.logprob for e in entries)
+                item = {"text": jobs[j].texts[i], "logprob": total, "tokens": len(ids)}
+                if jobs[j].token_logprobs:
+                    item["token_logprobs"] = [{"token": e.token, "logprob": e.logprob} for e in entries]
+                results[(j, i)] = item
+
+        longest = 0
+        for row in rows:
+            longest = max(longest, len(context) + len(jobs[row[0]].ids[row[1]]))
+            if chunk and (len(chunk) + 1) * longest * V > SCORE_CHUNK_VALUES:
+                run(chunk)
+                chunk, longest = [], len(context) + len(jobs[row[0]].ids[row[1]])
+            chunk.append(row)
+        run(chunk)
+        outputs = []
+        for j, job in enumerate(jobs):
+            self._ids.discard(job.request_id)
+            scores = [results[(j, i)] for i in range(len(job.ids))]
+            outputs.append(StepOutput(job.request_id, "", True, "stop", prompt_tokens=sum(len(x) for x in job.ids),
+                                      batch_size=len(rows), scores=scores))
+        return outputs
 
     def _decode_one(self) -> None:
         seqs = self._running
@@ -184,15 +372,48 @@ class LMEngine:
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
         tokens = sample_rows(self._logits, temperature, top_k, top_p, [s.generator for s in seqs])
-        for s, tok in zip(seqs, tokens.tolist()):
+        toks = tokens.tolist()
+        entries = self._step_logprobs(tokens)
+        snapshot = []
+        for i, (s, tok) in enumerate(zip(seqs, toks)):
             if s.finish_reason:  # finished earlier in this step; its row idles until retired
                 continue
             s.token_ids.append(tok)
             new = s.decoder.add(tok)
             s.text += new
+            if new:
+                s.at_line_start = new.endswith("\n")
+            if i in entries:
+                s.entries.append(entries[i])
+                s.entry_ends.append(len(s.text))
+                s.cumulative += entries[i].logprob
             self._check_stop(s, len(new))
+            if s.finish_reason and s.return_state:
+                snapshot.append(i)
+        if snapshot:  # before the step below reads the last tokens: the state keeps its last token pending
+            for i in snapshot:
+                s = seqs[i]
+                layers = select_rows(self._state, torch.tensor([i], device=dev))
+                s.final_state = LMState(layers, toks[i], (s.init.tokens if s.init else 0) + len(s.prompt_ids)
+                                        + len(s.token_ids) - 1, s.at_line_start)
         with mkldnn_enabled(self._use_mkldnn(len(seqs))):
             self._logits, self._state = self._decode(tokens, self._state)
+
+    def _step_logprobs(self, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """Logprobs of the tokens just sampled, for the rows that asked."""
+        rows = [i for i, s in enumerate(self._running) if s.logprobs is not None and not s.finish_reason]
+        if not rows:
+            return {}
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        lp = torch.log_softmax(self._logits.index_select(0, index).float(), -1)
+        top = max(self._running[i].logprobs for i in rows)
+        entries = self._entries(lp, tokens.index_select(0, index).tolist(), top)
+        out = {}
+        for r, i in enumerate(rows):
+            e = entries[r]
+            n = self._running[i].logprobs
+            out[i] = TokenLogprob(e.token, e.logprob, e.top[:n] if e.top is not None and n else None)
+        return out
 
     def _use_mkldnn(self, batch: int) -> bool:
         return self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch
@@ -216,9 +437,22 @@ class LMEngine:
             hold = max((len(x) - 1 for x in s.params.stop), default=0)
             end = max(s.emitted, len(s.text) - hold)
         text, s.emitted = s.text[s.emitted:end], end
-        return StepOutput(s.request_id, text, bool(s.finish_reason), s.finish_reason,
-                          prompt_tokens=s.prompt_tokens, completion_tokens=len(s.token_ids),
-                          batch_size=len(self._running))
+        out = StepOutput(s.request_id, text, bool(s.finish_reason), s.finish_reason,
+                         prompt_tokens=s.prompt_tokens, completion_tokens=len(s.token_ids),
+                         batch_size=len(self._running))
+        if s.logprobs is not None:
+            # the tokens whose text went out; a token cut by a stop string never does
+            n = s.entries_sent
+            while n < len(s.entries) and s.entry_ends[n] <= end:
+                n += 1
+            out.logprobs, s.entries_sent = s.entries[s.entries_sent:n], n
+            if s.finish_reason:
+                out.cumulative_logprob = sum(e.logprob for e in s.entries[:n])
+        if s.prompt_entries is not None:
+            out.prompt_logprobs, s.prompt_entries = s.prompt_entries, None
+        if s.finish_reason:
+            out.state = s.final_state
+        return out
 
     def _keep_rows(self, keep: list[int]) -> None:
         self._running = [self._running[i] for i in keep]
@@ -228,3 +462,7 @@ class LMEngine:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._state = select_rows(self._state, index)
         self._logits = self._logits.index_select(0, index)
+
+
+def _cat_states(states: list[State]) -> State:
+    return functools.reduce(concat_rows, states)

@@ -11,7 +11,7 @@ ends; the best hypothesis is chosen by score / ((5 + length) / 6) ** alpha (GNMT
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,14 @@ class TranslationParams:
     max_tokens: int | None = None  # None: 2 * source length + 10
     length_penalty: float = 0.6
     return_attention: bool = False
+    n_best: int = 1  # hypotheses returned per sentence, best first (at most beam_size)
+    return_alignment: bool = False  # the most-attended source token of each output token
 
     def validate(self, max_tokens_limit: int) -> None:
         if not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= MAX_BEAM:
             raise ValueError(f"beam_size must be between 1 and {MAX_BEAM}")
+        if not isinstance(self.n_best, int) or not 1 <= self.n_best <= self.beam_size:
+            raise ValueError("n_best must be between 1 and beam_size")
         if self.max_tokens is not None and not (isinstance(self.max_tokens, int)
                                                 and 1 <= self.max_tokens <= max_tokens_limit):
             raise ValueError(f"max_tokens must be between 1 and {max_tokens_limit}")
@@ -39,11 +43,25 @@ class TranslationParams:
 
 
 @dataclass
+class Hypothesis:
+    tokens: list[int]  # without <bos>/<eos>
+    logprob: float  # natural log of P(tokens, <eos> when finished | source)
+    score: float  # logprob / GNMT length penalty: what ranks the hypotheses
+
+
+@dataclass
 class SentenceResult:
     tokens: list[int]  # best hypothesis, without <bos>/<eos>
     score: float
     finish_reason: str  # "stop" (ended with <eos>) | "length"
     attention: list[list[float]] | None = None
+    hypotheses: list[Hypothesis] | None = None  # n_best > 1: the best first
+    alignment: list[int] | None = None  # per output token, the index of its most-attended source token
+
+
+def length_penalty(length: int | torch.Tensor, alpha: float):
+    """GNMT's ((5 + length) / 6) ** alpha: the score of a hypothesis is its logprob divided by this."""
+    return ((5.0 + length) / 6.0) ** alpha
 
 
 @dataclass
@@ -55,6 +73,7 @@ class TranslationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     batch_size: int = 0  # rows (beams of all sentences) decoded together in this step
+    scores: list[dict] | None = None  # a scoring request's answer, one per candidate
 
 
 def merge_outputs(a: TranslationOutput, b: TranslationOutput) -> TranslationOutput:
@@ -63,7 +82,7 @@ def merge_outputs(a: TranslationOutput, b: TranslationOutput) -> TranslationOutp
     for i, t in b.new_tokens.items():
         tokens.setdefault(i, []).extend(t)
     return TranslationOutput(a.request_id, tokens, b.finished, b.results, b.prompt_tokens, b.completion_tokens,
-                             max(a.batch_size, b.batch_size))
+                             max(a.batch_size, b.batch_size), b.scores)
 
 
 @dataclass
@@ -74,7 +93,11 @@ class _Sentence:
     K: int
     max_len: int
     alpha: float
-    attention: bool
+    attention: bool  # keep attention weights (asked for them, or for alignments)
+    return_attention: bool = False
+    n_best: int = 1
+    alignment: bool = False
+    prefix: list[int] = field(default_factory=list)  # target tokens the output must start with
     steps: int = 0
     emitted: int = 0
     done: bool = False
@@ -85,6 +108,15 @@ class _Sentence:
 class _Request:
     request_id: str
     sentences: list[_Sentence]
+
+
+@dataclass
+class _Score:
+    request_id: str
+    source: list[int]
+    candidates: list[list[int]]
+    alpha: float
+    token_logprobs: bool
 
 
 class TranslationEngine:
@@ -99,6 +131,7 @@ class TranslationEngine:
         self._queue: list[_Sentence] = []  # sentences waiting for rows, in arrival order
         self._running: list[_Sentence] = []  # each owns K consecutive rows, in this order
         self._ready: set[str] = set()  # requests finished without decoding (only empty texts)
+        self._scoring: list[_Score] = []
         self._last_rows = 0
         # per-row tensors
         self._enc = self._keys = self._mask = self._state = self._prev = None
@@ -107,30 +140,64 @@ class TranslationEngine:
         self._attn: list[list[torch.Tensor]] = []
 
     # -- admission -----------------------------------------------------------------------------
-    def add(self, request_id: str, sources: list[list[int]], params: TranslationParams) -> None:
-        if request_id in self._requests:
+    def add(self, request_id: str, sources: list[list[int]], params: TranslationParams,
+            prefixes: list[list[int]] | None = None) -> None:
+        """Queue sentences to translate; `prefixes` (one per sentence) force the start of each output."""
+        if request_id in self._requests or request_id in self._scoring_ids():
             raise ValueError(f"duplicate request id {request_id!r}")
         params.validate(self.max_tokens_limit)
         if not sources:
             raise ValueError("at least one text is needed")
         if params.beam_size > self.max_rows:
             raise ValueError("beam_size exceeds the engine's rows")
+        if prefixes is not None and len(prefixes) != len(sources):
+            raise ValueError("one target prefix per text is needed")
         sents = []
         for i, src in enumerate(sources):
             if len(src) > self.max_source_tokens:
                 raise ValueError(f"text {i} has {len(src)} tokens; at most {self.max_source_tokens} are allowed")
-            max_len = params.max_tokens or min(self.max_tokens_limit, 2 * len(src) + 10)
+            prefix = list(prefixes[i]) if prefixes is not None else []
+            if any(t in (PAD, BOS, EOS) for t in prefix):
+                raise ValueError("a target prefix holds only tokens of the output")
+            max_len = len(prefix) + (params.max_tokens or min(self.max_tokens_limit, 2 * len(src) + 10))
             s = _Sentence(request_id, i, list(src), params.beam_size, max_len, float(params.length_penalty),
-                          params.return_attention)
+                          params.return_attention or params.return_alignment, params.return_attention,
+                          params.n_best, params.return_alignment, prefix)
+            if not src and prefix:
+                raise ValueError("a target prefix needs a text to translate")
             if not src:  # nothing to translate: done without decoding
-                s.done, s.result = True, SentenceResult([], 0.0, "stop", [] if params.return_attention else None)
+                s.done, s.result = True, SentenceResult(
+                    [], 0.0, "stop", [] if params.return_attention else None,
+                    [Hypothesis([], 0.0, 0.0)] if params.n_best > 1 else None, [] if params.return_alignment else None)
             sents.append(s)
         self._requests[request_id] = _Request(request_id, sents)
         self._queue.extend(s for s in sents if not s.done)
         if all(s.done for s in sents):
             self._ready.add(request_id)
 
+    def add_score(self, request_id: str, source: list[int], candidates: list[list[int]],
+                  length_penalty: float = 0.6, token_logprobs: bool = False) -> None:
+        """Queue forced decoding: log P(candidate, <eos> | source) of each candidate, by the same model
+        arithmetic as beam search. All scoring requests of a step run in one batch."""
+        if request_id in self._requests or request_id in self._scoring_ids():
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not candidates:
+            raise ValueError("at least one candidate is needed")
+        if len(source) > self.max_source_tokens or any(len(c) > self.max_tokens_limit for c in candidates):
+            raise ValueError(f"texts must be at most {self.max_source_tokens} source and {self.max_tokens_limit} "
+                             "target tokens")
+        if not 0.0 <= float(length_penalty) <= 2.0:
+            raise ValueError("length_penalty must be between 0 and 2")
+        self._scoring.append(_Score(request_id, list(source), [list(c) for c in candidates], float(length_penalty),
+                                    bool(token_logprobs)))
+
+    def _scoring_ids(self) -> set[str]:
+        return {j.request_id for j in self._scoring}
+
     def abort(self, request_id: str) -> bool:
+        if request_id in self._scoring_ids():
+            self._scoring = [j for j in self._scoring if j.request_id != request_id]
+            return True
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
@@ -141,13 +208,13 @@ class TranslationEngine:
         return True
 
     def request_ids(self) -> list[str]:
-        return list(self._requests)
+        return list(self._requests) + [j.request_id for j in self._scoring]
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._requests
+        return request_id in self._requests or request_id in self._scoring_ids()
 
     def has_work(self) -> bool:
-        return bool(self._running or self._queue or self._ready)
+        return bool(self._running or self._queue or self._ready or self._scoring)
 
     @property
     def num_rows(self) -> int:
@@ -156,10 +223,11 @@ class TranslationEngine:
     # -- stepping ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[TranslationOutput]:
+        scored = self._score()
         self._admit()
         ready, self._ready = self._ready, set()
         if not self._running:
-            return [self._output(self._requests[rid], {}) for rid in ready]
+            return scored + [self._output(self._requests[rid], {}) for rid in ready]
         touched = list(dict.fromkeys(s.request_id for s in self._running)) + list(ready)
         self._last_rows = len(self._hist)
         logits, state, weights = self.model.decoder.step(self._prev, self._state, self._keys, self._enc, self._mask)
@@ -167,6 +235,7 @@ class TranslationEngine:
         logp[:, [PAD, BOS]] = float("-inf")  # never words of the output
         logp[self._finished] = float("-inf")  # a finished beam only extends with padding, at no cost
         logp[self._finished, PAD] = 0.0
+        self._force_prefixes(logp)
         index, tokens = self._select(logp)
         self._state = tuple(s[index] for s in state) if isinstance(state, tuple) else state[index]
         self._finished = self._finished[index]
@@ -184,7 +253,51 @@ class TranslationEngine:
         for s in self._running:
             positions[id(s)] = row
             row += s.K
-        return [self._output(self._requests[rid], positions) for rid in touched if rid in self._requests]
+        return scored + [self._output(self._requests[rid], positions) for rid in touched if rid in self._requests]
+
+    def _force_prefixes(self, logp: torch.Tensor) -> None:
+        """A sentence still inside its target prefix may only take the prefix's next token (at its own
+        logprob, so that scores stay log-probabilities)."""
+        row = 0
+        for s in self._running:
+            if s.steps < len(s.prefix):
+                token = s.prefix[s.steps]
+                keep = logp[row: row + s.K, token].clone()
+                logp[row: row + s.K] = float("-inf")
+                logp[row: row + s.K, token] = keep
+            row += s.K
+
+    def _score(self) -> list[TranslationOutput]:
+        if not self._scoring:
+            return []
+        jobs, self._scoring = self._scoring, []
+        pairs = [(j, c) for j, job in enumerate(jobs) for c in range(len(job.candidates))]
+        S = max(len(jobs[j].source) for j, _ in pairs) or 1
+        T = max(len(jobs[j].candidates[c]) for j, c in pairs) + 2
+        src = torch.full((len(pairs), S), PAD, dtype=torch.long, device=self.device)
+        tgt = torch.full((len(pairs), T), PAD, dtype=torch.long, device=self.device)
+        for r, (j, c) in enumerate(pairs):
+            source, cand = jobs[j].source, jobs[j].candidates[c]
+            src[r, : len(source)] = torch.tensor(source, dtype=torch.long)
+            tgt[r, : len(cand) + 2] = torch.tensor([BOS, *cand, EOS], dtype=torch.long)
+        lengths = torch.tensor([max(1, len(jobs[j].source)) for j, _ in pairs], device=self.device)
+        enc, keys, mask, state = self.model.encode(src, lengths)
+        logits = self.model._teacher_forced(tgt, state, keys, enc, mask)
+        lp = F.log_softmax(logits.float(), -1).gather(2, tgt[:, 1:].unsqueeze(2)).squeeze(2)  # (R, T-1)
+        outputs = []
+        results: dict[int, list[dict]] = {}
+        for r, (j, c) in enumerate(pairs):
+            n = len(jobs[j].candidates[c]) + 1  # the candidate's tokens and <eos>
+            token_lps = lp[r, :n].tolist()
+            total = sum(token_lps)
+            item = {"logprob": total, "tokens": n - 1, "score": total / length_penalty(n, jobs[j].alpha)}
+            if jobs[j].token_logprobs:
+                item["token_logprobs"] = token_lps
+            results.setdefault(j, []).append(item)
+        for j, job in enumerate(jobs):
+            outputs.append(TranslationOutput(job.request_id, {}, True, [], prompt_tokens=len(job.source),
+                                             batch_size=len(pairs), scores=results[j]))
+        return outputs
 
     def _select(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next beams of every sentence; sentences with the same width are ranked in one topk."""
@@ -225,16 +338,30 @@ class TranslationEngine:
             self._retire(lambda s: s.done)
 
     def _best(self, s: _Sentence, row: int) -> SentenceResult:
-        lengths = self._lengths[row: row + s.K].float()
-        norm = self._scores[row: row + s.K] / ((5.0 + lengths) / 6.0) ** s.alpha
-        b = row + int(norm.argmax())
-        hist = self._hist[b]
-        n = hist.index(EOS) if EOS in hist else len(hist)
-        attention = None
+        lengths = self._lengths[row: row + s.K]
+        scores = self._scores[row: row + s.K]
+        norm = scores / length_penalty(lengths.float(), s.alpha)
+        order = [int(i) for i in norm.argsort(descending=True) if bool(torch.isfinite(norm[i]))]
+        b = row + order[0]
+        tokens, finish = self._tokens(b)
+        attention = alignment = None
         if s.attention:
-            attention = [w[: len(s.src)].tolist() for w in self._attn[b][:n]]
-        return SentenceResult([t for t in hist[:n] if t != PAD], float(self._scores[b]),
-                              "stop" if EOS in hist else "length", attention)
+            n = len(self._hist[b]) if finish == "length" else self._hist[b].index(EOS)
+            weights = [w[: len(s.src)] for w in self._attn[b][:n]]
+            if s.return_attention:
+                attention = [w.tolist() for w in weights]
+            if s.alignment:
+                alignment = [int(w.argmax()) for w in weights]
+        hypotheses = None
+        if s.n_best > 1:
+            hypotheses = [Hypothesis(self._tokens(row + i)[0], float(scores[i]), float(norm[i]))
+                          for i in order[: s.n_best]]
+        return SentenceResult(tokens, float(self._scores[b]), finish, attention, hypotheses, alignment)
+
+    def _tokens(self, row: int) -> tuple[list[int], str]:
+        hist = self._hist[row]
+        n = hist.index(EOS) if EOS in hist else len(hist)
+        return [t for t in hist[:n] if t != PAD], "stop" if EOS in hist else "length"
 
     def _stable_prefix(self, s: _Sentence, row: int) -> list[int]:
         """Tokens every beam of the sentence agrees on: no later step can change them."""

@@ -85,11 +85,14 @@ class RNNLanguageModel(nn.Module):
 
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, State]:
+    def prefill(self, prompts: list[list[int]], initial: State | None = None,
+                every_position: bool = False) -> tuple[torch.Tensor, State]:
         """Prompts of different lengths as one packed batch -> next-token logits (B, V), final state.
 
         Packing runs each prompt's recurrence only over its own tokens, so every row ends in the state
-        it would have alone, in one call per layer instead of one per prompt.
+        it would have alone, in one call per layer instead of one per prompt. `initial` continues each
+        row from a state instead of zeros; `every_position` returns the logits after every token,
+        (B, T, V), right-padded (scoring).
         """
         device = self.embed.weight.device
         lengths = torch.tensor([len(p) for p in prompts])
@@ -100,11 +103,13 @@ class RNNLanguageModel(nn.Module):
         state: State = []
         for i, layer in enumerate(self.layers):
             packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            out, s = layer(packed)  # s comes back in the prompts' order
+            out, s = layer(packed, initial[i] if initial is not None else None)  # s: in the prompts' order
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=idx.size(1))
             out = self.drop(out)
             x = out + x if (self.config.residual and i > 0) else out
             state.append(s)
+        if every_position:
+            return self.head(x), state
         last = x[torch.arange(len(prompts), device=device), (lengths - 1).to(device)]  # (B, H)
         return self.head(last), state
 

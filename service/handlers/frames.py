@@ -8,8 +8,11 @@ Translation: {"deltas": [{"index", "text"}]} per step; last adds "finish_reason"
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +21,11 @@ from rnnserve.engine.lm_engine import StepOutput
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationOutput, TranslationParams
 
-GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed"}
+GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed", "logprobs", "echo",
+                   "state", "return_state"}
+SCORE_FIELDS = {"task", "texts", "token_logprobs"}
+STATE_DTYPES = ("float16", "float32")
+MAX_STATE_BYTES = 1 << 20  # far above any state of a served model; the engine checks the exact size
 
 
 def _object(body: Any, fields: set[str]) -> dict:
@@ -38,8 +45,31 @@ def _object(body: Any, fields: set[str]) -> dict:
     return body
 
 
-def parse_generate_body(body: Any) -> tuple[str, SamplingParams]:
-    """Body (already validated by the gateway; checked again for direct callers) -> prompt, params."""
+@dataclass
+class GenerateOptions:
+    """What a generation asks for beyond sampling (rnnserve.engine.lm_engine.LMEngine.add)."""
+    logprobs: int | None = None
+    echo: bool = False
+    state: bytes | None = None  # a state's bytes (the gateway checked its signature)
+    return_state: str | None = None  # "float16" | "float32"
+
+
+def is_score_body(body: Any) -> bool:
+    """Scoring and generation share a handler: a scoring body says `"task": "score"`."""
+    d = _object(body, GENERATE_FIELDS | SCORE_FIELDS | TRANSLATE_FIELDS | TRANSLATE_SCORE_FIELDS)
+    return d.get("task") == "score"
+
+
+def parse_score_body(body: Any) -> tuple[list[str], bool]:
+    d = _object(body, SCORE_FIELDS)
+    texts = d.get("texts")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a non-empty list of strings")
+    return texts, bool(d.get("token_logprobs", False))
+
+
+def parse_generate_body(body: Any) -> tuple[str, SamplingParams, GenerateOptions]:
+    """Body (already validated by the gateway; checked again for direct callers) -> prompt, params, options."""
     d = _object(body, GENERATE_FIELDS)
     prompt = d.get("prompt", "")
     if not isinstance(prompt, str):
@@ -53,18 +83,47 @@ def parse_generate_body(body: Any) -> tuple[str, SamplingParams]:
                                 seed=d.get("seed"))
     except (TypeError, ValueError):
         raise ValueError("temperature and top_p must be numbers") from None
-    return prompt, params
+    options = GenerateOptions(logprobs=d.get("logprobs"), echo=bool(d.get("echo", False)),
+                              return_state=d.get("return_state"))
+    if options.return_state is not None and options.return_state not in STATE_DTYPES:
+        raise ValueError(f"return_state must be one of {list(STATE_DTYPES)}")
+    if d.get("state") is not None:
+        state = d["state"]
+        if not isinstance(state, str) or len(state) > 2 * MAX_STATE_BYTES:
+            raise ValueError("state must be a base64 string")
+        try:
+            options.state = base64.b64decode(state, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("state must be a base64 string") from None
+    return prompt, params, options
 
 
 EMPTY_FRAME = json.dumps({"text": ""}) + "\n"
-PROGRESS_FIELDS = ("text", "deltas")  # what a frame adds to the stream; the rest describes its end
+PROGRESS_FIELDS = ("text", "deltas", "logprobs", "prompt_logprobs")  # what a frame adds to the stream; the rest describes its end
 
 
-def output_frame(o: StepOutput) -> str:
+def _logprobs(entries) -> list[dict]:
+    return [{"token": e.token, "logprob": e.logprob, **({"top": e.top} if e.top is not None else {})}
+            for e in entries]
+
+
+def output_frame(o: StepOutput, weights: bytes = b"", state_dtype: str | None = None) -> str:
     frame: dict[str, Any] = {"text": o.text, "batch": o.batch_size}
+    if o.logprobs is not None:
+        frame["logprobs"] = _logprobs(o.logprobs)
+    if o.prompt_logprobs is not None:
+        frame["prompt_logprobs"] = _logprobs(o.prompt_logprobs)
     if o.finished:
         frame["finish_reason"] = o.finish_reason
         frame["usage"] = {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
+        if o.cumulative_logprob is not None:
+            frame["cumulative_logprob"] = o.cumulative_logprob
+        if o.scores is not None:
+            frame["scores"] = o.scores
+        if o.state is not None and state_dtype:
+            blob = o.state.to_bytes(weights, state_dtype)
+            frame["state"] = base64.b64encode(blob).decode("ascii")
+            frame["state_tokens"] = o.state.tokens
     return json.dumps(frame, ensure_ascii=False) + "\n"
 
 
@@ -119,10 +178,14 @@ def handler_setup(ctx) -> tuple[str, dict, torch.device, torch.dtype]:
     return props["model_dir"], cfg, device, dtype
 
 
-TRANSLATE_FIELDS = {"texts", "beam_size", "max_tokens", "length_penalty", "return_attention"}
+TRANSLATE_FIELDS = {"texts", "beam_size", "max_tokens", "length_penalty", "return_attention", "n_best",
+                    "target_prefix", "return_alignment"}
+TRANSLATE_SCORE_FIELDS = {"task", "source", "candidates", "length_penalty", "token_logprobs"}
 
 
-def parse_translate_body(body: Any, max_texts: int, max_chars: int) -> tuple[list[str], TranslationParams]:
+def parse_translate_body(body: Any, max_texts: int,
+                         max_chars: int) -> tuple[list[str], TranslationParams, list[str] | None]:
+    """-> texts, params, and the target prefix of each text (or None)."""
     d = _object(body, TRANSLATE_FIELDS)
     texts = d.get("texts")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -134,9 +197,33 @@ def parse_translate_body(body: Any, max_texts: int, max_chars: int) -> tuple[lis
     length_penalty = d.get("length_penalty", 0.6)
     if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
         raise ValueError("length_penalty must be a number")
+    prefix = d.get("target_prefix")
+    if isinstance(prefix, str):
+        prefix = [prefix] * len(texts)
+    if prefix is not None and (not isinstance(prefix, list) or len(prefix) != len(texts)
+                               or not all(isinstance(p, str) and len(p) <= max_chars for p in prefix)):
+        raise ValueError("target_prefix must be a string, or one string per text, each at most "
+                         f"{max_chars} characters")
     return texts, TranslationParams(beam_size=d.get("beam_size", 4), max_tokens=d.get("max_tokens"),
                                     length_penalty=float(length_penalty),
-                                    return_attention=bool(d.get("return_attention", False)))
+                                    return_attention=bool(d.get("return_attention", False)),
+                                    n_best=d.get("n_best", 1),
+                                    return_alignment=bool(d.get("return_alignment", False))), prefix
+
+
+def parse_translate_score_body(body: Any, max_chars: int, max_candidates: int) -> tuple[str, list[str], float, bool]:
+    d = _object(body, TRANSLATE_SCORE_FIELDS)
+    source, candidates = d.get("source"), d.get("candidates")
+    if not isinstance(source, str) or len(source) > max_chars:
+        raise ValueError(f"source must be a string of at most {max_chars} characters")
+    if (not isinstance(candidates, list) or not candidates or len(candidates) > max_candidates
+            or not all(isinstance(c, str) and len(c) <= max_chars for c in candidates)):
+        raise ValueError(f"candidates must be a list of 1 to {max_candidates} strings of at most {max_chars} "
+                         "characters")
+    length_penalty = d.get("length_penalty", 0.6)
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
+        raise ValueError("length_penalty must be a number")
+    return source, candidates, float(length_penalty), bool(d.get("token_logprobs", False))
 
 
 class TextStreams:
@@ -168,9 +255,26 @@ def translation_frame(out: TranslationOutput, streams: TextStreams, sources: lis
     if out.finished:
         reasons = [r.finish_reason for r in out.results]
         frame["finish_reason"] = "length" if "length" in reasons else "stop"
-        frame["translations"] = [
-            {"text": streams.final(i), "tokens": streams.codec.pieces(r.tokens), "source_tokens": sources[i],
-             "finish_reason": r.finish_reason, **({"attention": r.attention} if r.attention is not None else {})}
-            for i, r in enumerate(out.results)]
+        frame["translations"] = [_translation(r, streams, sources, i) for i, r in enumerate(out.results)]
         frame["usage"] = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
     return json.dumps(frame, ensure_ascii=False) + "\n"
+
+
+def _translation(r, streams: TextStreams, sources: list[list[str]], i: int) -> dict:
+    t = {"text": streams.final(i), "tokens": streams.codec.pieces(r.tokens), "source_tokens": sources[i],
+         "finish_reason": r.finish_reason, "logprob": r.score}
+    if r.attention is not None:
+        t["attention"] = r.attention
+    if r.alignment is not None:
+        t["alignment"] = r.alignment
+    if r.hypotheses is not None:
+        t["hypotheses"] = [{"text": streams.codec.decode(h.tokens), "logprob": h.logprob, "score": h.score}
+                           for h in r.hypotheses]
+    return t
+
+
+def score_frame(out: TranslationOutput, candidates: list[str]) -> str:
+    scores = [{"text": c, **s} for c, s in zip(candidates, out.scores)]
+    return json.dumps({"deltas": [], "batch": out.batch_size, "finish_reason": "stop", "scores": scores,
+                       "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": 0}},
+                      ensure_ascii=False) + "\n"

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import replace
 
-from rnnserve.engine.lm_engine import LMEngine, StepOutput
-from rnnserve.models.folder import load_lm
-from rnnserve.service.handlers.frames import output_frame, parse_generate_body
+from pathlib import Path
+
+from rnnserve.engine.lm_engine import LMEngine, StepOutput, merge_outputs
+from rnnserve.engine.state import StateError, fingerprint, from_bytes
+from rnnserve.models.folder import WEIGHTS_FILE, load_lm
+from rnnserve.service.handlers.frames import (is_score_body, output_frame, parse_generate_body, parse_score_body)
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,13 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def __init__(self) -> None:
         super().__init__()
         self.engine: LMEngine | None = None
+        self.state_dtype: dict[str, str] = {}  # requests that asked for their final state, and in what
 
     def initialize(self, ctx) -> None:
         model_dir, cfg, device, dtype = self.setup(ctx)
         loaded = load_lm(model_dir, device=device, dtype=dtype)
+        self.model, self.device, self.dtype = loaded.model, device, dtype
+        self.weights = fingerprint(Path(model_dir) / WEIGHTS_FILE)  # a state is only valid for these weights
         self.engine = LMEngine(
             loaded.model, loaded.tokenizer,
             max_batch_size=int(cfg.get("max_batch_size", 64)),
@@ -53,11 +58,25 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         return self.engine.has_work()
 
     def admit(self, request_id: str, body) -> None:
-        prompt, params = parse_generate_body(body)
-        self.engine.add(request_id, prompt, params)
+        if is_score_body(body):
+            texts, token_logprobs = parse_score_body(body)
+            self.engine.add_score(request_id, texts, token_logprobs)
+            return
+        prompt, params, options = parse_generate_body(body)
+        state = None
+        if options.state is not None:
+            try:
+                state = from_bytes(options.state, self.model, self.weights, self.device, self.dtype)
+            except StateError as e:
+                raise ValueError(str(e)) from None
+        self.engine.add(request_id, prompt, params, logprobs=options.logprobs, echo=options.echo, state=state,
+                        return_state=options.return_state is not None)
+        if options.return_state is not None:
+            self.state_dtype[request_id] = options.return_state
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+        self.state_dtype.pop(request_id, None)
 
     def run_step(self, short: bool, scale: float = 1.0) -> dict[str, StepOutput]:
         if not self.engine.has_work():
@@ -70,7 +89,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         return outputs
 
     def merge(self, first: StepOutput, second: StepOutput) -> StepOutput:
-        return replace(second, text=first.text + second.text)
+        return merge_outputs(first, second)
 
     def render(self, request_id: str, output: StepOutput) -> tuple[str, bool]:
-        return output_frame(output), output.finished
+        dtype = self.state_dtype.pop(request_id, None) if output.finished else None
+        return output_frame(output, self.weights, dtype), output.finished

@@ -33,7 +33,7 @@ class NaiveLanguageModelHandler:
 
         rid = ctx.request_ids[0]
         try:
-            prompt, params = parse_generate_body(data[0].get("body") or data[0].get("data"))
+            prompt, params, _ = parse_generate_body(data[0].get("body") or data[0].get("data"))
             self.engine.add(rid, prompt, params)
         except ValueError as e:
             return [error_frame(str(e), "invalid_request_error", 400)]

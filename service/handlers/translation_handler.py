@@ -12,7 +12,10 @@ import time
 
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationOutput, merge_outputs
 from rnnserve.models.folder import load_translation
-from rnnserve.service.handlers.frames import TextStreams, parse_translate_body, translation_frame
+from rnnserve.service.handlers.frames import (TextStreams, is_score_body, parse_translate_body,
+                                              parse_translate_score_body, score_frame, translation_frame)
+
+MAX_CANDIDATES = 16
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,7 @@ class TranslationHandler(ContinuousBatchingHandler):
         super().__init__()
         self.engine: TranslationEngine | None = None
         self.streams: dict[str, tuple[TextStreams, list[list[str]]]] = {}
+        self.candidates: dict[str, list[str]] = {}  # scoring requests' candidate texts
 
     def initialize(self, ctx) -> None:
         model_dir, cfg, device, dtype = self.setup(ctx)
@@ -41,14 +45,23 @@ class TranslationHandler(ContinuousBatchingHandler):
         return self.engine.request_ids()
 
     def admit(self, request_id: str, body) -> None:
-        texts, params = parse_translate_body(body, self.max_texts, self.max_chars)
+        if is_score_body(body):
+            source, candidates, alpha, token_logprobs = parse_translate_score_body(body, self.max_chars,
+                                                                                   MAX_CANDIDATES)
+            self.engine.add_score(request_id, self.src.encode(source), [self.tgt.encode(c) for c in candidates],
+                                  alpha, token_logprobs)
+            self.candidates[request_id] = candidates
+            return
+        texts, params, prefixes = parse_translate_body(body, self.max_texts, self.max_chars)
         ids = [self.src.encode(t) for t in texts]
-        self.engine.add(request_id, ids, params)
+        prefix_ids = [self.tgt.encode(p) for p in prefixes] if prefixes is not None else None
+        self.engine.add(request_id, ids, params, prefix_ids)
         self.streams[request_id] = (TextStreams(self.tgt, len(texts)), [self.src.pieces(i) for i in ids])
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
         self.streams.pop(request_id, None)
+        self.candidates.pop(request_id, None)
 
     def has_work(self) -> bool:
         return self.engine.has_work()
@@ -68,6 +81,8 @@ class TranslationHandler(ContinuousBatchingHandler):
         return merge_outputs(first, second)
 
     def render(self, request_id: str, output: TranslationOutput) -> tuple[str, bool]:
+        if output.scores is not None:
+            return score_frame(output, self.candidates.pop(request_id)), True
         streams, sources = self.streams[request_id]
         if output.finished:
             del self.streams[request_id]
