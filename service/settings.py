@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     # admission per model: generations in flight (= the handler's batch, service/archive.py) and queued
     max_running_per_model: int = Field(64, ge=1)
     max_waiting_per_model: int = Field(64, ge=0)
+    # continuation: the key that signs returned states (the same on every replica; unset: a random key,
+    # states valid on this process only) and the bounds of server-held sessions
+    state_key: SecretStr | None = None
+    max_sessions_per_model: int = Field(10000, ge=1)
+    max_session_bytes_per_model: int = Field(256 * 2**20, ge=1024)
+    session_ttl_s: float = Field(3600.0, gt=0)
 
     # TorchServe (started by `rnnserve serve`, or reached at ts_url when run elsewhere)
     ts_host: str = "127.0.0.1"
@@ -58,6 +64,13 @@ class Settings(BaseSettings):
     def _known_host(cls, v: str) -> str:
         if not v:
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("state_key")
+    @classmethod
+    def _long_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (for example `openssl rand -hex 32`)")
         return v
 
     @model_validator(mode="after")

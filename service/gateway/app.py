@@ -19,6 +19,8 @@ from rnnserve.service.gateway.errors import APIError, install_error_handlers
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
+from rnnserve.service.gateway.sessions import SessionStore
+from rnnserve.service.gateway.states import StateSigner
 from rnnserve.service.gateway.upstream import Upstream
 from rnnserve.service.settings import Settings
 
@@ -125,13 +127,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.state.admissions = admissions
+    key = settings.state_key.get_secret_value().encode() if settings.state_key else None
+    app.state.signer = StateSigner(key)
+    app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model, settings.max_session_bytes_per_model,
+                                      settings.session_ttl_s)
     install_error_handlers(app)
 
     from rnnserve.service.gateway.routes import router
 
     app.include_router(router)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"])
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

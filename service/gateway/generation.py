@@ -69,6 +69,8 @@ class Run:
         self.outcome = "internal"
         self.final: dict | None = None
         self._closed = False
+        self.logprobs: list[dict] = []  # token logprobs of the whole text, when asked
+        self.prompt_logprobs: list[dict] = []  # echo
 
     @property
     def finish_reason(self) -> str | None:
@@ -103,6 +105,8 @@ class Run:
         m, model = self.ctx.metrics, self.ctx.model
         now = time.monotonic()
         text = frame_text(frame)
+        self.logprobs += frame.get("logprobs") or []
+        self.prompt_logprobs += frame.get("prompt_logprobs") or []
         if "batch" in frame:
             m.batch_size.labels(model=model).observe(frame["batch"])
         if text:

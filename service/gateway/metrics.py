@@ -39,10 +39,17 @@ class Metrics:
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.cancelled = Counter("rnnserve_client_disconnects", "Streams whose client went away before the end",
                                  ["model"], registry=r)
+        self.sessions = Gauge("rnnserve_sessions", "Sessions the gateway holds", ["model"], registry=r)
+        self.session_bytes = Gauge("rnnserve_session_bytes", "Bytes the gateway holds for sessions (states and "
+                                   "bookkeeping)", ["model"], registry=r)
+        self.session_evictions = Counter("rnnserve_session_evictions", "Sessions dropped by the bounds: capacity "
+                                         "(least recently used) or expired", ["model", "reason"], registry=r)
 
     def init_model(self, model: str) -> None:
         """Create the label sets at start so dashboards see zeros instead of missing series."""
         for m in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens, self.running,
                   self.cancelled, self.waiting, self.queue_time, self.prompt_tokens_per_request,
-                  self.generation_tokens_per_request, self.batch_size):
+                  self.generation_tokens_per_request, self.batch_size, self.sessions, self.session_bytes):
             m.labels(model=model)
+        for reason in ("capacity", "expired"):
+            self.session_evictions.labels(model=model, reason=reason)

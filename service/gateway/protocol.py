@@ -12,8 +12,13 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 32
 
 
+MAX_LOGPROBS = 5
+MAX_STATE_CHARS = 131072  # a signed state of a served model is far smaller (lm-shakespeare: 11k in fp32)
+SESSION_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+SessionId = Annotated[str, Field(pattern=SESSION_PATTERN, description="letters, digits and _.:- (1 to 64)")]
 
 
 class StrictModel(BaseModel):
@@ -61,7 +66,27 @@ class SamplingFields(StrictModel):
                 "top_k": self.top_k, "top_p": self.top_p, "stop": self.stop or [], "seed": self.seed}
 
 
-class GenerateRequest(SamplingFields):
+class ContinuationFields(StrictModel):
+    """Continuing a text the model read before, from a session the server holds or a state the client holds."""
+    session: SessionId | None = Field(
+        None, description="continue this session's text (a new id starts one); its text grows by the prompt "
+                          "and the generation")
+    state: str | None = Field(None, max_length=MAX_STATE_CHARS,
+                              description="continue from a state an earlier response returned")
+    return_state: bool = Field(False, description="return the final state: pass it as `state` to continue")
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if self.session is not None and self.state is not None:
+            raise ValueError("send either session or state, not both")
+        return self
+
+    @property
+    def continues(self) -> bool:
+        return self.session is not None or self.state is not None or self.return_state
+
+
+class GenerateRequest(SamplingFields, ContinuationFields):
     model: str = Field(..., min_length=1, max_length=128)
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     stream: bool = False
@@ -82,6 +107,8 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: Literal["length", "stop"]
     usage: Usage
+    session: str | None = None
+    state: str | None = Field(None, description="with return_state: the state after this text, signed")
 
 
 class GenerateChunk(BaseModel):
@@ -91,6 +118,8 @@ class GenerateChunk(BaseModel):
     text: str
     finish_reason: Literal["length", "stop"] | None = None
     usage: Usage | None = None
+    session: str | None = None
+    state: str | None = None
 
     @staticmethod
     def text_event(id: str, model: str, text: str) -> dict:
@@ -131,11 +160,16 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, ContinuationFields):
     model: str = Field(..., min_length=1, max_length=128)
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
         "", description=f"a string or up to {MAX_PROMPTS} strings")
     n: int = Field(1, ge=1, le=MAX_N, description="completions per prompt")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate this many per prompt, return the n "
+                                                                   "with the highest logprob per token")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="per token: its logprob and this many most likely alternatives")
+    echo: bool = Field(False, description="the prompt before the completion (with its logprobs when asked)")
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -145,30 +179,56 @@ class CompletionRequest(SamplingFields):
     def _fan_out(self) -> "CompletionRequest":
         if len(self.prompts) * self.n > MAX_N:
             raise ValueError(f"prompts x n must be at most {MAX_N}; send fewer prompts or a smaller n")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise ValueError("best_of must be at least n")
+            if len(self.prompts) * self.best_of > MAX_N:
+                raise ValueError(f"prompts x best_of must be at most {MAX_N}")
+            if self.stream and self.best_of > self.n:
+                raise ValueError("best_of larger than n cannot be streamed: the best are known at the end")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
+        if self.continues and (len(self.prompts) != 1 or self.n != 1 or (self.best_of or 1) != 1):
+            raise ValueError("session, state and return_state continue one text: one prompt, n=1, no best_of")
         return self
+
+    @property
+    def candidates_per_prompt(self) -> int:
+        return max(self.n, self.best_of or 1)
 
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def choices(self) -> list[tuple[int, str, dict]]:
-        """(choice index, prompt, upstream body) for every completion; n > 1 with a seed uses seed + j."""
+        """(prompt index, prompt, upstream body) for every candidate completion, `candidates_per_prompt` per
+        prompt in order; several with a seed use seed + j."""
         out = []
         for p_i, prompt in enumerate(self.prompts):
-            for j in range(self.n):
+            for j in range(self.candidates_per_prompt):
                 body = self.upstream_body(prompt)
                 if self.seed is not None and j:
                     body["seed"] = (self.seed + j) % 2**63
-                out.append((p_i * self.n + j, prompt, body))
+                if self.logprobs is not None or (self.best_of or 1) > self.n:
+                    body["logprobs"] = self.logprobs or 0  # best_of ranks by the logprobs
+                if self.echo and self.logprobs is not None:
+                    body["echo"] = True
+                out.append((p_i, prompt, body))
         return out
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: one entry per token of the choice's text."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["length", "stop"] | None = None
 
 
@@ -179,6 +239,8 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    session: str | None = None
+    state: str | None = None
 
     @staticmethod
     def text_event(id: str, created: int, model: str, index: int, text: str) -> dict:
@@ -204,6 +266,10 @@ class TranslateRequest(StrictModel):
                                    description="output tokens per text (default: 2 x source tokens + 10)")
     length_penalty: float = Field(0.6, ge=0.0, le=2.0, description="GNMT alpha: higher favours longer output")
     return_attention: bool = Field(False, description="per output token, attention weights over the source tokens")
+    return_alignment: bool = Field(False, description="per output token, the index of its most-attended source token")
+    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="hypotheses per text with their logprobs (<= beam_size)")
+    target_prefix: str | None = Field(None, max_length=MAX_TEXT_CHARS,
+                                      description="the translation starts with this text and continues it")
     stream: bool = False
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
@@ -213,6 +279,8 @@ class TranslateRequest(StrictModel):
     def _stream_one(self) -> "TranslateRequest":
         if self.stream and isinstance(self.text, list) and len(self.text) != 1:
             raise ValueError("stream=true translates one text; send a single string or stream=false")
+        if self.n_best > self.beam_size:
+            raise ValueError("n_best must be at most beam_size")
         return self
 
     @property
@@ -221,10 +289,19 @@ class TranslateRequest(StrictModel):
 
     def upstream_body(self) -> dict:
         body = {"texts": self.texts, "beam_size": self.beam_size, "length_penalty": self.length_penalty,
-                "return_attention": self.return_attention}
+                "return_attention": self.return_attention, "return_alignment": self.return_alignment,
+                "n_best": self.n_best}
+        if self.target_prefix is not None:
+            body["target_prefix"] = self.target_prefix
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         return body
+
+
+class Hypothesis(BaseModel):
+    text: str
+    logprob: float = Field(description="natural log of P(text | source)")
+    score: float = Field(description="logprob / GNMT length penalty: what ranks the hypotheses")
 
 
 class Translation(BaseModel):
@@ -232,7 +309,10 @@ class Translation(BaseModel):
     finish_reason: Literal["length", "stop"]
     tokens: list[str]
     source_tokens: list[str]
+    logprob: float | None = None
     attention: list[list[float]] | None = None
+    alignment: list[int] | None = None
+    hypotheses: list[Hypothesis] | None = None
 
 
 class TranslateResponse(BaseModel):
@@ -254,3 +334,67 @@ class TranslateChunk(BaseModel):
     def text_event(id: str, model: str, text: str) -> dict:
         """The `model_dump(exclude_none=True)` of a chunk with new text only, built directly (per frame)."""
         return {"id": id, "model": model, "text": text}
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+MAX_CANDIDATES = 16
+
+
+class ScoreRequest(StrictModel):
+    """A language model scores `text` (or ranks `candidates`); a translation model scores each of
+    `candidates` as a translation of `source` (forced decoding)."""
+    model: str = Field(..., min_length=1, max_length=128)
+    text: Prompt | None = Field(None, description="language models: the text to score")
+    source: Text | None = Field(None, description="translation models: the source text")
+    candidates: Annotated[list[Prompt], Field(min_length=1, max_length=MAX_CANDIDATES)] | None = Field(
+        None, description=f"up to {MAX_CANDIDATES} texts to score and rank")
+    token_logprobs: bool = Field(False, description="each token's logprob too")
+    length_penalty: float = Field(0.6, ge=0.0, le=2.0, description="translation: GNMT alpha of the score")
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"model": "lm-shakespeare", "candidates": ["To be, or not to be", "be not or To, to be"]},
+        {"model": "translate-de-en", "source": "Ein Hund rennt.", "candidates": ["A dog runs.", "A runs dog."]}]})
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class ScoreItem(BaseModel):
+    text: str
+    logprob: float = Field(description="natural log of the text's probability (translation: given the source)")
+    tokens: int
+    perplexity: float | None = Field(None, description="exp(-logprob / tokens)")
+    score: float | None = Field(None, description="translation: logprob / GNMT length penalty")
+    token_logprobs: list[TokenLogprob] | None = None
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    model: str
+    logprob: float | None = Field(None, description="`text` scored: its logprob, tokens and perplexity")
+    tokens: int | None = None
+    perplexity: float | None = None
+    token_logprobs: list[TokenLogprob] | None = None
+    scores: list[ScoreItem] | None = Field(None, description="`candidates` scored, in the order sent")
+    usage: Usage
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+class SessionInfo(BaseModel):
+    id: str
+    model: str
+    tokens: int = Field(description="tokens the session's state has read")
+    bytes: int = Field(description="bytes the server holds for it")
+    created: int
+    last_used: int
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionInfo]
+
+
+class ForkRequest(StrictModel):
+    id: SessionId | None = Field(None, description="the new session's id (default: a new random one)")

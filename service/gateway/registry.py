@@ -74,12 +74,13 @@ class Registry:
         names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))
         return cls([_read(settings.models_dir / n, n) for n in names])
 
-    def get(self, name: str, task: str) -> ModelInfo:
+    def get(self, name: str, task: str | None) -> ModelInfo:
+        """The model called `name` (404 otherwise), of the given task when one is named (400 otherwise)."""
         info = self.models.get(name)
         if info is None:
             raise APIError(404, f"model {name!r} does not exist; GET /v1/models lists the served models",
                            "not_found_error", "model", "model_not_found")
-        if info.task != task:
+        if task is not None and info.task != task:
             raise invalid(f"model {name!r} is a {info.task} model; use a {task} model for this route", "model")
         return info
 

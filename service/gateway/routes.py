@@ -1,21 +1,30 @@
 """HTTP routes: validate, call the generation service, return a typed model."""
 from __future__ import annotations
 
+import math
 import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from rnnserve.service.gateway.continuation import Continuation, begin
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, require_api_key)
+from rnnserve.service.gateway.errors import invalid
 from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
                                                  start)
-from rnnserve.service.gateway.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
+from rnnserve.service.gateway.protocol import (SESSION_PATTERN, CompletionChoice, CompletionLogprobs,
+                                               CompletionRequest, CompletionResponse, ErrorResponse, ForkRequest,
                                                GenerateChunk, GenerateRequest, GenerateResponse, Health, ModelList,
+                                               ScoreItem, ScoreRequest, ScoreResponse, SessionInfo, SessionList,
                                                TranslateChunk, TranslateRequest, TranslateResponse, Translation,
                                                Usage)
+from rnnserve.service.gateway.sessions import Session, owner_of
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 502, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 502, 503, 504)}
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -62,63 +71,154 @@ def _stream(events) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+async def _released(events: AsyncIterator[str], cont: Continuation | None) -> AsyncIterator[str]:
+    """An SSE body that releases the request's session when it ends, however it ends."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        if cont is not None:
+            cont.release()
+
+
+async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None):
+    try:
+        return await start(ctx, bodies)
+    except BaseException:
+        if cont is not None:
+            cont.release()
+        raise
+
+
 @api.post("/v1/generate", response_model=GenerateResponse, tags=["generation"], responses=SSE)
 async def generate(req: GenerateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """Generate text after `prompt`. With `stream: true`: `data: {"text": ...}` per chunk, a last
-    event with `finish_reason` and `usage`, then `data: [DONE]`."""
+    event with `finish_reason` and `usage`, then `data: [DONE]`. With `session` or `state` the prompt
+    continues an earlier text; `return_state` returns the state to continue from."""
     registry.get(req.model, "lm").check_generate(req.max_tokens, [req.prompt])
     ctx = _context(request, req.model, "generate", request_id)
-    started = await start(ctx, [req.upstream_body(req.prompt)])
+    body = req.upstream_body(req.prompt)
+    cont = begin(request, req.model, req, body)
+    started = await _start(ctx, [body], cont)
     if not req.stream:
-        done = await collect_unless_disconnected(request, started)
-        if done is None:
-            return Response(status_code=499)  # nobody is listening
-        ((run, text),) = done
+        try:
+            done = await collect_unless_disconnected(request, started)
+            if done is None:
+                return Response(status_code=499)  # nobody is listening
+            ((run, text),) = done
+            if cont is not None:
+                cont.end(run.final)
+        finally:
+            if cont is not None:
+                cont.release()
         return GenerateResponse(id=request_id, model=req.model, text=text, finish_reason=run.finish_reason,
-                                usage=_usage([run]))
+                                usage=_usage([run]), session=req.session, state=cont.state if cont else None)
 
     def render(run: Run, frame: dict) -> list[dict]:
         text = frame_text(frame)
         if not frame.get("finish_reason"):
             return [GenerateChunk.text_event(request_id, req.model, text)] if text else []
+        if cont is not None:
+            cont.end(frame)
         return [GenerateChunk(id=request_id, model=req.model, text=text, finish_reason=frame["finish_reason"],
-                              usage=_usage([run])).model_dump(exclude_none=True)]
+                              usage=_usage([run]), session=req.session,
+                              state=cont.state if cont else None).model_dump(exclude_none=True)]
 
-    return _stream(sse_stream(started, render))
+    return _stream(_released(sse_stream(started, render), cont))
+
+
+def _completion_logprobs(entries: list[dict], offset: int, top: bool) -> tuple[CompletionLogprobs, int]:
+    """Handler logprob entries as OpenAI's legacy shape; `offset` is where their text starts in the choice."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        tokens.append(e["token"])
+        lps.append(e["logprob"])
+        offsets.append(offset)
+        offset += len(e["token"])
+        if e["logprob"] is None:
+            tops.append(None)
+        else:
+            tops.append({**{t: lp for t, lp in e.get("top") or []}, e["token"]: e["logprob"]})
+    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops if top else None,
+                              text_offset=offsets), offset
+
+
+def _mean_logprob(run: Run) -> float:
+    return float((run.final or {}).get("cumulative_logprob", -math.inf)) / max(1, len(run.logprobs))
 
 
 @api.post("/v1/completions", response_model=CompletionResponse, tags=["generation"], responses=SSE)
 async def completions(req: CompletionRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
-    """OpenAI-compatible text completions (the official `openai` client works against it)."""
+    """OpenAI-compatible text completions (the official `openai` client works against it), with
+    `logprobs`, `echo` and `best_of`; `session`, `state` and `return_state` as in /v1/generate."""
     registry.get(req.model, "lm").check_generate(req.max_tokens, req.prompts)
     ctx = _context(request, req.model, "completions", request_id)
     choices = req.choices()
-    started = await start(ctx, [body for _, _, body in choices])
+    cont = begin(request, req.model, req, choices[0][2])
+    started = await _start(ctx, [body for _, _, body in choices], cont)
     cid, created = f"cmpl-{request_id}", int(time.time())
+    echo = req.echo
     if not req.stream:
-        done = await collect_unless_disconnected(request, started)
-        if done is None:
-            return Response(status_code=499)  # nobody is listening
+        try:
+            done = await collect_unless_disconnected(request, started)
+            if done is None:
+                return Response(status_code=499)  # nobody is listening
+            if cont is not None:
+                cont.end(done[0][0].final)
+        finally:
+            if cont is not None:
+                cont.release()
+        per_prompt = req.candidates_per_prompt
+        out = []
+        for p_i, prompt in enumerate(req.prompts):
+            group = done[p_i * per_prompt: (p_i + 1) * per_prompt]
+            if len(group) > req.n:  # best_of: the n with the highest logprob per token
+                group = sorted(group, key=lambda rt: _mean_logprob(rt[0]), reverse=True)[: req.n]
+            for j, (run, text) in enumerate(group):
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs, _ = _completion_logprobs((run.prompt_logprobs if echo else []) + run.logprobs, 0,
+                                                       True)
+                out.append(CompletionChoice(text=(prompt if echo else "") + text, index=p_i * req.n + j,
+                                            logprobs=logprobs, finish_reason=run.finish_reason))
         return CompletionResponse(id=cid, created=created, model=req.model, usage=_usage([r for r, _ in done]),
-                                  choices=[CompletionChoice(text=text, index=choices[run.index][0],
-                                                            finish_reason=run.finish_reason) for run, text in done])
+                                  choices=out, session=req.session, state=cont.state if cont else None)
 
-    def chunk(choice: CompletionChoice | None, usage: Usage | None = None) -> dict:
+    offsets: dict[int, int] = {}  # per run: where the next chunk's text starts in its choice
+
+    def chunk(choice: CompletionChoice | None, usage: Usage | None = None, final: bool = False) -> dict:
+        extra = {"session": req.session, "state": cont.state if cont else None} if final and cont else {}
         return CompletionResponse(id=cid, created=created, model=req.model, choices=[choice] if choice else [],
-                                  usage=usage).model_dump()
+                                  usage=usage, **extra).model_dump(exclude_none=bool(extra))
 
     def render(run: Run, frame: dict) -> list[dict]:
         text = frame_text(frame)
+        entries = frame.get("logprobs") or []
+        if run.index not in offsets:  # the run's first frame
+            offsets[run.index] = 0
+            if echo:
+                text = choices[run.index][1] + text
+                entries = (frame.get("prompt_logprobs") or []) + entries
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs, offsets[run.index] = _completion_logprobs(entries, offsets[run.index], True)
         if not frame.get("finish_reason"):
-            return [CompletionResponse.text_event(cid, created, req.model, choices[run.index][0], text)] if text else []
-        return [chunk(CompletionChoice(text=text, index=choices[run.index][0], finish_reason=frame["finish_reason"]))]
+            if not text:
+                return []
+            if logprobs is None:
+                return [CompletionResponse.text_event(cid, created, req.model, run.index, text)]
+            return [chunk(CompletionChoice(text=text, index=run.index, logprobs=logprobs))]
+        if cont is not None:
+            cont.end(frame)
+        return [chunk(CompletionChoice(text=text, index=run.index, logprobs=logprobs,
+                                       finish_reason=frame["finish_reason"]), final=True)]
 
     def trailer() -> list[dict]:
         if req.stream_options and req.stream_options.include_usage:
             return [chunk(None, _usage([r for r, _ in started]))]
         return []
 
-    return _stream(sse_stream(started, render, trailer))
+    return _stream(_released(sse_stream(started, render, trailer), cont))
 
 
 @api.post("/v1/translate", response_model=TranslateResponse, tags=["translation"], responses=SSE)
@@ -145,6 +245,77 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
         return [TranslateChunk.text_event(request_id, req.model, text)] if text else []
 
     return _stream(sse_stream(started, render))
+
+
+@api.post("/v1/score", response_model=ScoreResponse, tags=["scoring"])
+async def score(req: ScoreRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
+    """The log-probability of texts under a model. Language model: `text` (its logprob, tokens and
+    perplexity) or `candidates` (each scored, to rank them). Translation model: each of `candidates`
+    as a translation of `source`, log P(candidate | source) by forced decoding."""
+    info = registry.get(req.model, None)
+    if info.task == "lm":
+        if req.source is not None:
+            raise invalid("source is for translation models; a language model scores text or candidates", "source")
+        if (req.text is None) == (req.candidates is None):
+            raise invalid("send either text (one text) or candidates (texts to rank)", "text")
+        texts = [req.text] if req.text is not None else req.candidates
+        info.check_generate(1, texts)
+        body = {"task": "score", "texts": texts, "token_logprobs": req.token_logprobs}
+    else:
+        if req.text is not None:
+            raise invalid("a translation model scores candidates against a source; send source and candidates",
+                          "text")
+        if req.source is None or req.candidates is None:
+            raise invalid("send source and candidates", "source" if req.source is None else "candidates")
+        info.check_translate([req.source, *req.candidates], None)
+        body = {"task": "score", "source": req.source, "candidates": req.candidates,
+                "length_penalty": req.length_penalty, "token_logprobs": req.token_logprobs}
+    ctx = _context(request, req.model, "score", request_id)
+    done = await collect_unless_disconnected(request, await start(ctx, [body]))
+    if done is None:
+        return Response(status_code=499)  # nobody is listening
+    ((run, _),) = done
+    items = [ScoreItem(**item, perplexity=math.exp(-item["logprob"] / item["tokens"]) if item["tokens"] else None)
+             if info.task == "lm" else ScoreItem(**item) for item in run.final["scores"]]
+    usage = _usage([run])
+    if req.text is not None:
+        one = items[0]
+        return ScoreResponse(id=request_id, model=req.model, logprob=one.logprob, tokens=one.tokens,
+                             perplexity=one.perplexity, token_logprobs=one.token_logprobs, usage=usage)
+    return ScoreResponse(id=request_id, model=req.model, scores=items, usage=usage)
+
+
+SessionPath = Annotated[str, Path(pattern=SESSION_PATTERN)]
+
+
+def _info(s: Session) -> SessionInfo:
+    return SessionInfo(id=s.id, model=s.model, tokens=s.tokens, bytes=s.nbytes, created=int(s.created),
+                       last_used=int(s.last_used))
+
+
+@api.get("/v1/sessions", response_model=SessionList, tags=["sessions"])
+async def list_sessions(request: Request) -> SessionList:
+    """The sessions of the caller's API key."""
+    owner = owner_of(request.headers.get("authorization"))
+    return SessionList(data=[_info(s) for s in request.app.state.sessions.list(owner)])
+
+
+@api.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+async def get_session(session_id: SessionPath, request: Request) -> SessionInfo:
+    return _info(request.app.state.sessions.get(owner_of(request.headers.get("authorization")), session_id))
+
+
+@api.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
+async def delete_session(session_id: SessionPath, request: Request) -> Response:
+    request.app.state.sessions.delete(owner_of(request.headers.get("authorization")), session_id)
+    return Response(status_code=204)
+
+
+@api.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201, tags=["sessions"])
+async def fork_session(session_id: SessionPath, req: ForkRequest, request: Request) -> SessionInfo:
+    """A new session that continues from this one's state; the two then go their own ways."""
+    owner = owner_of(request.headers.get("authorization"))
+    return _info(request.app.state.sessions.fork(owner, session_id, req.id or uuid.uuid4().hex))
 
 
 router.include_router(api)

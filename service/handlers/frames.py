@@ -273,8 +273,14 @@ def _translation(r, streams: TextStreams, sources: list[list[str]], i: int) -> d
     return t
 
 
-def score_frame(out: TranslationOutput, candidates: list[str]) -> str:
-    scores = [{"text": c, **s} for c, s in zip(candidates, out.scores)]
+def score_frame(out: TranslationOutput, candidates: list[str], pieces: list[list[str]]) -> str:
+    """A scoring request's answer; token logprobs name the target pieces and the closing `</s>`."""
+    scores = []
+    for text, toks, s in zip(candidates, pieces, out.scores):
+        item = {"text": text, **s}
+        if "token_logprobs" in s:
+            item["token_logprobs"] = [{"token": t, "logprob": lp} for t, lp in zip(toks + ["</s>"], s["token_logprobs"])]
+        scores.append(item)
     return json.dumps({"deltas": [], "batch": out.batch_size, "finish_reason": "stop", "scores": scores,
                        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": 0}},
                       ensure_ascii=False) + "\n"

@@ -26,7 +26,7 @@ class TranslationHandler(ContinuousBatchingHandler):
         super().__init__()
         self.engine: TranslationEngine | None = None
         self.streams: dict[str, tuple[TextStreams, list[list[str]]]] = {}
-        self.candidates: dict[str, list[str]] = {}  # scoring requests' candidate texts
+        self.candidates: dict[str, tuple[list[str], list[list[str]]]] = {}  # scoring requests' texts, pieces
 
     def initialize(self, ctx) -> None:
         model_dir, cfg, device, dtype = self.setup(ctx)
@@ -48,9 +48,9 @@ class TranslationHandler(ContinuousBatchingHandler):
         if is_score_body(body):
             source, candidates, alpha, token_logprobs = parse_translate_score_body(body, self.max_chars,
                                                                                    MAX_CANDIDATES)
-            self.engine.add_score(request_id, self.src.encode(source), [self.tgt.encode(c) for c in candidates],
-                                  alpha, token_logprobs)
-            self.candidates[request_id] = candidates
+            ids = [self.tgt.encode(c) for c in candidates]
+            self.engine.add_score(request_id, self.src.encode(source), ids, alpha, token_logprobs)
+            self.candidates[request_id] = (candidates, [self.tgt.pieces(i) for i in ids])
             return
         texts, params, prefixes = parse_translate_body(body, self.max_texts, self.max_chars)
         ids = [self.src.encode(t) for t in texts]
@@ -82,7 +82,7 @@ class TranslationHandler(ContinuousBatchingHandler):
 
     def render(self, request_id: str, output: TranslationOutput) -> tuple[str, bool]:
         if output.scores is not None:
-            return score_frame(output, self.candidates.pop(request_id)), True
+            return score_frame(output, *self.candidates.pop(request_id)), True
         streams, sources = self.streams[request_id]
         if output.finished:
             del self.streams[request_id]

@@ -5,11 +5,15 @@ import pytest
 
 from rnnserve.service.stack import Stack, start_stack, stop_stack
 
-__all__ = ["Stack", "start_stack", "stop_stack"]
+__all__ = ["STATE_KEY", "Stack", "start_stack", "stop_stack"]
+
+
+# the key that signs returned states: known here so that tests can sign states of their own making
+STATE_KEY = "test-state-key-" + "0123456789abcdef" * 2
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
-    s = start_stack(tmp_path_factory.mktemp("stack"))
+    s = start_stack(tmp_path_factory.mktemp("stack"), extra_env={"RNNSERVE_STATE_KEY": STATE_KEY})
     yield s
     stop_stack(s)

@@ -1,0 +1,66 @@
+"""Requests that continue a text: a server-held session or a client-held state in, a state out.
+
+`begin` checks what the request continues from (the session's lease, or the signature of the state
+the client sent) and adds it to the handler's body; `end` stores the final state in the session and
+signs the one the client asked for. A session is released whatever happens in between."""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from rnnserve.service.gateway.errors import APIError
+from rnnserve.service.gateway.protocol import ContinuationFields
+from rnnserve.service.gateway.sessions import Lease, owner_of
+
+# a session keeps the exact state (float32); a state sent to the client is compact (float16)
+SESSION_DTYPE, CLIENT_DTYPE = "float32", "float16"
+
+
+@dataclass
+class Continuation:
+    request: Request
+    model: str
+    lease: Lease | None = None
+    return_state: bool = False
+    state: str | None = None  # the signed state for the client, once the generation ended
+    ended: bool = False
+
+    def end(self, final: dict) -> None:
+        """The generation's last frame arrived: keep its state."""
+        if self.ended:
+            return
+        self.ended = True
+        if "state" not in final:
+            if self.lease is not None or self.return_state:
+                raise APIError(502, "model server returned no state", "upstream_error")
+            return
+        blob = base64.b64decode(final["state"])
+        app = self.request.app.state
+        if self.lease is not None:
+            app.sessions.commit(self.lease, blob, int(final.get("state_tokens", 0)))
+            self.lease = None
+        if self.return_state:
+            self.state = app.signer.sign(self.model, blob)
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.request.app.state.sessions.release(self.lease)
+            self.lease = None
+
+
+def begin(request: Request, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
+    """None for a request that continues nothing; else the continuation, with `body` completed."""
+    if not fields.continues:
+        return None
+    app = request.app.state
+    cont = Continuation(request, model, return_state=fields.return_state)
+    if fields.state is not None:
+        body["state"] = base64.b64encode(app.signer.verify(model, fields.state)).decode("ascii")
+    if fields.session is not None:
+        cont.lease = app.sessions.acquire(owner_of(request.headers.get("authorization")), fields.session, model)
+        if cont.lease.state is not None:
+            body["state"] = base64.b64encode(cont.lease.state).decode("ascii")
+    body["return_state"] = SESSION_DTYPE if fields.session is not None else CLIENT_DTYPE
+    return cont
