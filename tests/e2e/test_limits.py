@@ -26,7 +26,8 @@ DEADLINE_S = 8
 def tight(tmp_path_factory):
     s = start_stack(tmp_path_factory.mktemp("tight"), extra_env={
         "RNNSERVE_API_KEYS": json.dumps(["other-key", KEY]), "RNNSERVE_MAX_RUNNING_PER_MODEL": "2",
-        "RNNSERVE_MAX_WAITING_PER_MODEL": "1", "RNNSERVE_REQUEST_TIMEOUT_S": str(DEADLINE_S), **PACED})
+        "RNNSERVE_MAX_WAITING_PER_MODEL": "1", "RNNSERVE_REQUEST_TIMEOUT_S": str(DEADLINE_S),
+        "RNNSERVE_MAX_SESSIONS_PER_MODEL": "2", **PACED})
     yield s
     stop_stack(s)
 
@@ -139,3 +140,41 @@ def test_a_plain_request_whose_client_leaves_frees_its_slot(tight):
             httpx.post(f"{tight.url}/v1/generate", json={**LONG, "max_tokens": 2000}, headers=AUTH, timeout=1.0)
         wait_for(lambda: gauge(c, "rnnserve_requests_running") == 0, "the slot to be freed")
         assert metric(c, "rnnserve_client_disconnects_total", AUTH, model=LM) == before + 1
+
+
+def test_sessions_are_bounded_per_model_and_private_to_their_key(tight):
+    other = {"Authorization": "Bearer other-key"}
+    with tight.client(headers=AUTH) as c:
+        for sid in ("s1", "s2", "s3"):
+            r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": sid})
+            assert r.status_code == 200, r.text
+        # the least recently used went first
+        assert sorted(s["id"] for s in c.get("/v1/sessions").json()["data"]) == ["s2", "s3"]
+        assert c.get("/v1/sessions/s1").status_code == 404
+        assert gauge(c, "rnnserve_sessions") == 2
+        assert metric(c, "rnnserve_session_evictions_total", AUTH, model=LM, reason="capacity") == 1
+        # another key sees none of them, and cannot continue or delete them
+        assert c.get("/v1/sessions", headers=other).json()["data"] == []
+        assert c.get("/v1/sessions/s2", headers=other).status_code == 404
+        assert c.delete("/v1/sessions/s2", headers=other).status_code == 404
+        assert c.get("/v1/sessions/s2").json()["tokens"] == 2
+        for sid in ("s2", "s3"):
+            assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+def test_a_session_serves_one_request_at_a_time(tight):
+    with httpx.Client(base_url=tight.url, timeout=60, headers=AUTH) as c:
+        with c.stream("POST", "/v1/generate", json={**LONG, "stream": True, "session": "busy"}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # the first stream is running
+            r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "busy"})
+            assert r.status_code == 409
+            assert r.json() == {"error": {"message": "session 'busy' is in use by another request; retry when it "
+                                                     "ends", "type": "conflict_error", "param": "session",
+                                          "code": 409}}
+        # the stream was cancelled: a new session whose first request never ended does not exist
+        wait_for(lambda: gauge(c, "rnnserve_requests_running") == 0, "the cancelled stream to leave")
+        assert c.get("/v1/sessions/busy").status_code == 404
+        r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "busy"})
+        assert r.status_code == 200
+        c.delete("/v1/sessions/busy")
