@@ -232,6 +232,9 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["length", "stop"] | None = None
 
 
+CONTINUATION = {"session", "state"}  # extension fields, sent only to requests that continue a text
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"

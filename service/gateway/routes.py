@@ -16,7 +16,7 @@ from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep
 from rnnserve.service.gateway.errors import invalid
 from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
                                                  start)
-from rnnserve.service.gateway.protocol import (SESSION_PATTERN, CompletionChoice, CompletionLogprobs,
+from rnnserve.service.gateway.protocol import (CONTINUATION, SESSION_PATTERN, CompletionChoice, CompletionLogprobs,
                                                CompletionRequest, CompletionResponse, ErrorResponse, ForkRequest,
                                                GenerateChunk, GenerateRequest, GenerateResponse, Health, ModelList,
                                                ScoreItem, ScoreRequest, ScoreResponse, SessionInfo, SessionList,
@@ -187,9 +187,9 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
     offsets: dict[int, int] = {}  # per run: where the next chunk's text starts in its choice
 
     def chunk(choice: CompletionChoice | None, usage: Usage | None = None, final: bool = False) -> dict:
-        extra = {"session": req.session, "state": cont.state if cont else None} if final and cont else {}
+        extra = {"session": req.session, "state": cont.state} if final and cont else {}
         return CompletionResponse(id=cid, created=created, model=req.model, choices=[choice] if choice else [],
-                                  usage=usage, **extra).model_dump(exclude_none=bool(extra))
+                                  usage=usage, **extra).model_dump(exclude=None if extra else CONTINUATION)
 
     def render(run: Run, frame: dict) -> list[dict]:
         text = frame_text(frame)

@@ -114,10 +114,12 @@ def test_request_id_is_echoed_or_generated(client):
 @settings(max_examples=50)
 def test_per_frame_events_are_the_models_dumps(rid, model, text, created, index):
     """The streaming hot path builds events as dicts; they must be exactly what the documented models give."""
-    from rnnserve.service.gateway.protocol import CompletionChoice, CompletionResponse, GenerateChunk, TranslateChunk
+    from rnnserve.service.gateway.protocol import (CONTINUATION, CompletionChoice, CompletionResponse, GenerateChunk,
+                                                   TranslateChunk)
     assert GenerateChunk.text_event(rid, model, text) == GenerateChunk(id=rid, model=model, text=text).model_dump(
         exclude_none=True)
     assert TranslateChunk.text_event(rid, model, text) == TranslateChunk(id=rid, model=model, text=text).model_dump(
         exclude_none=True)
     assert CompletionResponse.text_event(rid, created, model, index, text) == CompletionResponse(
-        id=rid, created=created, model=model, choices=[CompletionChoice(text=text, index=index)]).model_dump()
+        id=rid, created=created, model=model, choices=[CompletionChoice(text=text, index=index)]).model_dump(
+        exclude=CONTINUATION)

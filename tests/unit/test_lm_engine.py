@@ -117,3 +117,64 @@ def test_seeded_output_does_not_depend_on_the_time_budget(tiny_lm):
     while e.has_work():
         text += "".join(o.text for o in e.step(16, budget_s=0.0005))
     assert text == expected["x"]
+
+
+def test_logprobs_follow_the_text_and_stop_strings(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("a", "ROMEO:", SamplingParams(max_tokens=40, seed=3), logprobs=2)
+    e.add("b", "ROMEO:", SamplingParams(max_tokens=200, seed=4, stop=["e"]), logprobs=0)
+    entries, finals = {}, {}
+    while e.has_work():
+        for o in e.step(5):
+            entries.setdefault(o.request_id, []).extend(o.logprobs)
+            if o.finished:
+                finals[o.request_id] = o
+    texts = {k: "".join(x.token for x in v) for k, v in entries.items()}
+    a = entries["a"]
+    assert len(a) == 40 and all(len(x.top) == 2 and x.top[0][1] >= x.top[1][1] >= -1e9 for x in a)
+    assert finals["a"].cumulative_logprob == pytest.approx(sum(x.logprob for x in a))
+    # the token that completes the stop string is cut with the text
+    assert "e" not in texts["b"] and all(x.top is None for x in entries["b"])
+
+
+def test_scores_are_sums_of_conditional_logprobs(tiny_lm):
+    import torch
+
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add_score("s", ["To be", ""], token_logprobs=True)
+    (out,) = e.step()
+    one, empty = out.scores
+    assert empty == {"text": "", "logprob": 0, "tokens": 0, "token_logprobs": []}
+    ids = tiny_lm.tokenizer.encode("\nTo be")
+    with torch.no_grad():
+        logits, _, _ = tiny_lm.model(torch.tensor([ids[:-1]]))
+    lp = torch.log_softmax(logits[0], -1)
+    expected = sum(float(lp[i, t]) for i, t in enumerate(ids[1:]))
+    assert one["logprob"] == pytest.approx(expected, abs=1e-4) and one["tokens"] == 5
+    assert [t["token"] for t in one["token_logprobs"]] == list("To be")
+    assert not e.has_work() and e.request_ids() == []
+
+
+def test_identical_prompts_are_read_once(tiny_lm, monkeypatch):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    read = []
+    prefill = tiny_lm.model.prefill
+    monkeypatch.setattr(tiny_lm.model, "prefill", lambda prompts, *a, **k: read.append(len(prompts)) or
+                        prefill(prompts, *a, **k))
+    for i in range(3):
+        e.add(f"r{i}", "KING:", SamplingParams(max_tokens=10, seed=i))
+    e.add("other", "QUEEN:", SamplingParams(max_tokens=10, seed=9))
+    texts, _ = run(e, 5)
+    assert read == [2]
+    alone = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    alone.add("r1", "KING:", SamplingParams(max_tokens=10, seed=1))
+    assert run(alone)[0]["r1"] == texts["r1"]
+
+
+def test_echo_returns_the_prompts_logprobs(tiny_lm):
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("a", "ROMEO:", SamplingParams(max_tokens=3, temperature=0), logprobs=1, echo=True)
+    (first,) = e.step(1)
+    prompt = first.prompt_logprobs
+    assert [p.token for p in prompt] == list("ROMEO:") and prompt[0].logprob is None
+    assert all(p.logprob < 0 and len(p.top) == 1 for p in prompt[1:])

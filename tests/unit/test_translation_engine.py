@@ -110,3 +110,22 @@ def test_merged_outputs_keep_order_and_the_end():
                           batch_size=4)
     m = merge_outputs(a, b)
     assert m.new_tokens == {0: [4, 5, 6], 1: [7]} and m.finished and m.completion_tokens == 4 and m.batch_size == 8
+
+
+def test_n_best_prefix_and_forced_scores_agree(model):
+    src = [5, 9, 13, 7, 22]
+    best = alone(model, src, TranslationParams(beam_size=4, n_best=3, return_alignment=True))
+    hyps = best.hypotheses
+    assert len(hyps) == 3 and hyps[0].tokens == best.tokens
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert len(best.alignment) == len(best.tokens) and all(0 <= i < len(src) for i in best.alignment)
+    e = TranslationEngine(model)
+    e.add_score("s", src, [h.tokens for h in hyps])
+    (out,) = e.step()
+    for h, s in zip(hyps, out.scores):  # forced decoding adds <eos> where the beam stopped at max length
+        assert s["tokens"] == len(h.tokens) and s["logprob"] <= h.logprob + 1e-4
+    prefix = [11 if best.tokens[:1] != [11] else 12, 3 + 4]
+    e = TranslationEngine(model)
+    e.add("p", [src], TranslationParams(beam_size=3), [prefix])
+    forced = run(e)[0]["p"].results[0]
+    assert forced.tokens[:2] == prefix
