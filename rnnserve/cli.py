@@ -55,6 +55,12 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     return main_translate(args)
 
 
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from rnnserve.attention_plot import main as attention
+
+    return attention(args)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from rnnserve.offline import main_generate
 
@@ -145,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most subword tokens per translation (default: twice the source's, plus 10)")
     p.add_argument("--quiet", action="store_true", help="no progress on standard error")
     p.set_defaults(func=_cmd_translate)
+
+    p = sub.add_parser("attention", help="draw a translation's attention matrix to a PNG, without the server")
+    p.add_argument("model", help="a translation model folder, or the name of one under RNNSERVE_MODELS_DIR")
+    p.add_argument("text", help="the source text to translate")
+    p.add_argument("--out", required=True, help="the PNG file to write")
+    p.add_argument("--beam-size", type=int, default=4, help="beams, 1 = greedy (default: 4)")
+    p.add_argument("--target-prefix", default=None, help="force the translation to start with this text")
+    p.set_defaults(func=_cmd_attention)
 
     p = sub.add_parser("generate", help="print a language model's generation after a prompt, without the server")
     p.add_argument("model", help="a model folder, or the name of one under RNNSERVE_MODELS_DIR (default models/)")
