@@ -80,6 +80,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.task == "sessions":
+        from rnnserve.bench_sessions import main as bench_sessions
+
+        return bench_sessions(args)
     from rnnserve.bench import main as bench
 
     args.concurrency = args.concurrency or {"translation": "1,32", "cpu": "32"}.get(args.task, "1,8,32,64")
@@ -193,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="throughput and latency: raw engine vs naive handler vs full stack")
-    p.add_argument("task", choices=["engine", "lm", "translation", "cpu"],
+    p.add_argument("task", choices=["engine", "lm", "translation", "cpu", "sessions"],
                    help="engine: the LM engine in-process; lm, translation: full stack vs raw engine vs naive "
-                        "handler; cpu: CPU time per request of each process")
+                        "handler; cpu: CPU time per request of each process; sessions: continuing a long "
+                        "conversation from its state vs re-sending its history")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts")
     p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
     p.add_argument("--beams", default="1,4", help="translation: beam sizes")
