@@ -4,9 +4,11 @@
     rnnserve loadtest --arrival-rate 20 --run-time 60s           (open loop: Poisson arrivals)
     locust -f load_tests/locustfile.py --host http://127.0.0.1:8000   (web UI)
 
-User classes (weights from the environment, RNNSERVE_LOAD_WEIGHTS="stream=4,generate=1,openai=1,translate=2"):
-streamed generation, non-streamed generation, OpenAI-compatible completions and translation (single
-and batched texts, greedy and beam). Streams are read event by event: time to first token ("TTFT")
+User classes (weights from the environment,
+RNNSERVE_LOAD_WEIGHTS="stream=4,generate=1,openai=1,translate=2,conversation=1"): streamed generation,
+non-streamed generation, OpenAI-compatible completions, translation (single and batched texts, greedy
+and beam), and conversations that never re-send their history (turns continue a server-held session or
+a state the user sends back; their TTFT is its own entry). Streams are read event by event: time to first token ("TTFT")
 and inter-token latency ("ITL") are reported as their own entries, output tokens are counted, and
 failures are split by status (429, 503, 504, other 5xx) and by mid-stream error events.
 """
@@ -29,7 +31,9 @@ TR_MODEL = os.environ.get("RNNSERVE_LOAD_TR_MODEL", "translate-de-en")
 MAX_TOKENS = int(os.environ.get("RNNSERVE_LOAD_MAX_TOKENS", "128"))
 API_KEY = os.environ.get("RNNSERVE_LOAD_API_KEY", "")
 RATE = float(os.environ.get("RNNSERVE_LOAD_ARRIVAL_RATE", "0"))  # > 0: open loop, requests per second
-WEIGHTS = parse_weights(os.environ.get("RNNSERVE_LOAD_WEIGHTS", "stream=4,generate=1,openai=1,translate=2"))
+WEIGHTS = parse_weights(os.environ.get("RNNSERVE_LOAD_WEIGHTS",
+                                       "stream=4,generate=1,openai=1,translate=2,conversation=1"))
+TURNS = 8  # turns of a conversation before it starts anew
 
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "KING RICHARD III:\n", "First Citizen:\n", "To be, or not to be", "MENENIUS:\n"]
 GERMAN = ["Ein Mann fährt mit dem Fahrrad durch die Stadt.", "Zwei Hunde spielen im Schnee.",
@@ -61,15 +65,17 @@ class RNNServeUser(HttpUser):
         if API_KEY:
             self.client.headers["Authorization"] = f"Bearer {API_KEY}"
 
-    def stream(self, path: str, body: dict, name: str) -> None:
-        """POST an SSE request and report TTFT, ITL, tokens and failures as their own entries."""
+    def stream(self, path: str, body: dict, name: str) -> dict | None:
+        """POST an SSE request and report TTFT, ITL, tokens and failures as their own entries; returns the
+        last event when the stream ended well."""
         _admit_one()
         t0 = time.perf_counter()
         first = last = None
+        final = None
         with self.client.post(path, json=body, stream=True, catch_response=True, name=name) as resp:
             if resp.status_code != 200:
                 resp.failure(fail_name(resp.status_code))
-                return
+                return None
             for line in resp.iter_lines():
                 if not line.startswith(b"data: "):
                     continue
@@ -78,7 +84,7 @@ class RNNServeUser(HttpUser):
                 event = json.loads(line[6:])
                 if "error" in event:
                     resp.failure(f"mid-stream {event['error'].get('type')}")
-                    return
+                    return None
                 text = event.get("text", "")
                 if not text and "choices" in event:  # OpenAI chunks
                     text = "".join(c.get("text", "") for c in event["choices"])
@@ -93,7 +99,9 @@ class RNNServeUser(HttpUser):
                 usage = event.get("usage")
                 if usage:
                     fire(f"tokens {name}", 0, kind="TOKENS", length=usage["completion_tokens"])
+                final = event
             resp.success()
+            return final
 
     def post(self, path: str, body: dict, name: str) -> None:
         _admit_one()
@@ -135,6 +143,32 @@ class OpenAIUser(RNNServeUser):
     def completions_stream(self) -> None:
         self.stream("/v1/completions", {"model": LM_MODEL, "prompt": random.choice(PROMPTS),
                                          "max_tokens": MAX_TOKENS, "stream": True}, "completions stream")
+
+
+class ConversationUser(RNNServeUser):
+    """A conversation of TURNS turns that never re-sends its history: even turns continue a session the
+    server holds, odd ones a state this user holds and sends back (any replica accepts it)."""
+    weight = WEIGHTS.get("conversation", 0)
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.turn_no, self.state = 0, None
+        self.session = f"locust-{random.getrandbits(64):016x}"
+
+    @task
+    def turn(self) -> None:
+        if self.turn_no == TURNS:  # start anew: the server's copy goes, the user's is dropped
+            self.client.delete(f"/v1/sessions/{self.session}", name="conversation end")
+            self.turn_no, self.state = 0, None
+        body = {"model": LM_MODEL, "prompt": "\n\n" + random.choice(PROMPTS), "max_tokens": MAX_TOKENS,
+                "temperature": 0.8, "stream": True}
+        if self.turn_no % 2 == 0:
+            self.stream("/v1/generate", {**body, "session": self.session}, "conversation session")
+        else:
+            final = self.stream("/v1/generate", {**body, "state": self.state, "return_state": True},
+                                "conversation state")
+            self.state = (final or {}).get("state")
+        self.turn_no += 1
 
 
 class TranslateUser(RNNServeUser):

@@ -35,3 +35,14 @@ def test_locust_smoke_run(stack, tmp_path):
     assert s["output_tokens_per_s"] > 0
     assert after == (before[0] + 16, before[1])  # every request counted once, none cut
     assert (out / "report.html").exists()
+
+
+def test_locust_conversations(stack, tmp_path):
+    """Conversation users continue sessions and returned states; their TTFT entries are their own."""
+    out = run_locust(stack.url, users=2, run_time="120s", out=tmp_path / "load", weights="conversation=1",
+                     max_tokens=16, max_requests=6)
+    s = summarize(out)
+    assert s["requests"] == 6 and s["failures"] == 0, s["errors"]
+    names = (out / "locust_stats.csv").read_text()
+    # 6 turns of 2 users: at least one user took a session turn and then a state turn
+    assert ",TTFT conversation session," in names and ",TTFT conversation state," in names
