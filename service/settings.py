@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     @field_validator("state_key")
     @classmethod
     def _long_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None  # an empty variable (compose's default) means unset
         if v is not None and len(v.get_secret_value()) < 32:
             raise ValueError("must be at least 32 characters (for example `openssl rand -hex 32`)")
         return v

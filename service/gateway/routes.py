@@ -247,7 +247,7 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
     return _stream(sse_stream(started, render))
 
 
-@api.post("/v1/score", response_model=ScoreResponse, tags=["scoring"])
+@api.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, tags=["scoring"])
 async def score(req: ScoreRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """The log-probability of texts under a model. Language model: `text` (its logprob, tokens and
     perplexity) or `candidates` (each scored, to rank them). Translation model: each of `candidates`
