@@ -90,7 +90,8 @@ async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None):
         raise
 
 
-@api.post("/v1/generate", response_model=GenerateResponse, tags=["generation"], responses=SSE)
+@api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["generation"],
+          responses=SSE)
 async def generate(req: GenerateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """Generate text after `prompt`. With `stream: true`: `data: {"text": ...}` per chunk, a last
     event with `finish_reason` and `usage`, then `data: [DONE]`. With `session` or `state` the prompt
@@ -181,8 +182,10 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
                                                        True)
                 out.append(CompletionChoice(text=(prompt if echo else "") + text, index=p_i * req.n + j,
                                             logprobs=logprobs, finish_reason=run.finish_reason))
-        return CompletionResponse(id=cid, created=created, model=req.model, usage=_usage([r for r, _ in done]),
+        resp = CompletionResponse(id=cid, created=created, model=req.model, usage=_usage([r for r, _ in done]),
                                   choices=out, session=req.session, state=cont.state if cont else None)
+        # the extension fields only for requests that continue a text: others get OpenAI's exact shape
+        return JSONResponse(resp.model_dump(exclude=None if cont else CONTINUATION))
 
     offsets: dict[int, int] = {}  # per run: where the next chunk's text starts in its choice
 

@@ -27,7 +27,8 @@ def test_translates_a_list_with_beam_search(stack):
     assert "<unk>" not in dogs["text"] + man["text"] and "\u2047" not in dogs["text"] + man["text"]
     assert "".join(dogs["tokens"]).replace("\u2581", " ").strip() == dogs["text"]
     assert dogs["finish_reason"] == "stop"
-    assert empty == {"text": "", "finish_reason": "stop", "tokens": [], "source_tokens": [], "attention": None}
+    assert empty == {"text": "", "finish_reason": "stop", "tokens": [], "source_tokens": [], "logprob": 0.0,
+                     "attention": None, "alignment": None, "hypotheses": None}
     assert body["usage"]["prompt_tokens"] == len(dogs["source_tokens"]) + len(man["source_tokens"])
     assert body["usage"]["completion_tokens"] == len(dogs["tokens"]) + len(man["tokens"])
 
