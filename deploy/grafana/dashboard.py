@@ -40,6 +40,10 @@ PANELS = [
          "generated p50 {{model}}"),
         ("histogram_quantile(0.5, sum by (le, model) (rate(rnnserve_request_prompt_tokens_bucket[5m])))",
          "prompt p50 {{model}}")]),
+    ("Sessions held", "short", [("sum by (model) (rnnserve_sessions)", "sessions {{model}}"),
+                                ("sum by (model, reason) (rate(rnnserve_session_evictions_total[5m])) * 60",
+                                 "evictions/min {{model}} {{reason}}")]),
+    ("Session memory", "bytes", [("sum by (model) (rnnserve_session_bytes)", "{{model}}")]),
     ("TorchServe requests/s and mean latency", "short", [
         ("sum by (model_name) (rate(ts_inference_requests_total[1m]))", "requests/s {{model_name}}"),
         ("sum by (model_name) (rate(ts_inference_latency_microseconds[1m])) / 1e6 / "
