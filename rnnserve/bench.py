@@ -418,7 +418,45 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict
         row["folded_vs_modules"] = round(row["native_folded"] / row["native_modules"], 2)
         rows.append(row)
         print(row, flush=True)
-    _write(out, {"engine": rows, "tokens": tokens, "threads": torch.get_num_threads()})
+    sampling = bench_sampling(batches, loaded.tokenizer.vocab_size)
+    _write(out, {"engine": rows, "sampling": sampling, "tokens": tokens, "threads": torch.get_num_threads()})
+    return rows
+
+
+def _per_row_generators(generators: list[torch.Generator]) -> torch.Tensor:
+    """The baseline draw: every row from its own torch.Generator, one tiny kernel per row (and a host sync
+    per row on a GPU)."""
+    return torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+
+
+def bench_sampling(batches: list[int], vocab: int, steps: int = 2000) -> list[dict]:
+    """Microseconds per sampling step (temperature 0.8, no top-k/top-p): per-row generators vs the
+    counter-based draw of the whole batch (engine/sampling.py)."""
+    from rnnserve.engine.sampling import sample_with, uniforms
+
+    rows = []
+    for b in batches:
+        logits = torch.randn(b, vocab)
+        temperature, top_k, top_p = torch.full((b,), 0.8), torch.zeros(b, dtype=torch.long), torch.ones(b)
+        generators = [torch.Generator().manual_seed(i) for i in range(b)]
+        seeds, positions = torch.arange(b), torch.zeros(b, dtype=torch.long)
+        variants = {"per_row_generators": lambda: sample_with(logits, temperature, top_k, top_p,
+                                                              lambda: _per_row_generators(generators)),
+                    "counter_based": lambda: sample_with(logits, temperature, top_k, top_p,
+                                                         lambda: uniforms(seeds, positions))}
+        row = {"batch": b}
+        for name, fn in variants.items():
+            runs = []
+            for _ in range(3):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                runs.append((time.perf_counter() - t0) / steps * 1e6)
+            row[f"{name}_us"] = round(_median(runs), 1)
+        row["speedup"] = round(row["per_row_generators_us"] / row["counter_based_us"], 2)
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 

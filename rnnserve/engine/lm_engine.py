@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rnnserve.engine.sampling import SamplingParams, make_generator, sample_rows
+from rnnserve.engine.sampling import SamplingParams, random_seed, sample_rows
 from rnnserve.engine.state import LMState
 from rnnserve.models.decode import decode_step, module_step
 from rnnserve.models.lm import RNNLanguageModel, State, concat_rows, select_rows
@@ -92,7 +92,7 @@ class _Sequence:
     request_id: str
     params: SamplingParams
     prompt_ids: list[int]
-    generator: torch.Generator
+    seed: int  # the request's, or a random one: with the token's position, it makes the token's random number
     decoder: Any  # the tokenizer's text of each new token (CharDecoder, SubwordDecoder, WordDecoder)
     prompt_tokens: int = 0  # the caller's prompt length (an empty prompt counts 0)
     token_ids: list[int] = field(default_factory=list)
@@ -163,7 +163,7 @@ class LMEngine:
                 ids = self.tokenizer.encode(EMPTY_PROMPT)
             prompt_tokens = len(ids) if prompt else 0
             line_start = not prompt or prompt.endswith("\n")
-        seq = _Sequence(request_id, params, ids, make_generator(params.seed, self.device),
+        seq = _Sequence(request_id, params, ids, params.seed if params.seed is not None else random_seed(),
                         self.tokenizer.decoder(line_start=line_start), prompt_tokens=prompt_tokens, init=state,
                         logprobs=logprobs, echo=echo, return_state=return_state, at_line_start=line_start)
         self._waiting.append(seq)
@@ -371,7 +371,9 @@ class LMEngine:
         temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-        tokens = sample_rows(self._logits, temperature, top_k, top_p, [s.generator for s in seqs])
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev)
+        positions = torch.tensor([len(s.token_ids) for s in seqs], dtype=torch.long, device=dev)
+        tokens = sample_rows(self._logits, temperature, top_k, top_p, seeds, positions)
         toks = tokens.tolist()
         entries = self._step_logprobs(tokens)
         snapshot = []

@@ -1,14 +1,20 @@
-"""Batched sampling where every row has its own temperature, top-k, top-p and random generator.
+"""Batched sampling where every row has its own temperature, top-k, top-p and random numbers.
 
-Each row draws its uniform number from its own `torch.Generator`, and the rest is a deterministic
-function of that row's logits, so a seeded request gives the same text whoever shares its batch.
+A row's uniform number is a hash of its request's seed and the token's position (counter-based, as
+in Philox): the whole batch draws in a few vectorised integer operations on the device, with no
+per-row generator, kernel or host sync. The rest is a deterministic function of that row's logits,
+so a seeded request gives the same text whoever shares its batch. A request without a seed gets a
+fresh one from the OS.
 """
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import torch
+
+M32 = 0xFFFFFFFF
 
 
 @dataclass
@@ -38,25 +44,46 @@ class SamplingParams:
             raise ValueError("seed must be a non-negative 64-bit integer")
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()  # fresh entropy from the OS
-    else:
-        g.manual_seed(seed)
-    return g
+def random_seed() -> int:
+    """A seed for a request that gave none, from the OS's entropy."""
+    return secrets.randbits(63)
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser on 32-bit values held in int64 (products wrap; the mask keeps 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & M32
+    return x ^ (x >> 16)
+
+
+def uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """seeds (B,) int64 in [0, 2^63), positions (B,) int64 -> (B,) float64 in (0, 1), a function of each
+    (seed, position) pair alone."""
+    h = _fmix32((positions & M32) ^ 0x9E3779B9)
+    h = _fmix32(h ^ (seeds & M32))
+    h = _fmix32(h ^ ((seeds >> 32) & M32))
+    return (h.double() + 0.5) / 2.0**32
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) float; temperature/top_p (B,) float; top_k (B,) long -> token ids (B,).
+                seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) float; temperature/top_p (B,) float; top_k, seeds, positions (B,) long -> token ids (B,).
 
-    Rows with temperature 0 take the argmax and draw no random number.
+    Rows with temperature 0 take the argmax. No host sync: the caller reads the tokens once.
     """
+    return sample_with(logits, temperature, top_k, top_p, lambda: uniforms(seeds, positions))
+
+
+def sample_with(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                draw) -> torch.Tensor:
+    """`sample_rows` with the rows' uniform numbers from `draw()` ((B,) in (0, 1), called only when a row
+    samples)."""
     B, V = logits.shape
     greedy = temperature <= 0
     out = logits.argmax(-1)
-    if bool(greedy.all()):
+    if logits.device.type == "cpu" and bool(greedy.all()):  # a free check on the CPU; skipped on a GPU
         return out
     logits = logits.float()
     t = torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
@@ -68,9 +95,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     drop |= (sorted_p.cumsum(-1) - sorted_p) >= top_p.unsqueeze(1)
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     cdf = sorted_p.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g, device=logits.device) if not greedy[i] else
-                     torch.zeros((), device=logits.device) for i, g in enumerate(generators)])
-    u = u.to(cdf.dtype) * cdf[:, -1]
+    u = draw().to(cdf.dtype) * cdf[:, -1]
     choice = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=V - 1)
     sampled = sorted_idx.gather(1, choice).squeeze(1)
     return torch.where(greedy, out, sampled)

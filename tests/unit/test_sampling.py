@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rnnserve.engine.sampling import SamplingParams, make_generator, sample_rows
+from rnnserve.engine.sampling import SamplingParams, sample_rows, uniforms
 
 
 def _params(B, temperature=1.0, top_k=0, top_p=1.0):
@@ -9,35 +9,48 @@ def _params(B, temperature=1.0, top_k=0, top_p=1.0):
             torch.full((B,), float(top_p)))
 
 
-def test_greedy_rows_take_the_argmax_and_draw_nothing():
+def draws(seeds, position=0):
+    seeds = torch.tensor(seeds, dtype=torch.long)
+    return seeds, torch.full_like(seeds, position)
+
+
+def test_greedy_rows_take_the_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [2.0, 0.0, 1.0]])
-    g = [make_generator(1), make_generator(2)]
-    before = [x.get_state().clone() for x in g]
-    out = sample_rows(logits, *_params(2, temperature=0.0), g)
+    out = sample_rows(logits, *_params(2, temperature=0.0), *draws([1, 2]))
     assert out.tolist() == [1, 0]
-    assert all(torch.equal(b, x.get_state()) for b, x in zip(before, g))
+    mixed = sample_rows(logits, torch.tensor([0.0, 1.0]), *_params(2)[1:], *draws([1, 2]))
+    assert mixed[0] == 1
+
+
+def test_uniforms_are_uniform_and_depend_on_seed_and_position_alone():
+    n = 100_000
+    u = uniforms(torch.arange(n), torch.zeros(n, dtype=torch.long))
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    hist = torch.histc(u.float(), bins=10, min=0, max=1) / n
+    torch.testing.assert_close(hist, torch.full((10,), 0.1), atol=0.005, rtol=0)
+    along = uniforms(torch.full((n,), 2**62 + 12345), torch.arange(n))  # one request's stream
+    assert abs(float(along.mean()) - 0.5) < 0.005 and len(set(along.tolist())) > n * 0.99
+    assert float(uniforms(torch.tensor([7]), torch.tensor([3]))) == float(
+        uniforms(torch.tensor([1, 7, 9]), torch.tensor([0, 3, 3]))[1])
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
     torch.manual_seed(0)
     logits = torch.randn(5, 30)
-    g = [make_generator(i) for i in range(5)]
-    assert torch.equal(sample_rows(logits, *_params(5, top_k=1), g), logits.argmax(-1))
-    assert torch.equal(sample_rows(logits, *_params(5, top_p=1e-6), g), logits.argmax(-1))
+    assert torch.equal(sample_rows(logits, *_params(5, top_k=1), *draws(range(5))), logits.argmax(-1))
+    assert torch.equal(sample_rows(logits, *_params(5, top_p=1e-6), *draws(range(5))), logits.argmax(-1))
 
 
 def test_top_k_only_samples_among_the_k_best():
     logits = torch.tensor([[5.0, 4.0, 3.0, -1.0, -2.0]]).repeat(400, 1)
-    g = [make_generator(i) for i in range(400)]
-    out = sample_rows(logits, *_params(400, temperature=5.0, top_k=2), g)
+    out = sample_rows(logits, *_params(400, temperature=5.0, top_k=2), *draws(range(400)))
     assert set(out.tolist()) == {0, 1}
 
 
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1])
     logits = probs.log().unsqueeze(0).repeat(20000, 1)
-    g = [make_generator(i) for i in range(20000)]
-    out = sample_rows(logits, *_params(20000), g)
+    out = sample_rows(logits, *_params(20000), *draws(range(20000)))
     freq = torch.bincount(out, minlength=3).float() / 20000
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
 
@@ -45,10 +58,10 @@ def test_sampling_follows_the_distribution():
 def test_a_rows_draw_does_not_depend_on_its_neighbours():
     torch.manual_seed(0)
     row = torch.randn(1, 50)
-    alone = sample_rows(row, *_params(1, top_p=0.9), [make_generator(7)])
+    alone = sample_rows(row, *_params(1, top_p=0.9), *draws([7], 5))
     others = torch.randn(3, 50)
     batch = torch.cat([others[:2], row, others[2:]])
-    mixed = sample_rows(batch, *_params(4, top_p=0.9), [make_generator(s) for s in (1, 2, 7, 3)])
+    mixed = sample_rows(batch, *_params(4, top_p=0.9), torch.tensor([1, 2, 7, 3]), torch.tensor([0, 9, 5, 2]))
     assert mixed[2] == alone[0]
 
 
