@@ -130,11 +130,16 @@ class SessionStore:
         self._touched[key] = self.clock()
 
     def _expire(self) -> None:
+        """The sessions are kept in order of last use: the expired ones are at the front."""
         now = self.clock()
-        for key in [k for k, t in self._touched.items() if now - t > self.ttl_s]:
-            s = self._sessions[key]
+        expired = []
+        for key, s in self._sessions.items():
+            if now - self._touched[key] <= self.ttl_s:
+                break
             if not s.busy:
-                self._evict(key, "expired")
+                expired.append(key)
+        for key in expired:
+            self._evict(key, "expired")
 
     def _bound(self, model: str) -> None:
         """Evict the model's least recently used idle sessions until it is within its bounds."""
