@@ -120,7 +120,7 @@ class LMEngine:
                  folded_step: bool = True) -> None:
         self.model = model.eval()
         # folded weights make a decode step a few GEMMs (models/decode.py); False steps the modules
-        self._decode = decode_step(self.model) if folded_step else module_step(self.model)
+        self._step = decode_step(self.model) if folded_step else module_step(self.model)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_tokens_limit = max_tokens_limit
@@ -228,12 +228,9 @@ class LMEngine:
         self._admit()
         if not self._running:
             return scored
-        for _ in range(num_tokens):
-            self._decode_one()
-            if all(s.finish_reason for s in self._running):
-                break
-            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
-                break
+        # no row runs past its max_tokens: the step ends where the longest remaining one does
+        room = max(s.params.max_tokens - len(s.token_ids) for s in self._running)
+        self._decode(min(num_tokens, room), t0, budget_s)
         outputs = [self._output(s) for s in self._running]
         alive = [i for i, s in enumerate(self._running) if not s.finish_reason]
         if len(alive) != len(self._running):
@@ -257,7 +254,7 @@ class LMEngine:
         if stepped:
             tokens = torch.tensor([s.prompt_ids[0] for s in stepped], dtype=torch.long, device=self.device)
             with mkldnn_enabled(self._use_mkldnn(len(stepped))):
-                logits, state = self._decode(tokens, _cat_states([s.init.layers for s in stepped]))
+                logits, state = self._step(tokens, _cat_states([s.init.layers for s in stepped]))
             self._append(stepped, logits, state)
         echo = [s for s in new if s.echo and s.logprobs is not None]
         if echo:
@@ -365,7 +362,11 @@ class LMEngine:
                                       batch_size=len(rows), scores=scores))
         return outputs
 
-    def _decode_one(self) -> None:
+    def _decode(self, num_tokens: int, t0: float, budget_s: float | None) -> None:
+        """Decode up to `num_tokens` tokens for every running row, all on the device, then read them back
+        at once: the step's only host sync. Text, stop strings, logprobs and states are then settled on
+        the host, token by token. A row that finished inside the step decodes on until the step ends
+        (its extra tokens are dropped), which costs less than a sync per token on a GPU."""
         seqs = self._running
         dev = self.device
         temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
@@ -373,49 +374,58 @@ class LMEngine:
         top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev)
         positions = torch.tensor([len(s.token_ids) for s in seqs], dtype=torch.long, device=dev)
-        tokens = sample_rows(self._logits, temperature, top_k, top_p, seeds, positions)
-        toks = tokens.tolist()
-        entries = self._step_logprobs(tokens)
-        snapshot = []
-        for i, (s, tok) in enumerate(zip(seqs, toks)):
-            if s.finish_reason:  # finished earlier in this step; its row idles until retired
-                continue
-            s.token_ids.append(tok)
-            new = s.decoder.add(tok)
-            s.text += new
-            if new:
-                s.at_line_start = new.endswith("\n")
-            if i in entries:
-                s.entries.append(entries[i])
-                s.entry_ends.append(len(s.text))
-                s.cumulative += entries[i].logprob
-            self._check_stop(s, len(new))
-            if s.finish_reason and s.return_state:
-                snapshot.append(i)
-        if snapshot:  # before the step below reads the last tokens: the state keeps its last token pending
-            for i in snapshot:
-                s = seqs[i]
-                layers = select_rows(self._state, torch.tensor([i], device=dev))
-                s.final_state = LMState(layers, toks[i], (s.init.tokens if s.init else 0) + len(s.prompt_ids)
-                                        + len(s.token_ids) - 1, s.at_line_start)
-        with mkldnn_enabled(self._use_mkldnn(len(seqs))):
-            self._logits, self._state = self._decode(tokens, self._state)
-
-    def _step_logprobs(self, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
-        """Logprobs of the tokens just sampled, for the rows that asked."""
-        rows = [i for i, s in enumerate(self._running) if s.logprobs is not None and not s.finish_reason]
-        if not rows:
-            return {}
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        lp = torch.log_softmax(self._logits.index_select(0, index).float(), -1)
-        top = max(self._running[i].logprobs for i in rows)
-        entries = self._entries(lp, tokens.index_select(0, index).tolist(), top)
-        out = {}
-        for r, i in enumerate(rows):
-            e = entries[r]
-            n = self._running[i].logprobs
-            out[i] = TokenLogprob(e.token, e.logprob, e.top[:n] if e.top is not None and n else None)
-        return out
+        lp_rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        lp_index = torch.tensor(lp_rows, dtype=torch.long, device=dev)
+        top_n = max((seqs[i].logprobs for i in lp_rows), default=0)
+        state_rows = [i for i, s in enumerate(seqs) if s.return_state]
+        state_index = torch.tensor(state_rows, dtype=torch.long, device=dev)
+        steps: list[torch.Tensor] = []
+        chosen, top_values, top_ids = [], [], []
+        states: list[State] = []  # per token, the return_state rows' state before it was read
+        for j in range(num_tokens):
+            tokens = sample_rows(self._logits, temperature, top_k, top_p, seeds, positions + j)
+            if lp_rows:
+                lp = torch.log_softmax(self._logits.index_select(0, lp_index).float(), -1)
+                chosen.append(lp.gather(1, tokens.index_select(0, lp_index).unsqueeze(1)).squeeze(1))
+                if top_n:
+                    values, ids = lp.topk(top_n, dim=-1)
+                    top_values.append(values)
+                    top_ids.append(ids)
+            if state_rows:
+                states.append(select_rows(self._state, state_index))
+            with mkldnn_enabled(self._use_mkldnn(len(seqs))):
+                self._logits, self._state = self._step(tokens, self._state)
+            steps.append(tokens)
+            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+                break
+        toks = torch.stack(steps, 1).tolist()  # (B, n): the one sync
+        lps = torch.stack(chosen, 1).tolist() if chosen else []
+        tops = (torch.stack(top_values, 1).tolist(), torch.stack(top_ids, 1).tolist()) if top_values else None
+        lp_of = {i: r for r, i in enumerate(lp_rows)}
+        state_of = {i: r for r, i in enumerate(state_rows)}
+        for i, s in enumerate(seqs):
+            for j, tok in enumerate(toks[i]):
+                s.token_ids.append(tok)
+                new = s.decoder.add(tok)
+                s.text += new
+                if new:
+                    s.at_line_start = new.endswith("\n")
+                if i in lp_of:
+                    r = lp_of[i]
+                    top = None
+                    if s.logprobs and tops is not None:
+                        top = [(self.tokenizer.token_text(t), v)
+                               for v, t in zip(tops[0][r][j][: s.logprobs], tops[1][r][j][: s.logprobs])]
+                    s.entries.append(TokenLogprob(self.tokenizer.token_text(tok), lps[r][j], top))
+                    s.entry_ends.append(len(s.text))
+                    s.cumulative += lps[r][j]
+                self._check_stop(s, len(new))
+                if s.finish_reason:
+                    if s.return_state:  # the state keeps its last token pending
+                        layers = select_rows(states[j], torch.tensor([state_of[i]], device=dev))
+                        s.final_state = LMState(layers, tok, (s.init.tokens if s.init else 0) + len(s.prompt_ids)
+                                                + len(s.token_ids) - 1, s.at_line_start)
+                    break
 
     def _use_mkldnn(self, batch: int) -> bool:
         return self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch

@@ -123,7 +123,7 @@ def test_folded_and_module_steps_give_the_same_seeded_text(tiny_lm_folder, monke
     for folded in ("1", "0"):
         monkeypatch.setenv("RNNSERVE_FOLDED_STEP", folded)
         fe = make(tiny_lm_folder)
-        assert isinstance(fe.h.engine._decode, LSTMStep) == (folded == "1")
+        assert isinstance(fe.h.engine._step, LSTMStep) == (folded == "1")
         for i in range(3):
             fe.submit(f"r{i}", {"prompt": "KING:", "max_tokens": 60, "seed": i, "temperature": 0.9, "top_p": 0.95})
         fe.drain()
