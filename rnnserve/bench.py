@@ -394,17 +394,18 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
 
 def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict]:
     """Decode tokens/s of the engine alone, per batch size: the modules' step on oneDNN (mkldnn) and on
-    torch's native kernels, and the folded step (models/decode.py) on native kernels."""
+    torch's native kernels, and the folded step (models/decode.py) on native kernels, in fp32 and int8."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
-    variants = {"onednn_modules": (0, False), "native_modules": (None, False), "native_folded": (None, True)}
+    variants = {"onednn_modules": (0, False, False), "native_modules": (None, False, False),
+                "native_folded": (None, True, False), "native_folded_int8": (None, True, True)}
     rows = []
     for b in batches:
         row = {"batch": b}
-        for name, (threshold, folded) in variants.items():
+        for name, (threshold, folded, int8) in variants.items():
             runs = []
             for _ in range(3):
                 engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=b, mkldnn_min_batch=threshold,
-                                  folded_step=folded)
+                                  folded_step=folded, int8=int8)
                 for i in range(b):
                     engine.add(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=tokens, seed=i))
                 engine.step(1)  # prefill outside the timing
@@ -416,6 +417,7 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict
             row[name] = round(_median(runs), 1)
         row["native_vs_onednn"] = round(row["native_modules"] / row["onednn_modules"], 2)
         row["folded_vs_modules"] = round(row["native_folded"] / row["native_modules"], 2)
+        row["int8_vs_folded"] = round(row["native_folded_int8"] / row["native_folded"], 2)
         rows.append(row)
         print(row, flush=True)
     sampling = bench_sampling(batches, loaded.tokenizer.vocab_size)

@@ -64,6 +64,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             # decode LSTM steps with folded weights, a few GEMMs per token (rnnserve/models/decode.py):
             # 1.2-1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules
             "folded_step": True,
+            # int8 GEMMs in the folded step (CPU only): on where the model's config.json says its quality
+            # check passed ("serving": {"int8": true}, from `rnnserve evaluate --int8`)
+            "int8": False,
             # one thread per worker: on a small CPU machine the worker shares the cores with TorchServe's
             # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
             "torch_threads": 1,
@@ -120,6 +123,8 @@ def model_config(task: str, config: dict) -> dict:
         for key, setting in limits.items():
             if setting in handler:
                 handler[setting] = min(handler[setting], lowered[key])
+    if "int8" in handler:
+        handler["int8"] = bool((config.get("serving") or {}).get("int8", False))
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rnnserve.models.decode import decode_step
 from rnnserve.models.folder import load_lm, load_translation
 from rnnserve.offline import resolve_model, translate_ids
 from rnnserve.text import lowercase_tokenized
@@ -16,15 +17,40 @@ from rnnserve.training.lm import evaluate_lm
 from rnnserve.training.translation import corpus_bleu, sacre_bleu
 
 
-def evaluate_text(folder: Path, text_file: Path) -> dict:
+def evaluate_text(folder: Path, text_file: Path, int8: bool = False) -> dict:
     lm = load_lm(folder)
     read_lines(text_file)  # names the first line that is not UTF-8
     text = text_file.read_text(encoding="utf-8")
     ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
     batch = max(1, min(32, (len(ids) - 1) // 256))  # short texts: fewer, longer streams
     loss = evaluate_lm(lm.model, ids, batch_size=batch)
-    return {"model": lm.meta.get("name", folder.name), "characters": len(text), "loss": loss,
-            "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2)}
+    result = {"model": lm.meta.get("name", folder.name), "characters": len(text), "loss": loss,
+              "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2)}
+    if int8:
+        fp32 = step_loss(decode_step(lm.model), lm.model, ids, batch)
+        q = step_loss(decode_step(lm.model, int8=True), lm.model, ids, batch)
+        result.update({"loss_decode_step": fp32, "loss_int8": q, "int8_delta": q - fp32,
+                       "int8_keeps_quality": q - fp32 <= INT8_MAX_DELTA})
+    return result
+
+
+INT8_MAX_DELTA = 0.01  # nats per character: what int8 may cost before it stays off
+
+
+@torch.inference_mode()
+def step_loss(step, model, ids: torch.Tensor, streams: int) -> float:
+    """Mean cross-entropy of the text read through a serving decode step, token by token, in `streams`
+    parallel slices (the same slices as `evaluate_lm`): what the served model's arithmetic gives."""
+    n = (len(ids) - 1) // streams
+    data = ids[: n * streams + 1]
+    x = torch.stack([data[i * n: i * n + n] for i in range(streams)])  # (S, n)
+    y = torch.stack([data[i * n + 1: i * n + n + 1] for i in range(streams)])
+    state = model.init_state(streams)
+    total = 0.0
+    for t in range(n):
+        logits, state = step(x[:, t], state)
+        total += float(torch.nn.functional.cross_entropy(logits.float(), y[:, t], reduction="sum"))
+    return total / (n * streams)
 
 
 def evaluate_translation(folder: Path, src_file: Path, ref_file: Path, beam_size: int, alpha: float) -> dict:
@@ -56,7 +82,7 @@ def main(args) -> int:
 
 def _evaluate(args, folder: Path) -> int:
     if args.text_file:
-        result = evaluate_text(folder, Path(args.text_file))
+        result = evaluate_text(folder, Path(args.text_file), int8=getattr(args, "int8", False))
     elif args.src_file and args.ref_file:
         result = evaluate_translation(folder, Path(args.src_file), Path(args.ref_file), args.beam_size,
                                       args.length_penalty)

@@ -117,10 +117,10 @@ class LMEngine:
     def __init__(self, model: RNNLanguageModel, tokenizer: CharTokenizer, max_batch_size: int = 64,
                  max_tokens_limit: int = 2048, max_prompt_chars: int = 8192,
                  device: torch.device | str = "cpu", mkldnn_min_batch: int | None = None,
-                 folded_step: bool = True) -> None:
+                 folded_step: bool = True, int8: bool = False) -> None:
         self.model = model.eval()
         # folded weights make a decode step a few GEMMs (models/decode.py); False steps the modules
-        self._step = decode_step(self.model) if folded_step else module_step(self.model)
+        self._step = decode_step(self.model, int8) if folded_step else module_step(self.model)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_tokens_limit = max_tokens_limit

@@ -41,6 +41,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             device=device,
             mkldnn_min_batch=cfg.get("mkldnn_min_batch"),
             folded_step=bool(cfg.get("folded_step", True)),
+            int8=bool(cfg.get("int8", False)),
         )
         self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
         self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000

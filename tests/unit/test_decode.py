@@ -52,3 +52,18 @@ def test_other_cells_step_through_the_modules(cell):
         want_logits, _, _ = m(tokens)
         got_logits, _ = _roll(step, m, tokens)
     torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_step_stays_close_to_fp32():
+    from rnnserve.models.decode import Int8LSTMStep
+
+    m = _model("lstm", num_layers=2)
+    assert isinstance(decode_step(m, int8=True), Int8LSTMStep)
+    assert not isinstance(decode_step(m), Int8LSTMStep)
+    tokens = torch.randint(0, 13, (6, 12))
+    with torch.inference_mode():
+        want, _ = _roll(LSTMStep(m), m, tokens)
+        got, _ = _roll(Int8LSTMStep(m), m, tokens)
+    # per-channel int8 weights and per-call int8 activations: close, not equal
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

@@ -148,3 +148,17 @@ def test_paced_steps_decode_one_token_each_and_last_at_least_min_step_ms(tiny_lm
     texts = [f["text"] for f in fe.frames["x"]]
     assert [len(t) for t in texts[:5]] == [1, 1, 1, 1, 1] and "".join(texts) == "".join(texts[:5])
     assert time.monotonic() - t0 >= 5 * 0.030  # a lower bound only: sleeping never makes a step shorter
+
+
+def test_int8_is_chosen_per_model_and_overridable(tiny_lm_folder, monkeypatch):
+    from rnnserve.models.decode import Int8LSTMStep
+    from rnnserve.service.archive import model_config
+
+    assert model_config("lm", {"task": "lm"})["handler"]["int8"] is False
+    assert model_config("lm", {"task": "lm", "serving": {"int8": True}})["handler"]["int8"] is True
+    monkeypatch.setenv("RNNSERVE_INT8", "1")
+    fe = make(tiny_lm_folder)
+    assert isinstance(fe.h.engine._step, Int8LSTMStep)
+    fe.submit("a", {"prompt": "KING:", "max_tokens": 30, "temperature": 0})
+    fe.drain()
+    assert fe.frames["a"][-1]["usage"]["completion_tokens"] == 30
