@@ -59,6 +59,8 @@ class SessionStore:
         self.clock = clock
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()  # least recently used first
         self._touched: dict[tuple[str, str], float] = {}  # clock time of last use, for expiry
+        self._count: dict[str, int] = {}  # per model: sessions, and their bytes (kept as they change,
+        self._bytes: dict[str, int] = {}  # so that the bounds cost nothing per request)
 
     # -- requests ------------------------------------------------------------------------------
     def acquire(self, owner: str, session_id: str, model: str) -> Lease:
@@ -66,7 +68,7 @@ class SessionStore:
         key = (owner, session_id)
         s = self._sessions.get(key)
         if s is None:
-            s = self._sessions[key] = Session(session_id, model)
+            s = self._add(key, Session(session_id, model))
         elif s.model != model:
             raise invalid(f"session {session_id!r} belongs to model {s.model!r}", "session")
         if s.busy:
@@ -80,7 +82,9 @@ class SessionStore:
         s = self._sessions.get(lease.key)
         if s is None:  # deleted while the request ran: the deletion wins
             return
+        self._bytes[s.model] -= s.nbytes
         s.state, s.tokens, s.busy = state, tokens, False
+        self._bytes[s.model] += s.nbytes
         s.last_used = time.time()
         self._use(lease.key)
         self._bound(lease.model)
@@ -93,8 +97,7 @@ class SessionStore:
             return
         s.busy = False
         if s.state is None:  # a new session whose first request failed never existed
-            del self._sessions[lease.key]
-            self._touched.pop(lease.key, None)
+            self._remove(lease.key)
 
     # -- management ----------------------------------------------------------------------------
     def get(self, owner: str, session_id: str) -> Session:
@@ -110,15 +113,14 @@ class SessionStore:
 
     def delete(self, owner: str, session_id: str) -> None:
         s = self.get(owner, session_id)
-        del self._sessions[(owner, session_id)]
-        self._touched.pop((owner, session_id), None)
+        self._remove((owner, session_id))
         self._report(s.model)
 
     def fork(self, owner: str, session_id: str, new_id: str) -> Session:
         s = self.get(owner, session_id)
         if (owner, new_id) in self._sessions:
             raise APIError(409, f"session {new_id!r} already exists", "conflict_error", "id")
-        copy = self._sessions[(owner, new_id)] = Session(new_id, s.model, s.state, s.tokens)
+        copy = self._add((owner, new_id), Session(new_id, s.model, s.state, s.tokens))
         self._use((owner, new_id))
         self._bound(s.model)
         self._report(s.model)
@@ -143,23 +145,31 @@ class SessionStore:
 
     def _bound(self, model: str) -> None:
         """Evict the model's least recently used idle sessions until it is within its bounds."""
-        while True:
-            mine = [(k, s) for k, s in self._sessions.items() if s.model == model]
-            if len(mine) <= self.max_sessions and sum(s.nbytes for _, s in mine) <= self.max_bytes:
+        while self._count.get(model, 0) > self.max_sessions or self._bytes.get(model, 0) > self.max_bytes:
+            oldest = next((k for k, s in self._sessions.items() if s.model == model and not s.busy), None)
+            if oldest is None:
                 return
-            idle = [k for k, s in mine if not s.busy]
-            if not idle:
-                return
-            self._evict(idle[0], "capacity")
+            self._evict(oldest, "capacity")
 
-    def _evict(self, key: tuple[str, str], reason: str) -> None:
+    def _add(self, key: tuple[str, str], s: Session) -> Session:
+        self._sessions[key] = s
+        self._count[s.model] = self._count.get(s.model, 0) + 1
+        self._bytes[s.model] = self._bytes.get(s.model, 0) + s.nbytes
+        return s
+
+    def _remove(self, key: tuple[str, str]) -> Session:
         s = self._sessions.pop(key)
         self._touched.pop(key, None)
+        self._count[s.model] -= 1
+        self._bytes[s.model] -= s.nbytes
+        return s
+
+    def _evict(self, key: tuple[str, str], reason: str) -> None:
+        s = self._remove(key)
         if s.state is not None:
             self.metrics.session_evictions.labels(model=s.model, reason=reason).inc()
         self._report(s.model)
 
     def _report(self, model: str) -> None:
-        mine = [s for s in self._sessions.values() if s.model == model and s.state is not None]
-        self.metrics.sessions.labels(model=model).set(len(mine))
-        self.metrics.session_bytes.labels(model=model).set(sum(s.nbytes for s in mine))
+        self.metrics.sessions.labels(model=model).set(self._count.get(model, 0))
+        self.metrics.session_bytes.labels(model=model).set(self._bytes.get(model, 0))
