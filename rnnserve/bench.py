@@ -279,14 +279,15 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
         try:
             # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
             # JVM compiles its hot paths over the first few thousand frames (its CPU per frame falls ~3x)
-            raw_lm(LMEngine(loaded.model, loaded.tokenizer), 4, 32, step_ms)
+            int8 = loaded.meta.get("int8") is True  # the raw engine runs the step the served model runs
+            raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=int8), 4, 32, step_ms)
             for baseline in NAIVE:
                 asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16))
             for _ in range(WARMUP_ROUNDS):
                 asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
             for c in concurrency:
-                setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64), c, tokens,
-                                             step_ms),
+                setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64, int8=int8), c,
+                                             tokens, step_ms),
                           *(lambda c=c, m=model, n=label: asyncio.run(http_lm(stack.url, m, n, c, tokens))
                             for model, label in NAIVE.items()),
                           lambda c=c: asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))]

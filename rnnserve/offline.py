@@ -82,7 +82,7 @@ def generate(folder: Path, prompt: str, out: TextIO, params: SamplingParams) -> 
     """Stream one generation to `out` as it decodes; returns the text."""
     lm = load_lm(folder)
     engine = LMEngine(lm.model, lm.tokenizer, max_batch_size=1, max_tokens_limit=params.max_tokens,
-                      max_prompt_chars=max(len(prompt), 1))
+                      max_prompt_chars=max(len(prompt), 1), int8=lm.meta.get("int8") is True)  # as served
     engine.add("cli", prompt, params)
     text = ""
     while engine.has_work():

@@ -65,7 +65,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             # 1.2-1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules
             "folded_step": True,
             # int8 GEMMs in the folded step (CPU only): on where the model's config.json says its quality
-            # check passed ("serving": {"int8": true}, from `rnnserve evaluate --int8`)
+            # check passed ("int8": true, from `rnnserve evaluate --int8`)
             "int8": False,
             # one thread per worker: on a small CPU machine the worker shares the cores with TorchServe's
             # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
@@ -124,7 +124,7 @@ def model_config(task: str, config: dict) -> dict:
             if setting in handler:
                 handler[setting] = min(handler[setting], lowered[key])
     if "int8" in handler:
-        handler["int8"] = bool((config.get("serving") or {}).get("int8", False))
+        handler["int8"] = config.get("int8") is True
     return out
 
 

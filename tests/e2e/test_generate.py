@@ -65,9 +65,10 @@ def test_health_readiness_and_models(stack):
         assert c.get("/healthz").json() == {"status": "ok", "models": {}}
         docs = c.get("/docs")
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
-        assert set(c.get("/openapi.json").json()["paths"]) >= {"/v1/generate", "/v1/completions", "/v1/translate"}
-        assert c.get("/readyz").json() == {"status": "ready",
-                                           "models": {"lm-shakespeare": "ready", "translate-de-en": "ready"}}
+        assert set(c.get("/openapi.json").json()["paths"]) >= {"/v1/generate", "/v1/completions", "/v1/translate",
+                                                                "/v1/score", "/v1/sessions/{session_id}"}
+        assert c.get("/readyz").json() == {"status": "ready", "models": {
+            "lm-shakespeare": "ready", "translate-de-en": "ready", "translate-fr-en": "ready"}}
         models = c.get("/v1/models").json()
     assert models["object"] == "list"
     cards = {m["id"]: {k: m[k] for k in ("object", "task", "cell", "vocab_size", "limits")} for m in models["data"]}
@@ -77,7 +78,8 @@ def test_health_readiness_and_models(stack):
     assert (tr["task"], tr["cell"], tr["limits"]["max_beam_size"]) == ("translation", "gru", 8)
     assert tr["vocab_size"] == 8000
     languages = {m["id"]: m["languages"] for m in models["data"]}
-    assert languages == {"lm-shakespeare": None, "translate-de-en": {"source": "de", "target": "en"}}
+    assert languages == {"lm-shakespeare": None, "translate-de-en": {"source": "de", "target": "en"},
+                         "translate-fr-en": {"source": "fr", "target": "en"}}
 
 
 def test_invalid_request_gets_one_error_shape_and_changes_nothing(stack):

@@ -78,3 +78,15 @@ def test_translation_errors(stack):
             "model 'lm-shakespeare' is a lm model; use a translation model for this route"
         r = c.post("/v1/generate", json={"model": M, "prompt": "a"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_second_language_pair_answers_cased_english(stack):
+    """translate-fr-en, trained by the same command on another pair, is served like any model folder."""
+    with stack.client() as c:
+        r = c.post("/v1/translate", json={"model": "translate-fr-en", "beam_size": 4,
+                                          "text": ["Deux chiens jouent dans la neige.", "Un homme fait du vélo."]})
+    assert r.status_code == 200, r.text
+    dogs, man = (t["text"] for t in r.json()["translations"])
+    assert dogs.startswith("Two dogs") and "snow" in dogs and dogs.endswith(".")
+    assert man.startswith("A man") and ("bike" in man or "bicycle" in man)
+    assert "<unk>" not in dogs + man and "\u2047" not in dogs + man

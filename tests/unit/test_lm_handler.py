@@ -155,7 +155,7 @@ def test_int8_is_chosen_per_model_and_overridable(tiny_lm_folder, monkeypatch):
     from rnnserve.service.archive import model_config
 
     assert model_config("lm", {"task": "lm"})["handler"]["int8"] is False
-    assert model_config("lm", {"task": "lm", "serving": {"int8": True}})["handler"]["int8"] is True
+    assert model_config("lm", {"task": "lm", "int8": True})["handler"]["int8"] is True
     monkeypatch.setenv("RNNSERVE_INT8", "1")
     fe = make(tiny_lm_folder)
     assert isinstance(fe.h.engine._step, Int8LSTMStep)
