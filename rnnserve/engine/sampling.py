@@ -60,11 +60,36 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 
 def uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """seeds (B,) int64 in [0, 2^63), positions (B,) int64 -> (B,) float64 in (0, 1), a function of each
-    (seed, position) pair alone."""
+    (seed, position) pair alone. On a GPU: a few vectorised integer kernels, no sync. On the CPU, where a
+    tensor op costs microseconds of overhead and reading values back costs nothing: plain Python."""
+    if seeds.device.type == "cpu":
+        return torch.tensor([_uniform(s, p) for s, p in zip(seeds.tolist(), positions.tolist())],
+                            dtype=torch.float64)
+    return uniforms_vectorised(seeds, positions)
+
+
+def uniforms_vectorised(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`uniforms` as tensor operations on any device (equal to the Python path, bit for bit)."""
     h = _fmix32((positions & M32) ^ 0x9E3779B9)
     h = _fmix32(h ^ (seeds & M32))
     h = _fmix32(h ^ ((seeds >> 32) & M32))
     return (h.double() + 0.5) / 2.0**32
+
+
+def _mix(x: int) -> int:
+    """_fmix32 on one Python int."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & M32
+    return x ^ (x >> 16)
+
+
+def _uniform(seed: int, position: int) -> float:
+    h = _mix((position & M32) ^ 0x9E3779B9)
+    h = _mix(h ^ (seed & M32))
+    h = _mix(h ^ ((seed >> 32) & M32))
+    return (h + 0.5) / 2.0**32
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
