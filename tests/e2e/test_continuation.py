@@ -9,6 +9,7 @@ import pytest
 from rnnserve.engine.state import HEADER
 from rnnserve.service.gateway.states import StateSigner, _b64, _unb64
 from tests.e2e.conftest import STATE_KEY
+from tests.e2e.waits import metric
 
 LM = "lm-shakespeare"
 GREEDY = {"model": LM, "temperature": 0}
@@ -43,14 +44,23 @@ def test_session_continues_exactly(stack):
 
 
 def test_session_prompt_continues_the_conversation(stack):
-    """A prompt sent into a session is read after its text: the same as sending the whole history."""
+    """A prompt sent into a session is read after the session's text: the answer depends on that text,
+    and the session grows by the prompt and the answer."""
+    turn = "\n\nROMEO:\n"
     with stack.client() as c:
-        history = generate(c, prompt="JULIET:\n", max_tokens=40, session="talk")["text"]
-        turn = "\n\nROMEO:\n"
-        one = generate(c, prompt="JULIET:\n" + history + turn, max_tokens=30)["text"]
+        generate(c, prompt="JULIET:\n", max_tokens=40, session="talk")
+        before = c.get("/v1/sessions/talk").json()["tokens"]
+        generate(c, prompt="KING:\n", max_tokens=40, session="other")
         continued = generate(c, prompt=turn, max_tokens=30, session="talk")["text"]
-        assert continued == one
-        c.delete("/v1/sessions/talk")
+        elsewhere = generate(c, prompt=turn, max_tokens=30, session="other")["text"]
+        assert c.get("/v1/sessions/talk").json()["tokens"] == before + len(turn) + 30
+        assert continued != elsewhere  # same prompt, different histories
+        for sid in ("talk", "other"):
+            c.delete(f"/v1/sessions/{sid}")
+
+
+def sessions_gauge(c) -> float:
+    return metric(c, "rnnserve_sessions", model=LM)
 
 
 def test_fork_goes_its_own_way(stack):
@@ -63,11 +73,10 @@ def test_fork_goes_its_own_way(stack):
         assert a == b  # same state, same prompt, greedy
         r = c.post("/v1/sessions/trunk/fork", json={"id": "branch"})
         assert r.status_code == 409 and r.json()["error"]["message"] == "session 'branch' already exists"
-        metrics = c.get("/metrics").text
-        assert f'rnnserve_sessions{{model="{LM}"}} 2.0' in metrics
+        held = sessions_gauge(c)
         for sid in ("trunk", "branch"):
             assert c.delete(f"/v1/sessions/{sid}").status_code == 204
-        assert f'rnnserve_sessions{{model="{LM}"}} 0.0' in c.get("/metrics").text
+        assert sessions_gauge(c) == held - 2
 
 
 def test_returned_state_continues_exactly(stack):

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.e2e
 
 # exported by TorchServe only on hosts with a GPU
 GPU_ONLY = {"GPUUtilization", "GPUMemoryUtilization", "GPUMemoryUsed"}
-PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "clamp_min", "le", "model", "model_name", "outcome"}
+PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "clamp_min", "le", "model", "model_name", "outcome",
+                "reason"}
 
 
 def exported(text: str) -> set[str]:
