@@ -108,7 +108,6 @@ class _Sequence:
     entries: list[TokenLogprob] = field(default_factory=list)  # logprobs of token_ids
     entry_ends: list[int] = field(default_factory=list)  # len(text) after each of them
     entries_sent: int = 0
-    cumulative: float = 0.0
     prompt_entries: list[TokenLogprob] | None = None  # echo, until sent
     final_state: LMState | None = None
 
@@ -247,8 +246,9 @@ class LMEngine:
         new, self._waiting = self._waiting[:room], self._waiting[room:]
         # an empty prompt after a state is the step a longer request would have run next: run that same
         # decode step, so that continuing is exact; everything else is read by one packed prefill
-        stepped = [s for s in new if s.init is not None and len(s.prompt_ids) == 1]
-        read = [s for s in new if not (s.init is not None and len(s.prompt_ids) == 1)]
+        stepped, read = [], []
+        for s in new:
+            (stepped if s.init is not None and len(s.prompt_ids) == 1 else read).append(s)
         if read:
             self._append(read, *self._prefill(read))
         if stepped:
@@ -297,8 +297,8 @@ class LMEngine:
 
     def _echo(self, seqs: list[_Sequence]) -> None:
         """The prompt's own token logprobs (OpenAI's `echo`), read again with every position's logits."""
-        inits = [s.init.layers if s.init is not None else None for s in seqs]
-        for s, init in zip(seqs, inits):  # one at a time: echo is rare and prompts differ in length
+        for s in seqs:  # one at a time: echo is rare and prompts differ in length
+            init = s.init.layers if s.init is not None else None
             logits, _ = self.model.prefill([s.prompt_ids], init, every_position=True)
             lp = torch.log_softmax(logits[0].float(), -1)
             entries = self._entries(lp[:-1], s.prompt_ids[1:], s.logprobs or 0)
@@ -418,7 +418,6 @@ class LMEngine:
                                for v, t in zip(tops[0][r][j][: s.logprobs], tops[1][r][j][: s.logprobs])]
                     s.entries.append(TokenLogprob(self.tokenizer.token_text(tok), lps[r][j], top))
                     s.entry_ends.append(len(s.text))
-                    s.cumulative += lps[r][j]
                 self._check_stop(s, len(new))
                 if s.finish_reason:
                     if s.return_state:  # the state keeps its last token pending

@@ -58,17 +58,16 @@ class LMState:
         return HEADER.pack(MAGIC, VERSION, code, flags, self.pending, min(self.tokens, 2**32 - 1),
                            weights) + payload.tobytes()
 
-    @property
-    def nbytes(self) -> int:
-        return HEADER.size + sum(t.numel() * 4 for layer in self.layers
-                                 for t in (layer if isinstance(layer, tuple) else (layer,)))
+
+def _values(model: RNNLanguageModel) -> int:
+    """Numbers in one state of this model: h (and c for LSTM) of every layer."""
+    cfg = model.config
+    return cfg.num_layers * (2 if cfg.cell == "lstm" else 1) * cfg.hidden_size
 
 
 def state_size(model: RNNLanguageModel, dtype: str = "float32") -> int:
     """Bytes of one state of this model."""
-    cfg = model.config
-    per_layer = 2 if cfg.cell == "lstm" else 1
-    return HEADER.size + cfg.num_layers * per_layer * cfg.hidden_size * np.dtype(DTYPES[DTYPE_CODES[dtype]]).itemsize
+    return HEADER.size + _values(model) * np.dtype(DTYPES[DTYPE_CODES[dtype]]).itemsize
 
 
 def from_bytes(blob: bytes, model: RNNLanguageModel, weights: bytes, device: torch.device | str = "cpu",
@@ -82,8 +81,7 @@ def from_bytes(blob: bytes, model: RNNLanguageModel, weights: bytes, device: tor
     if made_by != weights:
         raise StateError("state was made by other weights than this model's")
     cfg = model.config
-    per_layer = 2 if cfg.cell == "lstm" else 1
-    n = cfg.num_layers * per_layer * cfg.hidden_size
+    n = _values(model)
     values = np.frombuffer(blob, dtype=DTYPES[code], offset=HEADER.size)
     if len(blob) - HEADER.size != n * values.itemsize:
         raise StateError(f"state has {len(blob) - HEADER.size} bytes of layers; this model's have "
@@ -94,5 +92,6 @@ def from_bytes(blob: bytes, model: RNNLanguageModel, weights: bytes, device: tor
         raise StateError("state's pending token is outside the vocabulary")
     flat = torch.from_numpy(values.astype(np.float32)).to(device=device, dtype=dtype)
     chunks = iter(flat.view(-1, 1, 1, cfg.hidden_size))
-    layers: State = [(next(chunks), next(chunks)) if per_layer == 2 else next(chunks) for _ in range(cfg.num_layers)]
+    lstm = cfg.cell == "lstm"
+    layers: State = [(next(chunks), next(chunks)) if lstm else next(chunks) for _ in range(cfg.num_layers)]
     return LMState(layers, pending, tokens, bool(flags & LINE_START))

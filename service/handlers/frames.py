@@ -54,10 +54,10 @@ class GenerateOptions:
     return_state: str | None = None  # "float16" | "float32"
 
 
-def is_score_body(body: Any) -> bool:
-    """Scoring and generation share a handler: a scoring body says `"task": "score"`."""
-    d = _object(body, GENERATE_FIELDS | SCORE_FIELDS | TRANSLATE_FIELDS | TRANSLATE_SCORE_FIELDS)
-    return d.get("task") == "score"
+def decode_body(body: Any) -> dict:
+    """The request body as a dict, decoded once per request; the parsers below then check its fields.
+    Scoring and generation share a handler: a scoring body says `"task": "score"`."""
+    return _object(body, GENERATE_FIELDS | SCORE_FIELDS | TRANSLATE_FIELDS | TRANSLATE_SCORE_FIELDS)
 
 
 def parse_score_body(body: Any) -> tuple[list[str], bool]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from rnnserve.engine.lm_engine import LMEngine, StepOutput, merge_outputs
 from rnnserve.engine.state import StateError, fingerprint, from_bytes
 from rnnserve.models.folder import WEIGHTS_FILE, load_lm
-from rnnserve.service.handlers.frames import (is_score_body, output_frame, parse_generate_body, parse_score_body)
+from rnnserve.service.handlers.frames import (decode_body, output_frame, parse_generate_body, parse_score_body)
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         return self.engine.has_work()
 
     def admit(self, request_id: str, body) -> None:
-        if is_score_body(body):
+        body = decode_body(body)
+        if body.get("task") == "score":
             texts, token_logprobs = parse_score_body(body)
             self.engine.add_score(request_id, texts, token_logprobs)
             return

@@ -12,7 +12,7 @@ import time
 
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationOutput, merge_outputs
 from rnnserve.models.folder import load_translation
-from rnnserve.service.handlers.frames import (TextStreams, is_score_body, parse_translate_body,
+from rnnserve.service.handlers.frames import (TextStreams, decode_body, parse_translate_body,
                                               parse_translate_score_body, score_frame, translation_frame)
 
 MAX_CANDIDATES = 16
@@ -45,7 +45,8 @@ class TranslationHandler(ContinuousBatchingHandler):
         return self.engine.request_ids()
 
     def admit(self, request_id: str, body) -> None:
-        if is_score_body(body):
+        body = decode_body(body)
+        if body.get("task") == "score":
             source, candidates, alpha, token_logprobs = parse_translate_score_body(body, self.max_chars,
                                                                                    MAX_CANDIDATES)
             ids = [self.tgt.encode(c) for c in candidates]
