@@ -97,6 +97,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             "max_tokens_limit": 256,
             "target_step_ms": 30,  # decoder steps per TorchServe round trip: as many as fit in 30 ms
             "overlap_steps": True,
+            # new sentences are encoded by the background step, not inside the call that admits them:
+            # the call returns at once, so TorchServe's round trip overlaps their prefill
+            "step_on_admit": False,
             "torch_threads": 1,
             "half_precision": True,
         },

@@ -156,6 +156,7 @@ ENV_OVERRIDES = {
     "RNNSERVE_TARGET_STEP_MS": ("target_step_ms", float),
     "RNNSERVE_ADMIT_STEP_MS": ("admit_step_ms", float),
     "RNNSERVE_OVERLAP_STEPS": ("overlap_steps", lambda v: bool(int(v))),
+    "RNNSERVE_STEP_ON_ADMIT": ("step_on_admit", lambda v: bool(int(v))),
     "RNNSERVE_FOLDED_STEP": ("folded_step", lambda v: bool(int(v))),
     "RNNSERVE_INT8": ("int8", lambda v: bool(int(v))),
     "RNNSERVE_MAX_TOKENS_PER_STEP": ("max_tokens_per_step", int),

@@ -11,7 +11,10 @@ costs ~10 ms at 32 streams, during which the worker would idle. So the long step
 background thread after the call has returned, and the next call collects it. A call that admits
 requests first runs a short step (prefill, first token) itself, so that a new request's first tokens
 leave with the call that admitted it; the background step after it is cut by the share of new
-requests in the batch, because a burst brings more of them with the next calls. The engine is
+requests in the batch, because a burst brings more of them with the next calls. Where a first token
+is worth little (a translation is read whole, and its first piece is rarely agreed by every beam),
+`step_on_admit: false` leaves the new requests to the background step: the call returns at once and
+the round trip overlaps their prefill instead of waiting for it. The engine is
 touched by one thread at a time: every call waits for the background step before anything else.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ class ContinuousBatchingHandler:
         self.started: set[str] = set()  # requests whose first frame went out
         self.pending: dict[str, str] = {}  # last frames held back one step (see handle)
         self.overlap = True  # run steps in the background between calls (model-config `overlap_steps`)
+        self.step_on_admit = True  # a call that admits runs a short step itself (model-config `step_on_admit`)
         self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._running: Future | None = None  # the step started at the end of the previous call
 
@@ -41,6 +45,7 @@ class ContinuousBatchingHandler:
         """frames.handler_setup, and the overlap setting this class reads."""
         model_dir, cfg, device, dtype = handler_setup(ctx)
         self.overlap = bool(cfg.get("overlap_steps", True))
+        self.step_on_admit = bool(cfg.get("step_on_admit", True)) or not self.overlap
         return model_dir, cfg, device, dtype
 
     # -- what a model handler provides ---------------------------------------------------------
@@ -128,7 +133,7 @@ class ContinuousBatchingHandler:
                     log.exception("request %s could not be admitted", rid)
                     frames[rid] = (error_frame("internal error while admitting the request", "internal_error", 500),
                                    True)
-        if n_admitted or not self.overlap:
+        if (n_admitted and self.step_on_admit) or not self.overlap:
             outputs = self._merge(outputs, self._step(short=n_admitted > 0))
         if self.overlap and self.has_work():
             # A call that admitted many requests, against the batch, is likely one of a burst whose other

@@ -1,12 +1,14 @@
+import threading
+
 from rnnserve.models.folder import load_translation
 from rnnserve.service.handlers.translation_handler import TranslationHandler
 from tests.unit.fakes import FakeContext, Frontend
 
 
-def make(folder, target_step_ms=0):
+def make(folder, target_step_ms=0, step_on_admit=True):
     # target_step_ms 0: one decoder step per call, so tests see every step
     ctx = FakeContext(folder, {"max_rows": 16, "max_texts": 3, "max_text_chars": 50,
-                               "target_step_ms": target_step_ms})
+                               "target_step_ms": target_step_ms, "step_on_admit": step_on_admit})
     h = TranslationHandler()
     h.initialize(ctx)
     return Frontend(h, ctx)
@@ -70,3 +72,23 @@ def test_a_time_budget_packs_several_decoder_steps_into_one_frame(tiny_translati
     # one decoder step per frame, against: the admitting call's short step, the short background step that
     # follows an admission, then everything else in one long step
     assert counts[0] >= 12 and counts[1] == 3
+
+
+def test_without_step_on_admit_the_call_returns_and_the_background_step_prefills(tiny_translation_folder):
+    results = {}
+    for step_on_admit in (True, False):
+        fe = make(tiny_translation_folder, step_on_admit=step_on_admit)
+        threads = []
+        step = fe.h.engine.step
+        fe.h.engine.step = lambda: (threads.append(threading.current_thread().name), step())[1]
+        fe.submit("a", {"texts": ["Ein Mann läuft.", "Zwei Hunde spielen!"], "beam_size": 2, "max_tokens": 8})
+        fe.step()
+        first_call = list(threads)
+        fe.drain()
+        results[step_on_admit] = fe.frames["a"][-1]["translations"]
+        if step_on_admit:
+            assert first_call[0] == threading.main_thread().name  # the admitting call's short step
+        else:
+            assert first_call and all(t.startswith("engine-step") for t in first_call)
+            assert fe.frames["a"][0] == {"text": ""}  # the call answered before any decoding
+    assert results[True] == results[False]
