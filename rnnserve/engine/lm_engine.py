@@ -19,6 +19,7 @@ import torch
 from rnnserve.engine.sampling import SamplingParams, random_seed, sample_rows
 from rnnserve.engine.state import LMState
 from rnnserve.models.decode import decode_step, module_step
+from rnnserve.models.graphs import GraphedStep
 from rnnserve.models.lm import RNNLanguageModel, State, concat_rows, select_rows
 from rnnserve.tokenizer import CharTokenizer
 
@@ -116,7 +117,7 @@ class LMEngine:
     def __init__(self, model: RNNLanguageModel, tokenizer: CharTokenizer, max_batch_size: int = 64,
                  max_tokens_limit: int = 2048, max_prompt_chars: int = 8192,
                  device: torch.device | str = "cpu", mkldnn_min_batch: int | None = None,
-                 folded_step: bool = True, int8: bool = False) -> None:
+                 folded_step: bool = True, int8: bool = False, cuda_graphs: bool = False) -> None:
         self.model = model.eval()
         # folded weights make a decode step a few GEMMs (models/decode.py); False steps the modules
         self._step = decode_step(self.model, int8) if folded_step else module_step(self.model)
@@ -125,6 +126,12 @@ class LMEngine:
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_chars = max_prompt_chars
         self.device = torch.device(device)
+        # one kernel launch per decode step on a GPU (models/graphs.py); ignored elsewhere
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available()
+        if self.cuda_graphs:
+            self._step = GraphedStep(self._step, max_batch_size)
+            dtype = self.model.embed.weight.dtype
+            self._step.warm(lambda b: self.model.init_state(b, self.device, dtype), self.device)
         # oneDNN's recurrent kernels cost a fixed overhead per call that dominates small batches on
         # CPU; below this batch size decode steps run on torch's native kernels (BENCHMARKS.md).
         self.mkldnn_min_batch = mkldnn_min_batch

@@ -159,6 +159,7 @@ ENV_OVERRIDES = {
     "RNNSERVE_STEP_ON_ADMIT": ("step_on_admit", lambda v: bool(int(v))),
     "RNNSERVE_FOLDED_STEP": ("folded_step", lambda v: bool(int(v))),
     "RNNSERVE_INT8": ("int8", lambda v: bool(int(v))),
+    "RNNSERVE_CUDA_GRAPHS": ("cuda_graphs", lambda v: bool(int(v))),
     "RNNSERVE_MAX_TOKENS_PER_STEP": ("max_tokens_per_step", int),
     "RNNSERVE_MIN_STEP_MS": ("min_step_ms", float),
 }

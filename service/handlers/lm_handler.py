@@ -42,6 +42,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             mkldnn_min_batch=cfg.get("mkldnn_min_batch"),
             folded_step=bool(cfg.get("folded_step", True)),
             int8=bool(cfg.get("int8", False)),
+            cuda_graphs=bool(cfg.get("cuda_graphs", False)),  # used on a GPU only
         )
         self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
         self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000

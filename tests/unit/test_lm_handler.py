@@ -162,3 +162,23 @@ def test_int8_is_chosen_per_model_and_overridable(tiny_lm_folder, monkeypatch):
     fe.submit("a", {"prompt": "KING:", "max_tokens": 30, "temperature": 0})
     fe.drain()
     assert fe.frames["a"][-1]["usage"]["completion_tokens"] == 30
+
+
+def test_cuda_graphs_are_read_from_the_config_and_env_and_ignored_on_cpu(tiny_lm_folder, monkeypatch):
+    import torch
+
+    from rnnserve.models.decode import LSTMStep
+    from rnnserve.service.handlers.frames import handler_setup
+
+    ctx = FakeContext(tiny_lm_folder, {"cuda_graphs": False})
+    monkeypatch.setenv("RNNSERVE_CUDA_GRAPHS", "1")
+    assert handler_setup(ctx)[1]["cuda_graphs"] is True
+    if torch.cuda.is_available():
+        return  # the GPU side: tests/unit/test_graphs.py
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    assert h.engine.cuda_graphs is False and isinstance(h.engine._step, LSTMStep)
+    fe = Frontend(h, ctx)
+    fe.submit("a", {"prompt": "KING:", "max_tokens": 9, "temperature": 0})
+    fe.drain()
+    assert fe.frames["a"][-1]["usage"]["completion_tokens"] == 9
