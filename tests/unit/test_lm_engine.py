@@ -178,3 +178,14 @@ def test_echo_returns_the_prompts_logprobs(tiny_lm):
     prompt = first.prompt_logprobs
     assert [p.token for p in prompt] == list("ROMEO:") and prompt[0].logprob is None
     assert all(p.logprob < 0 and len(p.top) == 1 for p in prompt[1:])
+
+
+def test_a_batch_of_1024_rows_decodes_together(tiny_lm):
+    # the GPU profile's max_batch_size (service/archive.py): nothing in the engine caps it lower
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer, max_batch_size=1024)
+    for i in range(1030):
+        e.add(str(i), "KING:" if i % 2 else "", SamplingParams(max_tokens=3, seed=i, temperature=i % 3 * 0.5))
+    first = e.step(1)
+    assert len(first) == 1024 and {o.batch_size for o in first} == {1024} and e.num_running == 1024
+    texts, finals = run(e, 2)
+    assert len(finals) == 1030 and all(o.completion_tokens == 3 for o in finals.values())

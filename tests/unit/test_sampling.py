@@ -84,3 +84,21 @@ def test_the_device_path_equals_the_python_path():
     seeds = torch.tensor([0, 1, 7, 2**62 + 12345, 2**63 - 1] + list(range(1000, 1100)))
     positions = torch.tensor([0, 5, 100, 2**40, 7] + list(range(100)))
     assert torch.equal(uniforms(seeds, positions), uniforms_vectorised(seeds, positions))
+
+
+def test_a_batch_of_1024_rows_samples_each_row_as_alone():
+    # the GPU profile's batch (service/archive.py): mixed greedy, top-k, top-p and plain rows
+    torch.manual_seed(0)
+    B, V = 1024, 65
+    logits = torch.randn(B, V) * 3
+    temperature = torch.where(torch.arange(B) % 4 == 0, 0.0, 0.8)
+    top_k = torch.where(torch.arange(B) % 4 == 1, 5, 0)
+    top_p = torch.where(torch.arange(B) % 4 == 2, 0.9, 1.0)
+    seeds, positions = torch.arange(B) * 7919, torch.arange(B) % 300
+    tokens = sample_rows(logits, temperature, top_k, top_p, seeds, positions)
+    assert tokens.shape == (B,) and tokens.dtype == torch.long
+    assert torch.equal(tokens[::4], logits[::4].argmax(-1))
+    for i in (0, 1, 2, 3, 511, 1021, 1022, 1023):
+        one = slice(i, i + 1)
+        alone = sample_rows(logits[one], temperature[one], top_k[one], top_p[one], seeds[one], positions[one])
+        assert alone[0] == tokens[i]
