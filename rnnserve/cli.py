@@ -108,7 +108,8 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     from rnnserve.service.archive import build_archives
 
     models_dir = args.models_dir or os.environ.get("RNNSERVE_MODELS_DIR")
-    for path in build_archives(models_dir, args.model_store or os.environ.get("RNNSERVE_MODEL_STORE")):
+    profile = "gpu" if args.gpu else None  # None: RNNSERVE_ARCHIVE_PROFILE, else cpu
+    for path in build_archives(models_dir, args.model_store or os.environ.get("RNNSERVE_MODEL_STORE"), profile):
         print(path)
     return 0
 
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of model folders (default: RNNSERVE_MODELS_DIR, else the repository's models/)")
     p.add_argument("--model-store", default=None,
                    help="where the .mar files go (default: RNNSERVE_MODEL_STORE, else model_store/)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU worker profile: 1,024 rows, CUDA graphs, fp16 (service/archive.py GPU_SETTINGS; "
+                        "default: RNNSERVE_ARCHIVE_PROFILE=gpu|cpu, else cpu)")
     p.set_defaults(func=_cmd_archive)
 
     for command, text in (("serve", "start TorchServe and the gateway in the foreground"),

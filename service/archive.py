@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -107,19 +108,50 @@ MODEL_CONFIGS: dict[str, dict] = {
 }
 
 
+# The GPU worker profile: `rnnserve archive --gpu` (or RNNSERVE_ARCHIVE_PROFILE=gpu, which the launcher's rebuild
+# of stale archives also reads) lays these settings over MODEL_CONFIGS. They are starting points chosen from the
+# issue's targets (#16), NOT yet measured on a GPU: no GPU run of rnnserve has been made; measure with
+# `rnnserve bench engine|lm|translation` on the GPU machine before trusting or tuning them.
+# - 1,024 rows per worker: the batch the issue targets; an LSTM step that wide is still a few small GEMMs.
+#   The gateway admits RNNSERVE_MAX_RUNNING_PER_MODEL generations per model (64 by default): raise it to match.
+# - cuda_graphs: each decode step replays one CUDA graph per batch bucket (rnnserve/models/graphs.py),
+#   captured at load. The translation handler has no graphed step yet, so it gets no such key.
+# - half_precision: fp16 weights and states (the handlers' default on a GPU already).
+# - translation batchSize counts requests: 256 fill the 1,024 rows at beam 4, one sentence each.
+# - torch_threads, target_step_ms and max_tokens_per_step stay the CPU's (torch_threads is only applied on CPU).
+GPU_SETTINGS: dict[str, dict] = {
+    "lm": {"batchSize": 1024,
+           "handler": {"max_batch_size": 1024, "cuda_graphs": True, "half_precision": True}},
+    "translation": {"batchSize": 256, "handler": {"max_rows": 1024, "half_precision": True}},
+}
+PROFILES = ("cpu", "gpu")
+PROFILE_ENV = "RNNSERVE_ARCHIVE_PROFILE"
+
+
+def archive_profile(profile: str | None = None) -> str:
+    """The profile asked for, else RNNSERVE_ARCHIVE_PROFILE's, else "cpu"."""
+    profile = profile or os.environ.get(PROFILE_ENV) or "cpu"
+    if profile not in PROFILES:
+        raise ValueError(f"archive profile must be one of {list(PROFILES)}, not {profile!r}")
+    return profile
+
+
 # a model config's "limits" (the gateway's names) -> the handler's settings they bound
 HANDLER_LIMITS = {"lm": {"max_tokens": "max_tokens_limit", "max_prompt_chars": "max_prompt_chars"},
                   "translation": {"max_tokens": "max_tokens_limit", "max_texts": "max_texts",
                                   "max_text_chars": "max_text_chars"}}
 
 
-def model_config(task: str, config: dict) -> dict:
-    """The model-config.yaml of an archive: the task's settings, with the model's own lower limits (read as
-    the gateway reads them, so both enforce the same numbers)."""
+def model_config(task: str, config: dict, profile: str = "cpu") -> dict:
+    """The model-config.yaml of an archive: the task's settings (with the GPU profile's over them when asked),
+    with the model's own lower limits (read as the gateway reads them, so both enforce the same numbers)."""
     from rnnserve.service.gateway.registry import model_limits
 
     out = json.loads(json.dumps(MODEL_CONFIGS[task]))  # a deep copy
+    gpu = GPU_SETTINGS.get(task, {}) if archive_profile(profile) == "gpu" else {}
+    out.update({k: v for k, v in gpu.items() if k != "handler"})
     handler = out["handler"]
+    handler.update(gpu.get("handler", {}))
     limits = HANDLER_LIMITS.get(config.get("task"), {})
     if limits:
         lowered = model_limits(config["task"], config)
@@ -144,19 +176,19 @@ def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
     return found
 
 
-def build_archive(name: str, folder: Path, task: str, model_store: Path) -> Path:
+def build_archive(name: str, folder: Path, task: str, model_store: Path, profile: str = "cpu") -> Path:
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "model-config.yaml"
         config = json.loads((folder / "config.json").read_text())
-        config_file.write_text(yaml.safe_dump(model_config(task, config), sort_keys=False))
+        config_file.write_text(yaml.safe_dump(model_config(task, config, profile), sort_keys=False))
         extra = ",".join(str(p) for p in model_files(folder))
         cmd = [_archiver(), "--model-name", name, "--version", "1.0",
                "--handler", str(HANDLER_FILES[task]), "--extra-files", extra, "--config-file", str(config_file),
                "--export-path", str(model_store), "--force"]
         subprocess.run(cmd, check=True)
     path = model_store / f"{name}.mar"
-    log.info("built %s", path)
+    log.info("built %s (%s profile)", path, profile)
     return path
 
 
@@ -179,10 +211,14 @@ def stale_archives(models_dir: str | Path | None = None, model_store: str | Path
     return stale
 
 
-def build_archives(models_dir: str | Path | None = None, model_store: str | Path | None = None) -> list[Path]:
+def build_archives(models_dir: str | Path | None = None, model_store: str | Path | None = None,
+                   profile: str | None = None) -> list[Path]:
+    """Every model folder's archive; `profile` "gpu" for GPU workers (default: RNNSERVE_ARCHIVE_PROFILE, else
+    "cpu"). Switching profiles needs this call (`rnnserve archive`): the launcher only rebuilds stale archives."""
     models_dir = Path(models_dir) if models_dir else MODELS_DIR
     model_store = Path(model_store) if model_store else MODEL_STORE
+    profile = archive_profile(profile)
     folders = model_folders(models_dir)
     if not folders:
         raise SystemExit(f"no model folders in {models_dir}")
-    return [build_archive(name, folder, task, model_store) for name, folder, task in folders]
+    return [build_archive(name, folder, task, model_store, profile) for name, folder, task in folders]

@@ -1,0 +1,63 @@
+"""The archives' model-config.yaml: what `rnnserve archive` writes into each .mar, for the CPU and GPU profiles."""
+import json
+import shutil
+import zipfile
+
+import pytest
+import yaml
+
+from rnnserve.cli import main
+from rnnserve.service.archive import GPU_SETTINGS, MODEL_CONFIGS, build_archives, model_config
+
+
+def _written(store, name) -> dict:
+    with zipfile.ZipFile(store / f"{name}.mar") as z:
+        return yaml.safe_load(z.read("model-config.yaml"))
+
+
+@pytest.fixture
+def models(tmp_path, tiny_lm_folder, tiny_translation_folder):
+    shutil.copytree(tiny_lm_folder, tmp_path / "models" / "lm")
+    shutil.copytree(tiny_translation_folder, tmp_path / "models" / "tr")
+    return tmp_path / "models"
+
+
+def test_the_gpu_profile_is_what_archive_gpu_writes(models, tmp_path, monkeypatch):
+    monkeypatch.delenv("RNNSERVE_ARCHIVE_PROFILE", raising=False)
+    store = tmp_path / "store"
+    assert main(["archive", "--gpu", "--models-dir", str(models), "--model-store", str(store)]) == 0
+    lm, tr = _written(store, "lm"), _written(store, "tr")
+    for name, task, written in (("lm", "lm", lm), ("tr", "translation", tr)):
+        config = json.loads((models / name / "config.json").read_text())
+        assert written == model_config(task, config, "gpu")
+    assert lm["batchSize"] == 1024 and lm["continuousBatching"] is True
+    assert {k: lm["handler"][k] for k in ("max_batch_size", "cuda_graphs", "half_precision")} == {
+        "max_batch_size": 1024, "cuda_graphs": True, "half_precision": True}
+    assert tr["handler"]["max_rows"] == 1024 and tr["handler"]["half_precision"] is True
+    assert tr["handler"]["step_on_admit"] is False  # the CPU table's other settings stay
+    # everything else is the CPU table's
+    cpu = model_config("lm", json.loads((models / "lm" / "config.json").read_text()))
+    def rest(handler):
+        return {k: v for k, v in handler.items() if k not in GPU_SETTINGS["lm"]["handler"]}
+
+    assert rest(lm["handler"]) == rest(cpu["handler"]) and len(rest(cpu["handler"])) > 5
+
+
+def test_the_profile_comes_from_the_environment_and_defaults_to_cpu(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNSERVE_ARCHIVE_PROFILE", "gpu")
+    build_archives(models, tmp_path / "gpu")
+    assert _written(tmp_path / "gpu", "lm")["handler"]["cuda_graphs"] is True
+    monkeypatch.delenv("RNNSERVE_ARCHIVE_PROFILE")
+    build_archives(models, tmp_path / "cpu")
+    lm = _written(tmp_path / "cpu", "lm")
+    assert lm["batchSize"] == MODEL_CONFIGS["lm"]["batchSize"] == 64 and "cuda_graphs" not in lm["handler"]
+    assert _written(tmp_path / "cpu", "tr")["handler"]["max_rows"] == 256
+    monkeypatch.setenv("RNNSERVE_ARCHIVE_PROFILE", "tpu")
+    with pytest.raises(ValueError, match="archive profile must be one of"):
+        build_archives(models, tmp_path / "x")
+
+
+def test_the_gpu_profile_does_not_change_the_table():
+    model_config("lm", {"task": "lm"}, "gpu")
+    assert MODEL_CONFIGS["lm"]["batchSize"] == 64 and MODEL_CONFIGS["lm"]["handler"]["max_batch_size"] == 64
+    assert "cuda_graphs" not in MODEL_CONFIGS["lm"]["handler"]
