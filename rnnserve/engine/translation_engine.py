@@ -8,9 +8,15 @@ different source lengths share the batch: encoder outputs are right-padded and m
 
 A finished beam keeps its score and extends only with padding, so it competes until the sentence
 ends; the best hypothesis is chosen by score / ((5 + length) / 6) ** alpha (GNMT length penalty).
+
+The search stays on the device: a step reads back one packed tensor (each row's source beam, token,
+score and length), and the host keeps the token histories and settles which sentences are done from
+those numbers. The row layout of each beam width is cached between admissions and retirements, so a
+step copies nothing from the host either.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -137,7 +143,10 @@ class TranslationEngine:
         self._enc = self._keys = self._mask = self._state = self._prev = None
         self._scores = self._finished = self._lengths = None
         self._hist: list[list[int]] = []
+        self._done_rows: list[bool] = []  # host copy of _finished (the row's beam ended with <eos>)
         self._attn: list[list[torch.Tensor]] = []
+        self._groups: list[tuple[int, torch.Tensor]] | None = None  # (K, rows) per beam width; None: stale
+        self._masks: dict[int, torch.Tensor] = {}  # vocab size -> the log-probs of a finished beam
 
     # -- admission -----------------------------------------------------------------------------
     def add(self, request_id: str, sources: list[list[int]], params: TranslationParams,
@@ -232,9 +241,13 @@ class TranslationEngine:
         self._last_rows = len(self._hist)
         logits, state, weights = self.model.decoder.step(self._prev, self._state, self._keys, self._enc, self._mask)
         logp = F.log_softmax(logits.float(), dim=-1)
-        logp[:, [PAD, BOS]] = float("-inf")  # never words of the output
-        logp[self._finished] = float("-inf")  # a finished beam only extends with padding, at no cost
-        logp[self._finished, PAD] = 0.0
+        logp[:, PAD] = logp[:, BOS] = float("-inf")  # never words of the output
+        # a finished beam only extends with padding, at no cost. On the CPU a boolean index writes just
+        # those rows; elsewhere it would sync (its row count), so the whole tensor is selected instead
+        if self.device.type == "cpu":
+            logp[self._finished] = self._finished_row(logp.size(-1))
+        else:
+            logp = torch.where(self._finished.unsqueeze(1), self._finished_row(logp.size(-1)), logp)
         self._force_prefixes(logp)
         index, tokens = self._select(logp)
         self._state = tuple(s[index] for s in state) if isinstance(state, tuple) else state[index]
@@ -242,18 +255,29 @@ class TranslationEngine:
         self._lengths = self._lengths[index] + (~self._finished).long()
         self._finished = self._finished | (tokens == EOS)
         self._prev = tokens
-        idx = index.tolist()
-        toks = tokens.tolist()
+        # the step's one sync: float64 holds the ids and lengths exactly and the float32 scores too
+        idx, toks, scores, lengths = torch.stack([index.double(), tokens.double(), self._scores.double(),
+                                                  self._lengths.double()]).tolist()
+        idx, toks = [int(i) for i in idx], [int(t) for t in toks]
         self._hist = [self._hist[i] + [t] for i, t in zip(idx, toks)]
+        self._done_rows = [self._done_rows[i] or t == EOS for i, t in zip(idx, toks)]
         if any(s.attention for s in self._running):
             w = weights.float()
             self._attn = [self._attn[i] + [w[i]] for i in idx]
-        self._advance()
+        self._advance(scores, lengths)
         positions, row = {}, 0
         for s in self._running:
             positions[id(s)] = row
             row += s.K
         return scored + [self._output(self._requests[rid], positions) for rid in touched if rid in self._requests]
+
+    def _finished_row(self, V: int) -> torch.Tensor:
+        """(V,) log-probs of a finished beam: padding at no cost, nothing else."""
+        if V not in self._masks:
+            row = torch.full((V,), float("-inf"), device=self.device)
+            row[PAD] = 0.0
+            self._masks[V] = row
+        return self._masks[V]
 
     def _force_prefixes(self, logp: torch.Tensor) -> None:
         """A sentence still inside its target prefix may only take the prefix's next token (at its own
@@ -305,17 +329,8 @@ class TranslationEngine:
         index = torch.empty(len(self._hist), dtype=torch.long, device=self.device)
         tokens = torch.empty_like(index)
         scores = torch.empty_like(self._scores)
-        starts, row = [], 0
-        for s in self._running:
-            starts.append(row)
-            row += s.K
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(self._running):
-            groups.setdefault(s.K, []).append(starts[i])
-        for K, first_rows in groups.items():
-            rows = (torch.tensor(first_rows, device=self.device).unsqueeze(1)
-                    + torch.arange(K, device=self.device)).view(-1)  # (n*K,)
-            n = len(first_rows)
+        for K, rows in self._beam_groups():
+            n = rows.numel() // K
             cand = (self._scores[rows].unsqueeze(1) + logp[rows]).view(n, K * V)
             top, flat = cand.topk(K, dim=-1)  # (n, K)
             src_rows = rows.view(n, K).gather(1, flat // V)
@@ -325,23 +340,36 @@ class TranslationEngine:
         self._scores = scores
         return index, tokens
 
-    def _advance(self) -> None:
+    def _beam_groups(self) -> list[tuple[int, torch.Tensor]]:
+        """(K, the rows of every sentence of beam width K, sentence by sentence): the same until the next
+        admission or retirement, so built once on the device and kept."""
+        if self._groups is None:
+            firsts: dict[int, list[int]] = {}
+            row = 0
+            for s in self._running:
+                firsts.setdefault(s.K, []).append(row)
+                row += s.K
+            self._groups = [(K, (torch.tensor(f, device=self.device).unsqueeze(1)
+                                 + torch.arange(K, device=self.device)).view(-1)) for K, f in firsts.items()]
+        return self._groups
+
+    def _advance(self, scores: list[float], lengths: list[float]) -> None:
+        """Settle which sentences ended, from the host's copy of this step's numbers."""
         row = 0
         for s in self._running:
             s.steps += 1
-            fin = self._finished[row: row + s.K]
-            if bool(fin.all()) or s.steps >= s.max_len:
+            if all(self._done_rows[row: row + s.K]) or s.steps >= s.max_len:
                 s.done = True
-                s.result = self._best(s, row)
+                s.result = self._best(s, row, scores[row: row + s.K], lengths[row: row + s.K])
             row += s.K
         if any(s.done for s in self._running):
             self._retire(lambda s: s.done)
 
-    def _best(self, s: _Sentence, row: int) -> SentenceResult:
-        lengths = self._lengths[row: row + s.K]
-        scores = self._scores[row: row + s.K]
-        norm = scores / length_penalty(lengths.float(), s.alpha)
-        order = [int(i) for i in norm.argsort(descending=True) if bool(torch.isfinite(norm[i]))]
+    def _best(self, s: _Sentence, row: int, beam_scores: list[float], beam_lengths: list[float]) -> SentenceResult:
+        # the same float32 arithmetic as the device's, on the numbers it sent
+        scores = torch.tensor(beam_scores, dtype=torch.float32)
+        norm = scores / length_penalty(torch.tensor(beam_lengths, dtype=torch.float32), s.alpha)
+        order = [i for i in norm.argsort(descending=True).tolist() if math.isfinite(norm[i])]
         b = row + order[0]
         tokens, finish = self._tokens(b)
         attention = alignment = None
@@ -356,7 +384,7 @@ class TranslationEngine:
         if s.n_best > 1:
             hypotheses = [Hypothesis(self._tokens(row + i)[0], float(scores[i]), float(norm[i]))
                           for i in order[: s.n_best]]
-        return SentenceResult(tokens, float(self._scores[b]), finish, attention, hypotheses, alignment)
+        return SentenceResult(tokens, float(scores[order[0]]), finish, attention, hypotheses, alignment)
 
     def _tokens(self, row: int) -> tuple[list[int], str]:
         hist = self._hist[row]
@@ -426,8 +454,10 @@ class TranslationEngine:
         for name, value in parts.items():
             setattr(self, name, value if getattr(self, name) is None else _cat(getattr(self, name), value))
         self._hist += [[] for _ in range(len(rows))]
+        self._done_rows += [False] * len(rows)
         self._attn += [[] for _ in range(len(rows))]
         self._running += new
+        self._groups = None
 
     def _retire(self, gone) -> None:
         keep_rows, keep = [], []
@@ -438,13 +468,14 @@ class TranslationEngine:
                 keep_rows.extend(range(row, row + s.K))
             row += s.K
         self._running = keep
+        self._groups = None
         if not keep_rows:
             self._enc = self._keys = self._mask = self._state = self._prev = None
             self._scores = self._finished = self._lengths = None
-            self._hist, self._attn = [], []
+            self._hist, self._done_rows, self._attn = [], [], []
             return
         index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
-        S = int(self._mask[index].sum(-1).max())  # drop padding columns no remaining row needs
+        S = max(len(s.src) for s in keep)  # drop padding columns no remaining row needs (read on the host)
         self._enc = self._enc[index, :S]
         self._keys = self._keys[index, :S]
         self._mask = self._mask[index, :S]
@@ -452,6 +483,7 @@ class TranslationEngine:
         for name in ("_prev", "_scores", "_finished", "_lengths"):
             setattr(self, name, getattr(self, name)[index])
         self._hist = [self._hist[i] for i in keep_rows]
+        self._done_rows = [self._done_rows[i] for i in keep_rows]
         self._attn = [self._attn[i] for i in keep_rows]
 
 

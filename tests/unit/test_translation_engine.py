@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -129,3 +131,24 @@ def test_n_best_prefix_and_forced_scores_agree(model):
     e.add("p", [src], TranslationParams(beam_size=3), [prefix])
     forced = run(e)[0]["p"].results[0]
     assert forced.tokens[:2] == prefix
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_decoder_step_reads_the_device_once():
+    """Beam search stays on the GPU: a step with no admission or retirement syncs once (its packed read)."""
+    torch.manual_seed(5)
+    gpu_model = Seq2Seq(Seq2SeqConfig(src_vocab=40, tgt_vocab=30, embed_dim=16, enc_hidden=12, dec_hidden=20,
+                                      attn_dim=10, enc_layers=1, dropout=0.0)).cuda().eval()
+    gpu_model.decoder.out.bias.data[EOS] = -30.0  # no beam ends: nothing retires in the measured step
+    engine = TranslationEngine(gpu_model, device="cuda")
+    engine.add("a", [[5, 6, 7], [8, 9]], TranslationParams(beam_size=4, max_tokens=12))
+    engine.step()  # admission and the first step
+    engine.step()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
