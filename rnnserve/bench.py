@@ -255,49 +255,71 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 NAIVE = {"lm-naive": "naive handler", "lm-naive-modules": "naive, module step"}
 
 
-def _bench_models_dir(tmp: Path, names: list[str], naive: bool) -> Path:
+INT8_LM = "lm-shakespeare-int8"  # the LM again, served with the int8 step (bench lm --int8)
+
+
+def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = False) -> Path:
     models = tmp / "models"
     models.mkdir()
     for name in names:
         shutil.copytree(MODELS_DIR / name, models / name)
-    for baseline in NAIVE if naive else ():  # the LM under the naive handler's archives
-        shutil.copytree(MODELS_DIR / "lm-shakespeare", models / baseline)
-        cfg = json.loads((models / baseline / "config.json").read_text())
-        (models / baseline / "config.json").write_text(json.dumps({**cfg, "serving": baseline}))
+    variants = {b: {"serving": b} for b in (NAIVE if naive else ())}  # the LM under the naive handler's archives
+    if int8:
+        variants[INT8_LM] = {"int8": True}
+    for name, change in variants.items():
+        shutil.copytree(MODELS_DIR / "lm-shakespeare", models / name)
+        cfg = json.loads((models / name / "config.json").read_text())
+        (models / name / "config.json").write_text(json.dumps({**cfg, **change}))
     return models
 
 
 def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
-             step_ms: float | None = None, repeat: int = 3) -> list[dict]:
+             step_ms: float | None = None, repeat: int = 3, int8: bool = False) -> list[dict]:
+    """Raw engine, naive handlers and full stack per level; with `int8`, the raw engine and the full stack
+    again with the int8 decode step (a second copy of the model served beside the first), against both."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
     step_ms = step_ms or MODEL_CONFIGS["lm"]["handler"]["target_step_ms"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**_env(worker_threads), "RNNSERVE_TARGET_STEP_MS": str(step_ms)}
-        stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=True),
+        stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=True,
+                                                                    int8=int8),
                             extra_env=env)
         try:
             # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
             # JVM compiles its hot paths over the first few thousand frames (its CPU per frame falls ~3x)
-            int8 = loaded.meta.get("int8") is True  # the raw engine runs the step the served model runs
-            raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=int8), 4, 32, step_ms)
+            served_int8 = loaded.meta.get("int8") is True  # the raw engine runs the step the served model runs
+            raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
             for baseline in NAIVE:
                 asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16))
             for _ in range(WARMUP_ROUNDS):
-                asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
+                for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else []):
+                    asyncio.run(http_lm(stack.url, model, "warm-up", max(concurrency), 64))
+            baselines = {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2}
+            if int8:
+                baselines |= {"vs_raw_int8": 4, "vs_stack_fp32": 3}
             for c in concurrency:
-                setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64, int8=int8), c,
-                                             tokens, step_ms),
+                setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
+                                                      int8=served_int8), c, tokens, step_ms),
                           *(lambda c=c, m=model, n=label: asyncio.run(http_lm(stack.url, m, n, c, tokens))
                             for model, label in NAIVE.items()),
                           lambda c=c: asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))]
+                if int8:
+                    setups += [lambda c=c: _renamed(raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
+                                                                    int8=True), c, tokens, step_ms), "raw engine int8"),
+                               lambda c=c: asyncio.run(http_lm(stack.url, INT8_LM, "full stack int8", c, tokens))]
                 runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
-                rows += summarize(runs, "tokens_per_s", {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2})
+                rows += summarize(runs, "tokens_per_s", baselines)
         finally:
             stop_stack(stack)
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
-                 "step_ms": step_ms, "repeat": repeat})
+                 "step_ms": step_ms, "repeat": repeat, "int8": int8})
     return rows
+
+
+def _renamed(res: Result, name: str) -> Result:
+    res.name = name
+    return res
 
 
 def _env(worker_threads: int) -> dict:
@@ -479,7 +501,7 @@ def main(args) -> int:
     elif args.task == "cpu":
         bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat)
     elif args.task == "lm":
-        bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat)
+        bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat, args.int8)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads,
                           args.repeat)

@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm: the handler's and raw engine's step budget (default: the archive's target_step_ms)")
     p.add_argument("--worker-threads", type=int, default=0,
                    help="torch threads of the workers and of the raw engine (0 = torch's default)")
+    p.add_argument("--int8", action="store_true",
+                   help="lm: also the raw engine and the full stack with the int8 decode step, against fp32")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=_cmd_bench)
 

@@ -28,3 +28,17 @@ def test_measured_records_the_share_of_cpu_time_stolen_during_the_run(monkeypatc
     res = bench.measured(lambda: Result("raw engine", 1, tokens=10, seconds=1.0))
     assert res.steal_pct == 37.5  # 30 / 80
     assert res.row()["steal_pct"] == 37.5
+
+
+def test_bench_lm_int8_serves_a_second_copy_of_the_model_with_the_int8_step(tmp_path):
+    import json
+
+    from rnnserve.bench import INT8_LM, _bench_models_dir
+    from rnnserve.service.archive import model_config
+
+    models = _bench_models_dir(tmp_path, ["lm-shakespeare"], naive=False, int8=True)
+    assert sorted(p.name for p in models.iterdir()) == ["lm-shakespeare", INT8_LM]
+    fp32, int8 = (json.loads((models / n / "config.json").read_text()) for n in ("lm-shakespeare", INT8_LM))
+    assert int8 == {**fp32, "int8": True}
+    assert model_config("lm", int8)["handler"]["int8"] is True
+    assert model_config("lm", fp32)["handler"]["int8"] is False
