@@ -21,6 +21,8 @@ RUN if ! { command -v java && command -v curl; } >/dev/null; then \
  && useradd --create-home --uid 10001 rnnserve
 
 FROM base AS build
+# lets a script remove this stage's image (the classic builder leaves it behind untagged)
+LABEL org.rnnserve.stage=build
 ARG VARIANT=cuda
 WORKDIR /srv/rnnserve
 COPY wheelhouse/ /tmp/wheelhouse/

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test setup archive java prometheus clean
+.PHONY: serve test setup archive java prometheus clean wheelhouse base-image compose-tool docker-smoke
 
 serve: java archive
 	$(BIN)/rnnserve serve
@@ -38,3 +38,22 @@ archive: setup
 
 clean:
 	rm -rf run model_store/*.mar
+
+# --- containers (README, "Deploying") ---
+VARIANT ?= cpu
+
+# wheels of torch (VARIANT=cpu|cuda) and every dependency, for `docker build --network none`
+wheelhouse:
+	deploy/wheelhouse.sh $(VARIANT)
+
+# local base images from Debian packages (debootstrap), for machines that cannot pull them
+base-image:
+	deploy/base_images.sh
+
+# Docker Compose v2 into .tools/ (the unit tests validate the compose files with it)
+compose-tool:
+	@deploy/compose.sh
+
+# builds the CPU image offline, runs the compose stack, checks it and removes it again
+docker-smoke:
+	deploy/docker_smoke.sh
