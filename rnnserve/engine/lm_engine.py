@@ -3,7 +3,9 @@
 A recurrent model's whole per-request memory is a fixed-size hidden (and cell) vector, so the
 engine keeps one batch of rows for all running requests: `step()` prefills requests that arrived,
 advances every row by up to `num_tokens` tokens in one batched call per token, and retires rows
-that finished or were aborted. Nothing here knows about TorchServe or HTTP.
+that finished or were aborted. With `prefill_chunk`, a step reads at most that many prompt tokens, so
+a long prompt is read across several steps (its state carried between them) while the running rows
+keep decoding. Nothing here knows about TorchServe or HTTP.
 """
 from __future__ import annotations
 
@@ -111,13 +113,18 @@ class _Sequence:
     entries_sent: int = 0
     prompt_entries: list[TokenLogprob] | None = None  # echo, until sent
     final_state: LMState | None = None
+    read: int = 0  # prompt tokens read by earlier steps (a prompt read in chunks)
+    partial: State | None = None  # the state after them, while the rest waits
 
 
 class LMEngine:
     def __init__(self, model: RNNLanguageModel, tokenizer: CharTokenizer, max_batch_size: int = 64,
                  max_tokens_limit: int = 2048, max_prompt_chars: int = 8192,
                  device: torch.device | str = "cpu", mkldnn_min_batch: int | None = None,
-                 folded_step: bool = True, int8: bool = False, cuda_graphs: bool = False) -> None:
+                 folded_step: bool = True, int8: bool = False, cuda_graphs: bool = False,
+                 prefill_chunk: int | None = None) -> None:
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
+            raise ValueError("prefill_chunk must be a non-negative integer or None")
         self.model = model.eval()
         # folded weights make a decode step a few GEMMs (models/decode.py); False steps the modules
         self._step = decode_step(self.model, int8) if folded_step else module_step(self.model)
@@ -135,7 +142,10 @@ class LMEngine:
         # oneDNN's recurrent kernels cost a fixed overhead per call that dominates small batches on
         # CPU; below this batch size decode steps run on torch's native kernels (BENCHMARKS.md).
         self.mkldnn_min_batch = mkldnn_min_batch
-        self._waiting: list[_Sequence] = []
+        # prompt tokens read per step across all prompts (None or 0: no limit): bounds how long a long
+        # prompt holds up the running rows' next tokens
+        self.prefill_chunk = prefill_chunk or None
+        self._waiting: list[_Sequence] = []  # in arrival order; a prompt being read in chunks stays here
         self._running: list[_Sequence] = []  # row i of the batch state belongs to _running[i]
         self._state: State | None = None
         self._logits: torch.Tensor | None = None  # (B, V) next-token logits of each running row
@@ -247,49 +257,88 @@ class LMEngine:
         return scored + outputs
 
     def _admit(self) -> None:
+        """Read waiting prompts, in arrival order, while the step's chunk budget and free rows last; a
+        prompt longer than what is left of the budget reads that much and goes on next step. Prompts read
+        to their end join the running batch."""
         room = self.max_batch_size - len(self._running)
         if room <= 0 or not self._waiting:
             return
-        new, self._waiting = self._waiting[:room], self._waiting[room:]
+        budget = self.prefill_chunk
         # an empty prompt after a state is the step a longer request would have run next: run that same
         # decode step, so that continuing is exact; everything else is read by one packed prefill
-        stepped, read = [], []
-        for s in new:
-            (stepped if s.init is not None and len(s.prompt_ids) == 1 else read).append(s)
+        stepped: list[_Sequence] = []
+        reads: list[tuple[_Sequence, int]] = []  # (sequence, prompt position it is read to)
+        for s in self._waiting:
+            if len(stepped) + len(reads) >= room:
+                break
+            if s.init is not None and len(s.prompt_ids) == 1:
+                stepped.append(s)  # a decode step, not a prompt: no budget
+            elif budget is None:
+                reads.append((s, len(s.prompt_ids)))
+            elif budget > 0:
+                end = min(len(s.prompt_ids), s.read + budget)
+                reads.append((s, end))
+                budget -= end - s.read
+        read = [s for s, end in reads if end == len(s.prompt_ids)]  # read to the end this step
+        echo = [(s, s.read, end, self._read_from(s)) for s, end in reads if s.echo and s.logprobs is not None]
+        echo += [(s, 0, 1, None) for s in stepped if s.echo and s.logprobs is not None]
+        if reads:
+            logits, state = self._prefill(reads)
+            if len(read) != len(reads):  # the row of a prompt read in part keeps its state for next step
+                done = [i for i, (s, end) in enumerate(reads) if end == len(s.prompt_ids)]
+                for i, (s, end) in enumerate(reads):
+                    if end < len(s.prompt_ids):
+                        s.partial = select_rows(state, torch.tensor([i], device=self.device))
+                index = torch.tensor(done, dtype=torch.long, device=self.device)
+                logits, state = logits.index_select(0, index), select_rows(state, index)
+            for s, end in reads:
+                s.read = end
+        if echo:
+            self._echo(echo)
+        for s in read:
+            s.partial = None
         if read:
-            self._append(read, *self._prefill(read))
+            self._append(read, logits, state)
         if stepped:
             tokens = torch.tensor([s.prompt_ids[0] for s in stepped], dtype=torch.long, device=self.device)
             with mkldnn_enabled(self._use_mkldnn(len(stepped))):
                 logits, state = self._step(tokens, _cat_states([s.init.layers for s in stepped]))
             self._append(stepped, logits, state)
-        echo = [s for s in new if s.echo and s.logprobs is not None]
-        if echo:
-            self._echo(echo)
+        joined = {id(s) for s in read + stepped}
+        self._waiting = [s for s in self._waiting if id(s) not in joined]
 
-    def _prefill(self, seqs: list[_Sequence]) -> tuple[torch.Tensor, State]:
-        """Read the prompts in one packed batch. Identical fresh prompts are read once and their state
-        copied (n > 1 and best_of send the same prompt several times)."""
+    def _read_from(self, s: _Sequence) -> State | None:
+        """The state the rest of a prompt is read from: after its earlier chunks, else its `init`, else None
+        (zeros)."""
+        if s.read:
+            return s.partial
+        return s.init.layers if s.init is not None else None
+
+    def _prefill(self, reads: list[tuple[_Sequence, int]]) -> tuple[torch.Tensor, State]:
+        """Read each prompt from where it stopped to `end`, all in one packed batch: logits and state per
+        read, in order. Identical fresh prompts read whole are read once and their state copied (n > 1
+        and best_of send the same prompt several times)."""
         unique: dict[tuple[int, ...], int] = {}
         prompts, inits, rows = [], [], []
-        for s in seqs:
-            key = tuple(s.prompt_ids) if s.init is None else None
+        for s, end in reads:
+            whole = s.read == 0 and end == len(s.prompt_ids)
+            key = tuple(s.prompt_ids) if whole and s.init is None else None
             if key is not None and key in unique:
                 rows.append(unique[key])
                 continue
             if key is not None:
                 unique[key] = len(prompts)
             rows.append(len(prompts))
-            prompts.append(s.prompt_ids)
-            inits.append(s.init)
+            prompts.append(s.prompt_ids[s.read:end])
+            inits.append(self._read_from(s))
         initial = None
         if any(i is not None for i in inits):
             dtype = self.model.embed.weight.dtype
-            initial = _cat_states([i.layers if i is not None else self.model.init_state(1, self.device, dtype)
+            initial = _cat_states([i if i is not None else self.model.init_state(1, self.device, dtype)
                                    for i in inits])
         with mkldnn_enabled(self._use_mkldnn(len(prompts))):
             logits, state = self.model.prefill(prompts, initial)
-        if len(prompts) != len(seqs):
+        if len(prompts) != len(reads):
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             logits, state = logits.index_select(0, index), select_rows(state, index)
         return logits, state
@@ -302,19 +351,23 @@ class LMEngine:
             self._logits = torch.cat([self._logits, logits], 0)
         self._running.extend(seqs)
 
-    def _echo(self, seqs: list[_Sequence]) -> None:
-        """The prompt's own token logprobs (OpenAI's `echo`), read again with every position's logits."""
-        for s in seqs:  # one at a time: echo is rare and prompts differ in length
-            init = s.init.layers if s.init is not None else None
-            logits, _ = self.model.prefill([s.prompt_ids], init, every_position=True)
-            lp = torch.log_softmax(logits[0].float(), -1)
-            entries = self._entries(lp[:-1], s.prompt_ids[1:], s.logprobs or 0)
-            if s.init is None:
-                if s.prompt_tokens == 0:  # an empty prompt is a line break the caller did not send
-                    entries = []
-                else:
-                    entries.insert(0, TokenLogprob(self.tokenizer.token_text(s.prompt_ids[0]), None, None))
-            s.prompt_entries = entries
+    def _echo(self, parts: list[tuple[_Sequence, int, int, State | None]]) -> None:
+        """The prompt's own token logprobs (OpenAI's `echo`): each part read this step, prompt_ids[start:end]
+        from `initial`, read again with every position's logits, so a prompt read in chunks is echoed chunk
+        by chunk. Position i's logits give token i + 1's logprob, up to the prompt's last token."""
+        for s, start, end, initial in parts:  # one at a time: echo is rare and prompts differ in length
+            ids = s.prompt_ids
+            targets = ids[start + 1: end + 1]
+            entries = []
+            # a fresh prompt's first token has nothing before it; an empty prompt is a line break the caller
+            # did not send; after a state, the first token is the pending one, already returned
+            if start == 0 and s.init is None and s.prompt_tokens > 0:
+                entries.append(TokenLogprob(self.tokenizer.token_text(ids[0]), None, None))
+            if targets:
+                logits, _ = self.model.prefill([ids[start:end]], initial, every_position=True)
+                lp = torch.log_softmax(logits[0, : len(targets)].float(), -1)
+                entries += self._entries(lp, targets, s.logprobs or 0)
+            s.prompt_entries = (s.prompt_entries or []) + entries
 
     def _entries(self, lp: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
         """lp (T, V) log-probabilities, targets (T,) -> a TokenLogprob per target."""
