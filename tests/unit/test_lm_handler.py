@@ -182,3 +182,18 @@ def test_cuda_graphs_are_read_from_the_config_and_env_and_ignored_on_cpu(tiny_lm
     fe.submit("a", {"prompt": "KING:", "max_tokens": 9, "temperature": 0})
     fe.drain()
     assert fe.frames["a"][-1]["usage"]["completion_tokens"] == 9
+
+
+def test_prefill_chunk_is_read_from_the_config_and_env_and_long_prompts_still_stream(tiny_lm_folder, monkeypatch):
+    ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 5, "prefill_chunk_tokens": 16})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    assert h.engine.prefill_chunk == 16
+    fe = Frontend(h, ctx)
+    fe.submit("long", {"prompt": "KING:\n" * 50, "max_tokens": 5, "seed": 1})
+    fe.drain()
+    assert fe.frames["long"][-1]["usage"] == {"prompt_tokens": 300, "completion_tokens": 5}
+    monkeypatch.setenv("RNNSERVE_PREFILL_CHUNK_TOKENS", "0")
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    assert h.engine.prefill_chunk is None
