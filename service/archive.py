@@ -62,13 +62,14 @@ MODEL_CONFIGS: dict[str, dict] = {
             # a floor on each step's duration (0: none); the test suite sets it with max_tokens_per_step 1
             # (RNNSERVE_MIN_STEP_MS, RNNSERVE_MAX_TOKENS_PER_STEP) for streams slow on any machine
             "min_step_ms": 0,
-            # prompt tokens read per step across all prompts (0: no limit); a longer prompt is read across
-            # steps so the running streams keep their pace. Measured with models/lm-shakespeare, one torch
-            # thread, native kernels (the worker's, mkldnn_min_batch unset): one prompt costs 0.6-0.9 ms a
-            # token on this 2-core CPU, so 64 tokens take ~40-58 ms, within the 60 ms target step, and 128
-            # take ~95-100 ms; prompts read together cost ~0.3 ms a token. An 8,192-character prompt then
-            # spreads over 128 steps instead of stalling every stream for ~3-5 s in one.
-            "prefill_chunk_tokens": 64,
+            # tokens of each prompt read per step (0: no limit); a longer prompt is read across steps, so
+            # the running streams keep their pace. A prefill costs about one timestep per token of its
+            # longest prompt, whatever the batch: with models/lm-shakespeare, one torch thread and native
+            # kernels, 64 tokens of one prompt take ~40-58 ms on this 2-core CPU and 128 ~100 ms. 256 keeps
+            # a typical prompt inside the step that admits it (its first token does not wait), and bounds
+            # the stall a long prompt causes the other streams to a few hundred ms, where an 8,192-character
+            # prompt read whole stalled every stream for ~3-5 s.
+            "prefill_chunk_tokens": 256,
             # decode LSTM steps with folded weights, a few GEMMs per token (rnnserve/models/decode.py):
             # 1.2-1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules
             "folded_step": True,
@@ -127,7 +128,7 @@ MODEL_CONFIGS: dict[str, dict] = {
 # - translation batchSize counts requests: 256 fill the 1,024 rows at beam 4, one sentence each.
 # - torch_threads, target_step_ms and max_tokens_per_step stay the CPU's (torch_threads is only applied on CPU).
 # - prefill_chunk_tokens 2,048: a GPU reads a prompt token in far less time than this CPU (one cuDNN time step
-#   for the whole packed batch), so a chunk 32x the CPU's is a guess at the same ~60 ms; unmeasured.
+#   for the whole packed batch), so a chunk 8x the CPU's is a guess at a similar stall; unmeasured.
 GPU_SETTINGS: dict[str, dict] = {
     "lm": {"batchSize": 1024,
            "handler": {"max_batch_size": 1024, "cuda_graphs": True, "half_precision": True,

@@ -3,9 +3,10 @@
 A recurrent model's whole per-request memory is a fixed-size hidden (and cell) vector, so the
 engine keeps one batch of rows for all running requests: `step()` prefills requests that arrived,
 advances every row by up to `num_tokens` tokens in one batched call per token, and retires rows
-that finished or were aborted. With `prefill_chunk`, a step reads at most that many prompt tokens, so
-a long prompt is read across several steps (its state carried between them) while the running rows
-keep decoding. Nothing here knows about TorchServe or HTTP.
+that finished or were aborted. With `prefill_chunk`, a step reads at most that many tokens of each
+prompt: a recurrent prefill costs about one timestep per token of its longest prompt, whatever the
+batch, so a long prompt is read across several steps (its state carried between them) while the
+running rows keep decoding, and short prompts arriving meanwhile are read at once beside it. Nothing here knows about TorchServe or HTTP.
 """
 from __future__ import annotations
 
@@ -257,13 +258,12 @@ class LMEngine:
         return scored + outputs
 
     def _admit(self) -> None:
-        """Read waiting prompts, in arrival order, while the step's chunk budget and free rows last; a
-        prompt longer than what is left of the budget reads that much and goes on next step. Prompts read
-        to their end join the running batch."""
+        """Read waiting prompts while rows are free, each up to `prefill_chunk` more tokens, all in one packed
+        prefill; a longer prompt goes on next step. Prompts read to their end join the running batch."""
         room = self.max_batch_size - len(self._running)
         if room <= 0 or not self._waiting:
             return
-        budget = self.prefill_chunk
+        chunk = self.prefill_chunk
         # an empty prompt after a state is the step a longer request would have run next: run that same
         # decode step, so that continuing is exact; everything else is read by one packed prefill
         stepped: list[_Sequence] = []
@@ -273,12 +273,8 @@ class LMEngine:
                 break
             if s.init is not None and len(s.prompt_ids) == 1:
                 stepped.append(s)  # a decode step, not a prompt: no budget
-            elif budget is None:
-                reads.append((s, len(s.prompt_ids)))
-            elif budget > 0:
-                end = min(len(s.prompt_ids), s.read + budget)
-                reads.append((s, end))
-                budget -= end - s.read
+            else:
+                reads.append((s, len(s.prompt_ids) if chunk is None else min(len(s.prompt_ids), s.read + chunk)))
         read = [s for s, end in reads if end == len(s.prompt_ids)]  # read to the end this step
         echo = [(s, s.read, end, self._read_from(s)) for s, end in reads if s.echo and s.logprobs is not None]
         echo += [(s, 0, 1, None) for s in stepped if s.echo and s.logprobs is not None]
