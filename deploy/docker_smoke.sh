@@ -30,6 +30,8 @@ ok()   { printf 'ok    %s\n' "$*"; }
 skip() { printf 'skip  %s\n' "$*"; }
 info() { printf '      %s\n' "$*"; }
 fail() { printf 'FAIL  %s\n' "$*" >&2; exit 1; }
+# exit 77: no container engine can be installed or started here, so nothing was checked
+no_engine() { printf 'skip  this machine cannot run containers (%s): nothing checked\n' "$*" >&2; exit 77; }
 # the last lines of every container's log, for a failure's context
 dump_logs() {
   [ -n "$DC" ] || return 0
@@ -80,8 +82,8 @@ trap teardown EXIT
 trap 'exit 130' INT TERM
 
 # one smoke at a time on a machine: they would share the project name and the stand-ins
-exec 9>/tmp/rnnserve-smoke.lock
-flock -n 9 || fail "another docker smoke is running (lock /tmp/rnnserve-smoke.lock)"
+exec 9<"$0"
+flock -n 9 || fail "another docker smoke is running (it holds a lock on $0)"
 
 # --- what it needs -----------------------------------------------------------------------------
 need=()
@@ -90,7 +92,7 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   { $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" \
     || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"; }; } \
-    >"$STATE/apt.log" 2>&1 || { tail -5 "$STATE/apt.log" >&2; fail "apt-get install ${need[*]} failed"; }
+    >"$STATE/apt.log" 2>&1 || { tail -5 "$STATE/apt.log" >&2; no_engine "apt-get install ${need[*]} failed"; }
   ok "installed ${need[*]} (Debian packages)"
 fi
 
@@ -103,8 +105,7 @@ else
   if ! docker info >/dev/null 2>&1; then
     tail -5 "$STATE/dockerd.log" >&2
     DOCKERD_PID=
-    echo "skip  this machine cannot run a docker engine (dockerd did not start): nothing checked" >&2
-    exit 77
+    no_engine "dockerd did not start"
   fi
   ok "started dockerd $(docker version -f '{{.Server.Version}}' 2>/dev/null) (pid $DOCKERD_PID)"
 fi
@@ -232,6 +233,7 @@ ok "Prometheus answers $query: $models"
 for id in $($DC ps -q); do
   svc=$(docker inspect -f '{{index .Config.Labels "com.docker.compose.service"}}' "$id")
   bindings=$(docker inspect -f '{{range $p, $b := .HostConfig.PortBindings}}{{range $b}}{{$p}}->{{.HostIp}}:{{.HostPort}} {{end}}{{end}}' "$id")
+  bindings=${bindings% }
   case "$svc" in
     gateway|grafana)
       for b in $bindings; do [[ "$b" == *"->127.0.0.1:"* ]] || fail "$svc publishes $b, not on 127.0.0.1"; done
