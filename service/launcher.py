@@ -14,6 +14,7 @@ import time
 
 import uvicorn
 
+from rnnserve.service.affinity import pin_frontend
 from rnnserve.service.archive import build_archives, stale_archives
 from rnnserve.service.gateway.app import RequestIdFilter, create_app
 from rnnserve.service.settings import Settings
@@ -73,6 +74,7 @@ def torchserve(**overrides) -> int:
     configure_logging()
     settings = Settings(**overrides)
     received = _record_signals()
+    pin_frontend(settings.frontend_cpus)
     ts = _start_torchserve(settings)
     try:
         while ts.running() and not received:
@@ -102,6 +104,7 @@ def serve(**overrides) -> int:
     configure_logging()
     _exit_with_parent()
     settings = Settings(**overrides)
+    pin_frontend(settings.frontend_cpus)  # the gateway runs in this process, TorchServe's frontend inherits
     ts = _start_torchserve(settings)
     log.info("rnnserve: gateway http://%s:%d (docs at /docs), TorchServe %s; Ctrl-C stops both",
              settings.host, settings.port, settings.inference_url)

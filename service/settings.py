@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     models_dir: Path = MODELS_DIR
     models: list[str] = []  # served models; empty = every archive in the model store
 
+    # CPU placement (service/affinity.py): "auto" holds the gateway and TorchServe's frontend to the first
+    # core(s) of a CPU machine and leaves every core to the workers; "none", or a CPU list such as "0"
+    frontend_cpus: str = "auto"
+
     # readiness: a real inference per model, repeated so that an outage shows
     ready_probe_interval_s: float = Field(5.0, gt=0)
     # a model that cannot produce one token in this time is not ready: TorchServe queues requests
@@ -64,6 +68,15 @@ class Settings(BaseSettings):
     def _known_host(cls, v: str) -> str:
         if not v:
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("frontend_cpus")
+    @classmethod
+    def _cpu_list(cls, v: str) -> str:
+        if v not in ("auto", "none"):
+            from rnnserve.service.affinity import parse_cpus
+
+            parse_cpus(v)  # a clear error at start, not when TorchServe is launched
         return v
 
     @field_validator("state_key")

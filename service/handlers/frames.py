@@ -20,6 +20,7 @@ import torch
 from rnnserve.engine.lm_engine import StepOutput
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationOutput, TranslationParams
+from rnnserve.service.affinity import free_worker
 
 GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed", "logprobs", "echo",
                    "state", "return_state"}
@@ -176,6 +177,7 @@ def handler_setup(ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         if os.environ.get(env):
             cfg[key] = parse(os.environ[env])
     device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
+    free_worker()  # every core, where the launcher held TorchServe's frontend to a few (service/affinity.py)
     threads = int(cfg.get("torch_threads", 0))
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)

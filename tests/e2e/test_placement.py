@@ -1,0 +1,24 @@
+"""CPU placement on the real stack: the gateway and TorchServe's frontend keep the first core of a CPU
+machine, and every worker (which TorchServe's frontend starts with its own mask) uses every core."""
+import os
+
+import psutil
+import pytest
+import torch
+
+from rnnserve.service.affinity import frontend_cpus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")]
+
+
+def test_frontend_keeps_its_cores_and_workers_get_every_core(stack):
+    allowed = os.sched_getaffinity(0)  # the harness's CPUs, which the stack inherited
+    gateway = psutil.Process(stack.proc.pid)
+    kids = gateway.children(recursive=True)
+    java = [k for k in kids if k.name() == "java"]
+    workers = [k for k in kids if "model_service_worker" in " ".join(k.cmdline())]
+    assert len(java) == 1 and len(workers) == 3  # three models, one worker each
+    frontend = frontend_cpus("auto", allowed, gpu=torch.cuda.is_available()) or allowed
+    assert set(gateway.cpu_affinity()) == frontend and set(java[0].cpu_affinity()) == frontend
+    assert all(set(w.cpu_affinity()) == allowed for w in workers)
+    assert (frontend != allowed) == (len(allowed) >= 2 and not torch.cuda.is_available())
