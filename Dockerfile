@@ -2,7 +2,7 @@
 #   docker build --build-arg VARIANT=cuda -t rnnserve:cuda .    (default; PyPI's torch bundles CUDA 12)
 #   docker build --build-arg VARIANT=cpu  -t rnnserve:cpu .
 # The .mar archives are built at image build time from the committed weights: nothing is downloaded
-# at run time. The GPU comes from the host's NVIDIA driver through the NVIDIA container toolkit.
+# at run time. The cuda variant's archives carry the GPU worker profile (`rnnserve archive --gpu`). The GPU comes from the host's NVIDIA driver through the NVIDIA container toolkit.
 #
 # Air-gapped: `make wheelhouse VARIANT=cpu|cuda` fills wheelhouse/ beforehand; with wheels there, pip
 # installs from them only (--no-index), so the build needs no network:
@@ -49,7 +49,7 @@ RUN python3 -m venv /opt/rnnserve \
     else \
       pip install --no-cache-dir "$TORCH" && pip install --no-cache-dir .; \
     fi \
- && rnnserve archive --models-dir models --model-store /srv/model_store
+ && rnnserve archive --models-dir models --model-store /srv/model_store $([ "$VARIANT" = cuda ] && echo --gpu)
 
 # the wheels stay behind in the build stage
 FROM base

@@ -85,6 +85,7 @@ def test_dockerfile_pins_torch_runs_as_non_root_and_builds_archives():
     pin = re.findall(r'"torch==([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text())
     assert re.findall(r"torch==([\w.+]+)", text) == pin == ["2.13.0"]  # one pin, the project's
     assert "USER rnnserve" in text and "HEALTHCHECK" in text and "rnnserve archive" in text
+    assert '$([ "$VARIANT" = cuda ] && echo --gpu)' in text  # the cuda image: the GPU worker profile
     for path in re.findall(r"^COPY (?!--from=)(\S+)", text, re.M):
         assert (REPO_ROOT / path).exists(), path
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from rnnserve.paths import REPO_ROOT
+from rnnserve.service.archive import GPU_SETTINGS, MODEL_CONFIGS
 from rnnserve.service.settings import Settings
 
 DEFAULTS = Settings()
@@ -58,6 +59,9 @@ def test_compose_files_are_valid_and_publish_on_loopback_only():
     assert s["prometheus"]["image"] == "prom/prometheus:v2.53.2"
     assert s["grafana"]["image"] == "grafana/grafana:11.2.0"
     assert s["torchserve"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # the gateway admits as many generations as the GPU profile's batch holds (service/archive.py)
+    assert s["gateway"]["environment"]["RNNSERVE_MAX_RUNNING_PER_MODEL"] == str(
+        GPU_SETTINGS["lm"]["handler"]["max_batch_size"])
 
 
 def test_cpu_override_drops_the_gpu_and_builds_the_cpu_variant():
@@ -66,6 +70,8 @@ def test_cpu_override_drops_the_gpu_and_builds_the_cpu_variant():
         assert s[name]["image"] == "rnnserve:0.1.0-cpu"
         assert s[name]["build"]["args"]["VARIANT"] == "cpu"
     assert "deploy" not in s["torchserve"]
+    assert s["gateway"]["environment"]["RNNSERVE_MAX_RUNNING_PER_MODEL"] == str(
+        MODEL_CONFIGS["lm"]["handler"]["max_batch_size"])
 
 
 def test_overrides_change_images_and_ports_but_not_the_loopback_binding():
