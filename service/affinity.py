@@ -1,13 +1,17 @@
-"""CPU placement of the stack's processes on a CPU machine.
+"""CPU placement of the stack's processes on a CPU machine (`frontend_cpus`, off by default).
 
 On a small CPU machine the decode worker competes for cores with the gateway and TorchServe's
-frontend (Java). Left to the scheduler, the worker's busy thread keeps being moved and preempted by
-their short bursts of work: on the 2-core machine of BENCHMARKS.md the full stack made 0.76x its raw
-engine's translations/s at 32 clients. With the gateway and the frontend held to the first core, and
-the workers free to use every core, it made 0.96x (the same run, alternating). So `rnnserve serve`
-and `rnnserve torchserve` pin themselves (and with them TorchServe's frontend, which inherits the
-mask) to `frontend_cpus`, and hand the workers the whole set through RNNSERVE_WORKER_CPUS, which
-the handlers apply at load. On a GPU the workers wait on the device and this is left alone.
+frontend (Java). For translation, whose worker decodes long steps and sends few frames, the
+scheduler kept moving and preempting the worker's busy thread for the frontend's short bursts: on
+the 2-core machine of BENCHMARKS.md the full stack made 0.76x its raw engine's translations/s at 32
+clients, and 0.96x with the gateway and the frontend held to the first core and the workers free to
+use every core. Streamed generation is the other way round: its frontend handles an event per
+token and stream, and one core is too few for it (0.96x its raw engine left to the scheduler, 0.75x
+held, at 32 streams). So the placement is asked for (`auto` or a CPU list), not assumed.
+
+`rnnserve serve` and `rnnserve torchserve` pin themselves to those CPUs (TorchServe's frontend,
+started afterwards, inherits the mask) and hand the workers the whole set through
+RNNSERVE_WORKER_CPUS, which the handlers apply at load. `auto` leaves a GPU machine alone.
 """
 from __future__ import annotations
 

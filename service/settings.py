@@ -52,9 +52,10 @@ class Settings(BaseSettings):
     models_dir: Path = MODELS_DIR
     models: list[str] = []  # served models; empty = every archive in the model store
 
-    # CPU placement (service/affinity.py): "auto" holds the gateway and TorchServe's frontend to the first
-    # core(s) of a CPU machine and leaves every core to the workers; "none", or a CPU list such as "0"
-    frontend_cpus: str = "auto"
+    # CPU placement (service/affinity.py): "none" leaves it to the scheduler; "auto" holds the gateway and
+    # TorchServe's frontend to the first core(s) of a CPU machine and leaves every core to the workers, as
+    # does a CPU list such as "0". It helps translation and hurts streamed generation (BENCHMARKS.md)
+    frontend_cpus: str = "none"
 
     # readiness: a real inference per model, repeated so that an outage shows
     ready_probe_interval_s: float = Field(5.0, gt=0)

@@ -14,6 +14,8 @@ STATE_KEY = "test-state-key-" + "0123456789abcdef" * 2
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
-    s = start_stack(tmp_path_factory.mktemp("stack"), extra_env={"RNNSERVE_STATE_KEY": STATE_KEY})
+    # frontend_cpus auto: the suite runs with the CPU placement on (off by default); test_placement checks it
+    s = start_stack(tmp_path_factory.mktemp("stack"),
+                    extra_env={"RNNSERVE_STATE_KEY": STATE_KEY, "RNNSERVE_FRONTEND_CPUS": "auto"})
     yield s
     stop_stack(s)
