@@ -5,9 +5,10 @@ frontend (Java). For translation, whose worker decodes long steps and sends few 
 scheduler kept moving and preempting the worker's busy thread for the frontend's short bursts: on
 the 2-core machine of BENCHMARKS.md the full stack made 0.76x its raw engine's translations/s at 32
 clients, and 0.96x with the gateway and the frontend held to the first core and the workers free to
-use every core. Streamed generation is the other way round: its frontend handles an event per
-token and stream, and one core is too few for it (0.96x its raw engine left to the scheduler, 0.75x
-held, at 32 streams). So the placement is asked for (`auto` or a CPU list), not assumed.
+use every core. Streamed generation may be the other way round: its frontend handles an event per
+token and stream, and two alternating measurements at 32 streams disagreed (0.96x left to the
+scheduler against 0.75x held, then 0.74x against 0.86x). So the placement is asked for (`auto` or a
+CPU list), not assumed.
 
 `rnnserve serve` and `rnnserve torchserve` pin themselves to those CPUs (TorchServe's frontend,
 started afterwards, inherits the mask) and hand the workers the whole set through

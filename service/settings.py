@@ -54,7 +54,7 @@ class Settings(BaseSettings):
 
     # CPU placement (service/affinity.py): "none" leaves it to the scheduler; "auto" holds the gateway and
     # TorchServe's frontend to the first core(s) of a CPU machine and leaves every core to the workers, as
-    # does a CPU list such as "0". It helps translation and hurts streamed generation (BENCHMARKS.md)
+    # does a CPU list such as "0". It helps translation; for streamed generation it is unclear (BENCHMARKS.md)
     frontend_cpus: str = "none"
 
     # readiness: a real inference per model, repeated so that an outage shows
