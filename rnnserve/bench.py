@@ -86,10 +86,10 @@ def _ms(x: float | None) -> float | None:
 
 
 # -- raw engines, in-process ---------------------------------------------------------------------
-def raw_lm(engine: LMEngine, clients: int, tokens: int, step_ms: float) -> Result:
+def raw_lm(engine: LMEngine, clients: int, tokens: int, step_ms: float, name: str = "raw engine") -> Result:
     """All clients' requests admitted at once; steps sized as the handler sizes them."""
     cfg = MODEL_CONFIGS["lm"]["handler"]
-    res = Result("raw engine", clients)
+    res = Result(name, clients)
     for i in range(clients):
         engine.add(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=tokens, temperature=0.8, seed=i))
     t0 = time.perf_counter()
@@ -305,8 +305,8 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
                             for model, label in NAIVE.items()),
                           lambda c=c: asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))]
                 if int8:
-                    setups += [lambda c=c: _renamed(raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
-                                                                    int8=True), c, tokens, step_ms), "raw engine int8"),
+                    setups += [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64, int8=True),
+                                                  c, tokens, step_ms, "raw engine int8"),
                                lambda c=c: asyncio.run(http_lm(stack.url, INT8_LM, "full stack int8", c, tokens))]
                 runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
                 rows += summarize(runs, "tokens_per_s", baselines)
@@ -315,11 +315,6 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
                  "step_ms": step_ms, "repeat": repeat, "int8": int8})
     return rows
-
-
-def _renamed(res: Result, name: str) -> Result:
-    res.name = name
-    return res
 
 
 def _env(worker_threads: int) -> dict:

@@ -6,7 +6,8 @@ advances every row by up to `num_tokens` tokens in one batched call per token, a
 that finished or were aborted. With `prefill_chunk`, a step reads at most that many tokens of each
 prompt: a recurrent prefill costs about one timestep per token of its longest prompt, whatever the
 batch, so a long prompt is read across several steps (its state carried between them) while the
-running rows keep decoding, and short prompts arriving meanwhile are read at once beside it. Nothing here knows about TorchServe or HTTP.
+running rows keep decoding, and short prompts arriving meanwhile are read at once beside it.
+Nothing here knows about TorchServe or HTTP.
 """
 from __future__ import annotations
 
@@ -143,8 +144,8 @@ class LMEngine:
         # oneDNN's recurrent kernels cost a fixed overhead per call that dominates small batches on
         # CPU; below this batch size decode steps run on torch's native kernels (BENCHMARKS.md).
         self.mkldnn_min_batch = mkldnn_min_batch
-        # prompt tokens read per step across all prompts (None or 0: no limit): bounds how long a long
-        # prompt holds up the running rows' next tokens
+        # tokens of each prompt read per step (None or 0: no limit): bounds how long a long prompt holds
+        # up the running rows' next tokens
         self.prefill_chunk = prefill_chunk or None
         self._waiting: list[_Sequence] = []  # in arrival order; a prompt being read in chunks stays here
         self._running: list[_Sequence] = []  # row i of the batch state belongs to _running[i]
@@ -275,13 +276,13 @@ class LMEngine:
                 stepped.append(s)  # a decode step, not a prompt: no budget
             else:
                 reads.append((s, len(s.prompt_ids) if chunk is None else min(len(s.prompt_ids), s.read + chunk)))
-        read = [s for s, end in reads if end == len(s.prompt_ids)]  # read to the end this step
+        done = [i for i, (s, end) in enumerate(reads) if end == len(s.prompt_ids)]  # read to the end this step
+        read = [reads[i][0] for i in done]
         echo = [(s, s.read, end, self._read_from(s)) for s, end in reads if s.echo and s.logprobs is not None]
         echo += [(s, 0, 1, None) for s in stepped if s.echo and s.logprobs is not None]
         if reads:
             logits, state = self._prefill(reads)
             if len(read) != len(reads):  # the row of a prompt read in part keeps its state for next step
-                done = [i for i, (s, end) in enumerate(reads) if end == len(s.prompt_ids)]
                 for i, (s, end) in enumerate(reads):
                     if end < len(s.prompt_ids):
                         s.partial = select_rows(state, torch.tensor([i], device=self.device))

@@ -143,7 +143,6 @@ class TranslationEngine:
         self._enc = self._keys = self._mask = self._state = self._prev = None
         self._scores = self._finished = self._lengths = None
         self._hist: list[list[int]] = []
-        self._done_rows: list[bool] = []  # host copy of _finished (the row's beam ended with <eos>)
         self._attn: list[list[torch.Tensor]] = []
         self._groups: list[tuple[int, torch.Tensor]] | None = None  # (K, rows) per beam width; None: stale
         self._masks: dict[int, torch.Tensor] = {}  # vocab size -> the log-probs of a finished beam
@@ -260,7 +259,6 @@ class TranslationEngine:
                                                   self._lengths.double()]).tolist()
         idx, toks = [int(i) for i in idx], [int(t) for t in toks]
         self._hist = [self._hist[i] + [t] for i, t in zip(idx, toks)]
-        self._done_rows = [self._done_rows[i] or t == EOS for i, t in zip(idx, toks)]
         if any(s.attention for s in self._running):
             w = weights.float()
             self._attn = [self._attn[i] + [w[i]] for i in idx]
@@ -358,7 +356,7 @@ class TranslationEngine:
         row = 0
         for s in self._running:
             s.steps += 1
-            if all(self._done_rows[row: row + s.K]) or s.steps >= s.max_len:
+            if all(EOS in h for h in self._hist[row: row + s.K]) or s.steps >= s.max_len:  # every beam ended
                 s.done = True
                 s.result = self._best(s, row, scores[row: row + s.K], lengths[row: row + s.K])
             row += s.K
@@ -454,7 +452,6 @@ class TranslationEngine:
         for name, value in parts.items():
             setattr(self, name, value if getattr(self, name) is None else _cat(getattr(self, name), value))
         self._hist += [[] for _ in range(len(rows))]
-        self._done_rows += [False] * len(rows)
         self._attn += [[] for _ in range(len(rows))]
         self._running += new
         self._groups = None
@@ -472,7 +469,7 @@ class TranslationEngine:
         if not keep_rows:
             self._enc = self._keys = self._mask = self._state = self._prev = None
             self._scores = self._finished = self._lengths = None
-            self._hist, self._done_rows, self._attn = [], [], []
+            self._hist, self._attn = [], []
             return
         index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
         S = max(len(s.src) for s in keep)  # drop padding columns no remaining row needs (read on the host)
@@ -483,7 +480,6 @@ class TranslationEngine:
         for name in ("_prev", "_scores", "_finished", "_lengths"):
             setattr(self, name, getattr(self, name)[index])
         self._hist = [self._hist[i] for i in keep_rows]
-        self._done_rows = [self._done_rows[i] for i in keep_rows]
         self._attn = [self._attn[i] for i in keep_rows]
 
 

@@ -43,7 +43,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             folded_step=bool(cfg.get("folded_step", True)),
             int8=bool(cfg.get("int8", False)),
             cuda_graphs=bool(cfg.get("cuda_graphs", False)),  # used on a GPU only
-            # prompt tokens read per step (0: no limit): a long prompt is read across steps
+            # tokens of each prompt read per step (0: no limit): a long prompt is read across steps
             prefill_chunk=int(cfg.get("prefill_chunk_tokens") or 0),
         )
         self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000

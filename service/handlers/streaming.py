@@ -45,7 +45,7 @@ class ContinuousBatchingHandler:
         """frames.handler_setup, and the overlap setting this class reads."""
         model_dir, cfg, device, dtype = handler_setup(ctx)
         self.overlap = bool(cfg.get("overlap_steps", True))
-        self.step_on_admit = bool(cfg.get("step_on_admit", True)) or not self.overlap
+        self.step_on_admit = bool(cfg.get("step_on_admit", True))
         return model_dir, cfg, device, dtype
 
     # -- what a model handler provides ---------------------------------------------------------
