@@ -117,9 +117,8 @@ MODEL_CONFIGS: dict[str, dict] = {
 
 
 # The GPU worker profile: `rnnserve archive --gpu` (or RNNSERVE_ARCHIVE_PROFILE=gpu, which the launcher's rebuild
-# of stale archives also reads) lays these settings over MODEL_CONFIGS. They are starting points chosen from the
-# issue's targets (#16), NOT yet measured on a GPU: no GPU run of rnnserve has been made; measure with
-# `rnnserve bench engine|lm|translation` on the GPU machine before trusting or tuning them.
+# of stale archives also reads) lays these settings over MODEL_CONFIGS. They are starting points, not measured
+# on a GPU: measure with `rnnserve bench engine|lm|translation` on the GPU machine before trusting or tuning them.
 # - 1,024 rows per worker: the batch the issue targets; an LSTM step that wide is still a few small GEMMs.
 #   The gateway admits RNNSERVE_MAX_RUNNING_PER_MODEL generations per model (64 by default): raise it to match.
 # - cuda_graphs: each decode step replays one CUDA graph per batch bucket (rnnserve/models/graphs.py),
