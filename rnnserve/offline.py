@@ -28,6 +28,10 @@ def resolve_model(model: str) -> Path:
     raise SystemExit(f"no model folder {model!r} (neither a path nor a name under {models_dir})")
 
 
+# carriage return and erase-to-end-of-line: a terminal line rewritten in place
+CLEAR_LINE = "\r\033[K"
+
+
 def translate_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int = 1, batch_size: int = 128,
                   alpha: float = 0.6, max_tokens: int | None = None, max_len: int = 256,
                   on_done: Callable[[int], None] | None = None) -> list[list[int]]:
@@ -55,26 +59,33 @@ def translate_lines(folder: Path, lines: Iterable[str], out: TextIO, beam_size: 
     tr = load_translation(folder)
     lines = list(lines)
     t0, done, shown = time.monotonic(), 0, 0.0
+    # a live line only on a terminal (as tqdm), cleared before any translation is written so that the two
+    # never share a line when stdout and stderr are the same terminal
+    live = progress is not None and progress.isatty()
 
     def report(n: int) -> None:
         nonlocal done, shown
         done += n
         now = time.monotonic()
-        if progress is not None and now - shown >= 1.0:
+        if live and now - shown >= 1.0:
             shown = now
-            progress.write(f"\rtranslated {done}/{len(lines)} lines, {done / max(now - t0, 1e-9):.1f} lines/s")
+            progress.write(f"{CLEAR_LINE}translated {done}/{len(lines)} lines, {done / max(now - t0, 1e-9):.1f} lines/s")
+            progress.flush()
 
     for start in range(0, len(lines), 1024):  # bounded memory for any input; the engine batches within
         chunk = lines[start:start + 1024]
         ids = translate_ids(tr.model, [tr.src.encode(line) for line in chunk], beam_size, batch_size,
                             length_penalty, max_tokens, max_len=1024, on_done=report)
+        if live and shown:
+            progress.write(CLEAR_LINE)
+            progress.flush()
         for tokens in ids:
             out.write(tr.tgt.decode(tokens) + "\n")
         out.flush()
     if progress is not None:
         seconds = time.monotonic() - t0
-        progress.write(f"\rtranslated {len(lines)} lines in {seconds:.1f} s ({len(lines) / max(seconds, 1e-9):.1f} "
-                       f"lines/s)\n")
+        progress.write(f"{CLEAR_LINE if live else ''}translated {len(lines)} lines in {seconds:.1f} s "
+                       f"({len(lines) / max(seconds, 1e-9):.1f} lines/s)\n")
     return len(lines)
 
 

@@ -1,0 +1,37 @@
+"""Offline translation from the command line: progress on stderr never shares a line with the output."""
+import io
+
+from rnnserve.offline import CLEAR_LINE, translate_lines
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_clears_its_line_before_any_translation_is_written(tiny_translation_folder, monkeypatch):
+    import rnnserve.offline as offline
+
+    clock = iter(range(0, 10_000, 2))  # every report is a second or more after the last: each one shows
+    monkeypatch.setattr(offline.time, "monotonic", lambda: float(next(clock)))
+    screen = Terminal()  # stdout and stderr on one terminal: the order of writes is what the user sees
+    n = translate_lines(tiny_translation_folder, ["Ein Hund.", "", "Zwei Katzen."], screen, beam_size=1,
+                        max_tokens=3, progress=screen)
+    assert n == 3
+    written = screen.getvalue()
+    assert written.startswith(CLEAR_LINE + "translated ")
+    # every progress line is erased before the translations, and the summary comes after them on a line of its own
+    progress_end = written.rindex("lines/s", 0, written.index("\n"))
+    assert written[progress_end + len("lines/s"):].startswith(CLEAR_LINE)
+    out_lines = written[written.index(CLEAR_LINE, progress_end) + len(CLEAR_LINE):].split("\n")
+    assert out_lines[1] == "" and "translated" not in "".join(out_lines[:3])
+    assert out_lines[3].startswith(CLEAR_LINE + "translated 3 lines in ") and out_lines[4] == ""
+
+
+def test_no_live_progress_when_stderr_is_not_a_terminal(tiny_translation_folder):
+    out, err = io.StringIO(), io.StringIO()
+    translate_lines(tiny_translation_folder, ["Ein Hund.", "Zwei Katzen."], out, beam_size=1, max_tokens=3,
+                    progress=err)
+    assert len(out.getvalue().splitlines()) == 2
+    assert "\r" not in err.getvalue() and err.getvalue().startswith("translated 2 lines in ")
+    assert err.getvalue().count("\n") == 1
