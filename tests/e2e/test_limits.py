@@ -102,7 +102,7 @@ def test_deadline_ends_streams_with_an_error_event_and_plain_requests_with_504(t
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         # the deadline ended it (the paced stream needs over 40 s), and not before the deadline
         assert time.monotonic() - t0 > DEADLINE_S - 0.2
-        assert len(events) > 3  # text came before the end
+        assert len(events) >= 3  # some text came before the error event and [DONE]
         assert json.loads(events[-2][6:]) == {"error": {"message": "the request did not finish before its deadline",
                                                         "type": "timeout_error", "param": None, "code": 504}}
         assert events[-1] == "data: [DONE]"

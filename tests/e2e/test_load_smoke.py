@@ -25,7 +25,7 @@ def test_locust_smoke_run(stack, tmp_path):
         weights += ",translate=2"
     with stack.client() as c:
         before = total_requests(c)
-        out = run_locust(stack.url, users=4, run_time="120s", out=tmp_path / "load", weights=weights, max_tokens=48,
+        out = run_locust(stack.url, users=4, run_time="300s", out=tmp_path / "load", weights=weights, max_tokens=48,
                          max_requests=16)
         after = total_requests(c)
     s = summarize(out)
@@ -39,7 +39,7 @@ def test_locust_smoke_run(stack, tmp_path):
 
 def test_locust_conversations(stack, tmp_path):
     """Conversation users continue sessions and returned states; their TTFT entries are their own."""
-    out = run_locust(stack.url, users=2, run_time="120s", out=tmp_path / "load", weights="conversation=1",
+    out = run_locust(stack.url, users=2, run_time="300s", out=tmp_path / "load", weights="conversation=1",
                      max_tokens=16, max_requests=6)
     s = summarize(out)
     assert s["requests"] == 6 and s["failures"] == 0, s["errors"]

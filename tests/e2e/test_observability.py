@@ -12,6 +12,7 @@ import yaml
 
 from rnnserve.paths import REPO_ROOT
 from rnnserve.service.stack import free_ports
+from tests.e2e.waits import HANG_S
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +64,7 @@ def prometheus(stack, tmp_path):
                              f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
@@ -86,7 +87,7 @@ def test_prometheus_scrapes_both_and_answers_time_to_first_token(stack, promethe
         for i in range(6):
             c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "KING:", "max_tokens": 40,
                                          "stream": True, "seed": i})
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S  # scrapes every few seconds: only a hang reaches this
     count = []
     while time.monotonic() < deadline:
         count = query(prometheus, 'rnnserve_time_to_first_token_seconds_count{model="lm-shakespeare"}')
@@ -99,7 +100,7 @@ def test_prometheus_scrapes_both_and_answers_time_to_first_token(stack, promethe
     assert 0 < float(p50[0]["value"][1]) < math.inf  # inside the histogram's buckets
     # each target has its own scrape offset, and a first scrape can run late on a busy machine: wait for both
     up: dict = {}
-    while time.monotonic() < deadline + 30:
+    while time.monotonic() < deadline + HANG_S:
         up = {r["metric"]["job"]: r["value"][1] for r in query(prometheus, "up")}
         if up == {"rnnserve-gateway": "1", "torchserve": "1"}:
             break
