@@ -196,7 +196,9 @@ def build_archive(name: str, folder: Path, task: str, model_store: Path, profile
         cmd = [_archiver(), "--model-name", name, "--version", "1.0",
                "--handler", str(HANDLER_FILES[task]), "--extra-files", extra, "--config-file", str(config_file),
                "--export-path", str(model_store), "--force"]
-        subprocess.run(cmd, check=True)
+        # the archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two builds of one model
+        # (two stacks, or a test beside `make archive`) from deleting each other's staging folder
+        subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmp})
     path = model_store / f"{name}.mar"
     log.info("built %s (%s profile)", path, profile)
     return path

@@ -61,3 +61,17 @@ def test_the_gpu_profile_does_not_change_the_table():
     model_config("lm", {"task": "lm"}, "gpu")
     assert MODEL_CONFIGS["lm"]["batchSize"] == 64 and MODEL_CONFIGS["lm"]["handler"]["max_batch_size"] == 64
     assert "cuda_graphs" not in MODEL_CONFIGS["lm"]["handler"]
+
+
+def test_builds_of_one_model_at_once_do_not_collide(tmp_path):
+    """The archiver stages in $TMPDIR/<model name>: two stacks building the same model at once (a test beside
+    `make archive`) each get their own staging folder, so neither deletes the other's files mid-build."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rnnserve.paths import MODELS_DIR
+    from rnnserve.service.archive import build_archive, model_folders
+
+    name, folder, task = next(f for f in model_folders(MODELS_DIR) if f[0] == "lm-shakespeare")
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda i: build_archive(name, folder, task, tmp_path / str(i)), range(4)))
+    assert [p.name for p in paths] == ["lm-shakespeare.mar"] * 4 and all(p.stat().st_size > 0 for p in paths)
