@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     key = settings.state_key.get_secret_value().encode() if settings.state_key else None
     app.state.signer = StateSigner(key)
     app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model, settings.max_session_bytes_per_model,
-                                      settings.session_ttl_s)
+                                      settings.session_ttl_s, *settings.session_quota)
     install_error_handlers(app)
 
     from rnnserve.service.gateway.routes import router

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rnnserve.service.gateway.continuation import Continuation, begin
-from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, require_api_key)
+from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, owner,
+                                         require_api_key)
 from rnnserve.service.gateway.errors import invalid
 from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
                                                  start)
@@ -22,7 +23,7 @@ from rnnserve.service.gateway.protocol import (CONTINUATION, SESSION_PATTERN, Co
                                                ScoreItem, ScoreRequest, ScoreResponse, SessionInfo, SessionList,
                                                TranslateChunk, TranslateRequest, TranslateResponse, Translation,
                                                Usage)
-from rnnserve.service.gateway.sessions import Session, owner_of
+from rnnserve.service.gateway.sessions import Session
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 502, 503, 504)}
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}}
@@ -299,26 +300,24 @@ def _info(s: Session) -> SessionInfo:
 @api.get("/v1/sessions", response_model=SessionList, tags=["sessions"])
 async def list_sessions(request: Request) -> SessionList:
     """The sessions of the caller's API key."""
-    owner = owner_of(request.headers.get("authorization"))
-    return SessionList(data=[_info(s) for s in request.app.state.sessions.list(owner)])
+    return SessionList(data=[_info(s) for s in request.app.state.sessions.list(owner(request))])
 
 
 @api.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
 async def get_session(session_id: SessionPath, request: Request) -> SessionInfo:
-    return _info(request.app.state.sessions.get(owner_of(request.headers.get("authorization")), session_id))
+    return _info(request.app.state.sessions.get(owner(request), session_id))
 
 
 @api.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def delete_session(session_id: SessionPath, request: Request) -> Response:
-    request.app.state.sessions.delete(owner_of(request.headers.get("authorization")), session_id)
+    request.app.state.sessions.delete(owner(request), session_id)
     return Response(status_code=204)
 
 
 @api.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201, tags=["sessions"])
 async def fork_session(session_id: SessionPath, req: ForkRequest, request: Request) -> SessionInfo:
     """A new session that continues from this one's state; the two then go their own ways."""
-    owner = owner_of(request.headers.get("authorization"))
-    return _info(request.app.state.sessions.fork(owner, session_id, req.id or uuid.uuid4().hex))
+    return _info(request.app.state.sessions.fork(owner(request), session_id, req.id or uuid.uuid4().hex))
 
 
 router.include_router(api)
