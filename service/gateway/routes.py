@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rnnserve.service.gateway.continuation import Continuation, begin
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, owner,
                                          require_api_key)
 from rnnserve.service.gateway.errors import invalid
-from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
-                                                 start)
+from rnnserve.service.gateway.generation import (Context, EventStream, Run, collect_unless_disconnected, frame_text,
+                                                 sse_stream, start)
 from rnnserve.service.gateway.protocol import (CONTINUATION, SESSION_PATTERN, CompletionChoice, CompletionLogprobs,
                                                CompletionRequest, CompletionResponse, ErrorResponse, ForkRequest,
                                                GenerateChunk, GenerateRequest, GenerateResponse, Health, ModelList,
@@ -68,8 +68,8 @@ def _usage(runs: list[Run]) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _stream(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+def _stream(events: AsyncIterator[str], ctx: Context) -> EventStream:
+    return EventStream(events, ctx.deadline, SSE_HEADERS)
 
 
 async def _released(events: AsyncIterator[str], cont: Continuation | None) -> AsyncIterator[str]:
@@ -78,8 +78,11 @@ async def _released(events: AsyncIterator[str], cont: Continuation | None) -> As
         async for event in events:
             yield event
     finally:
-        if cont is not None:
-            cont.release()
+        try:
+            await events.aclose()  # type: ignore[attr-defined]  # its runs end before the session is free
+        finally:
+            if cont is not None:
+                cont.release()
 
 
 async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None):
@@ -126,7 +129,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
                               usage=_usage([run]), session=req.session,
                               state=cont.state if cont else None).model_dump(exclude_none=True)]
 
-    return _stream(_released(sse_stream(started, render), cont))
+    return _stream(_released(sse_stream(started, render), cont), ctx)
 
 
 def _completion_logprobs(entries: list[dict], offset: int, top: bool) -> tuple[CompletionLogprobs, int]:
@@ -222,7 +225,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
             return [chunk(None, _usage([r for r, _ in started]))]
         return []
 
-    return _stream(_released(sse_stream(started, render, trailer), cont))
+    return _stream(_released(sse_stream(started, render, trailer), cont), ctx)
 
 
 @api.post("/v1/translate", response_model=TranslateResponse, tags=["translation"], responses=SSE)
@@ -248,7 +251,7 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
                                    translation=t, usage=_usage([run])).model_dump()]
         return [TranslateChunk.text_event(request_id, req.model, text)] if text else []
 
-    return _stream(sse_stream(started, render))
+    return _stream(sse_stream(started, render), ctx)
 
 
 @api.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, tags=["scoring"])
