@@ -48,7 +48,8 @@ def _record_signals() -> list[int]:
 
 
 def _run_gateway(settings: Settings) -> None:
-    bounds = ConnectionBounds(settings.header_timeout_s, settings.body_timeout_s, settings.write_timeout_s)
+    bounds = ConnectionBounds(settings.header_timeout_s, settings.body_timeout_s, settings.write_timeout_s,
+                              settings.send_buffer_bytes)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=10, access_log=False, http=protocol_factory(bounds),
                             timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0)
     write_timeout_s: float = Field(60.0, gt=0)
     keepalive_timeout_s: float = Field(5.0, gt=0)
+    send_buffer_bytes: int | None = Field(None, ge=4096)  # the kernel's per connection; unset: its autotuning
     # admission per model: generations in flight (= the handler's batch, service/archive.py) and queued
     max_running_per_model: int = Field(64, ge=1)
     max_waiting_per_model: int = Field(64, ge=0)

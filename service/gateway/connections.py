@@ -8,14 +8,18 @@ connection (and, for a stream, its admission slot) for ever.
 - body: its body must be complete within `body_timeout_s` of its headers;
 - writes: a connection whose output stays blocked (the client does not read) for `write_timeout_s` is
   dropped, its unsent bytes discarded;
+- the kernel's send buffer per connection, when set (`send_buffer_bytes`): what a client that does not
+  read can leave queued in the kernel (Linux grows it up to 4 MiB by default);
 - `scope["extensions"]["rnnserve.abort"]`: lets the app drop the connection at once, which a stream
   does when its deadline passes during a blocked write (generation.py).
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
+import socket
 from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -30,6 +34,7 @@ class ConnectionBounds:
     header_timeout_s: float
     body_timeout_s: float
     write_timeout_s: float
+    send_buffer_bytes: int | None = None  # the kernel's send buffer per connection; None: its autotuning
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -41,6 +46,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if self.bounds.send_buffer_bytes and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.bounds.send_buffer_bytes)
         self._arm_read(self.bounds.header_timeout_s, "request headers")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -74,7 +82,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     # -- timers --------------------------------------------------------------------------------
     def _arm_read(self, seconds: float, what: str) -> None:
         self._cancel_read()
-        self._read_timer = self.loop.call_later(seconds, self._read_late, what, seconds)
+        # a fresh context: the timer is the connection's, not the request's whose callback armed it
+        self._read_timer = self.loop.call_later(seconds, self._read_late, what, seconds, context=contextvars.Context())
 
     def _cancel_read(self) -> None:
         if self._read_timer is not None:

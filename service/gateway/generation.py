@@ -296,9 +296,10 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
                      trailer: Callable[[], list[dict]] | None = None) -> AsyncIterator[str]:
     """SSE body: the events `render` makes of each frame, `trailer`'s events, then [DONE]."""
     disconnected = True
+    frames = merged_frames(started)
     try:
         try:
-            async for run, frame in merged_frames(started):
+            async for run, frame in frames:
                 for event in render(run, frame):
                     yield sse(event)
             for event in (trailer() if trailer else []):
@@ -313,7 +314,8 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
         # past the deadline (EventStream: a write blocked), it timed out
         timed_out = disconnected and time.monotonic() >= started[0][0].ctx.deadline
         with anyio.CancelScope(shield=True):
+            await frames.aclose()  # its pumps first: they may be reading the runs' upstream streams
             for run, _ in started:
-                if timed_out and run.final is None:
+                if timed_out:  # its answer did not reach the client, however far it got upstream
                     run.outcome = "timeout"
                 await run.close(disconnected=disconnected and not timed_out)
