@@ -130,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # the documentation routes are the gateway's own (docs.py): behind the API key, and offline
     app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
+                  openapi_url=None,
+                  description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.state.admissions = admissions
     key = settings.state_key.get_secret_value().encode() if settings.state_key else None
