@@ -11,7 +11,9 @@ connection (and, for a stream, its admission slot) for ever.
 - the kernel's send buffer per connection, when set (`send_buffer_bytes`): what a client that does not
   read can leave queued in the kernel (Linux grows it up to 4 MiB by default);
 - `scope["extensions"]["rnnserve.abort"]`: lets the app drop the connection at once, which a stream
-  does when its deadline passes during a blocked write (generation.py).
+  does when its deadline passes during a blocked write (generation.py); `"rnnserve.write_paused"` says
+  whether a write would block now (uvicorn's send suspends only then), so that the stream arms a
+  timer only for such a write, not for every event.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 
 ABORT = "rnnserve.abort"
+WRITE_PAUSED = "rnnserve.write_paused"
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        self.scope.setdefault("extensions", {})[ABORT] = self._abort  # type: ignore[typeddict-item]
+        extensions = self.scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
+        extensions[ABORT] = self._abort
+        flow = self.flow
+        extensions[WRITE_PAUSED] = lambda: flow.write_paused
         self._arm_read(self.bounds.body_timeout_s, "request body")
 
     def on_message_complete(self) -> None:

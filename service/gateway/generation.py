@@ -20,7 +20,7 @@ import anyio
 from starlette.responses import StreamingResponse
 
 from rnnserve.service.gateway.admission import Admission
-from rnnserve.service.gateway.connections import ABORT
+from rnnserve.service.gateway.connections import ABORT, WRITE_PAUSED
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.upstream import Upstream, UpstreamError
@@ -269,7 +269,11 @@ class EventStream(StreamingResponse):
         await super().__call__(scope, receive, send)
 
     async def stream_response(self, send) -> None:
+        paused = self._scope.get("extensions", {}).get(WRITE_PAUSED)
+
         async def bounded(message) -> None:
+            if paused is not None and not paused():  # the write cannot block: no timer (~20 us an event)
+                return await send(message)
             try:
                 async with asyncio.timeout(self.deadline - time.monotonic()):
                     await send(message)
