@@ -288,3 +288,20 @@ def test_a_state_is_bound_to_its_key_and_decoded_strictly(tight):
         junk = ".".join([prefix, model, blob[:10] + "*" + blob[10:], mac])
         r = c.post("/v1/generate", json={**body, "state": junk}, headers=AUTH)
         assert r.status_code == 400 and r.json()["error"]["message"] == "state is not a state this server issued"
+
+
+def test_a_key_whose_sessions_are_all_in_use_gets_429(tight):
+    with httpx.Client(base_url=tight.url, timeout=60, headers=AUTH) as c:
+        with c.stream("POST", "/v1/generate", json={**LONG, "stream": True, "session": "q1"}) as one, \
+                c.stream("POST", "/v1/generate", json={**LONG, "stream": True, "session": "q2"}) as two:
+            held = [one.iter_lines(), two.iter_lines()]  # held: dropping an iterator would close its stream
+            assert all(next(lines).startswith('data: {"id"') for lines in held)
+            r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "q3"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json() == {"error": {"message": "this API key's 2 sessions of model 'lm-shakespeare' are all in "
+                                                     "use; retry when one ends, or delete one",
+                                          "type": "quota_error", "param": "session", "code": 429}}
+        wait_for(lambda: gauge(c, "rnnserve_requests_running") == 0, "the cancelled streams to leave")
+        r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "q3"})
+        assert r.status_code == 200
+        assert c.delete("/v1/sessions/q3").status_code == 204
