@@ -17,6 +17,7 @@ import uvicorn
 from rnnserve.service.affinity import pin_frontend
 from rnnserve.service.archive import build_archives, stale_archives
 from rnnserve.service.gateway.app import RequestIdFilter, create_app
+from rnnserve.service.gateway.connections import ConnectionBounds, protocol_factory
 from rnnserve.service.settings import Settings
 from rnnserve.service.torchserve import TorchServeProcess
 
@@ -47,8 +48,11 @@ def _record_signals() -> list[int]:
 
 
 def _run_gateway(settings: Settings) -> None:
+    bounds = ConnectionBounds(settings.header_timeout_s, settings.body_timeout_s, settings.write_timeout_s,
+                              settings.send_buffer_bytes)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=10, access_log=False)
+                            timeout_graceful_shutdown=10, access_log=False, http=protocol_factory(bounds),
+                            timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]
     uvicorn.Server(config).run()
 
 

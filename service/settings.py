@@ -22,8 +22,17 @@ class Settings(BaseSettings):
     allow_public_bind: bool = False  # binding a non-loopback address must be asked for explicitly
     api_keys: list[SecretStr] = []  # empty: no auth; else `Authorization: Bearer <key>` on every API route
     cors_origins: list[str] = []  # CORS stays off unless origins are listed
-    request_timeout_s: float = Field(120.0, gt=0)  # whole request, streams included
+    request_timeout_s: float = Field(120.0, gt=0)  # whole request, streams included (a write blocked too)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    # connections (service/gateway/connections.py): a request's headers must arrive within header_timeout_s
+    # of the connection opening (or of its previous response), its body within body_timeout_s of the
+    # headers; a response whose writes make no progress for write_timeout_s is dropped; an idle
+    # keep-alive connection is closed after keepalive_timeout_s
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    write_timeout_s: float = Field(60.0, gt=0)
+    keepalive_timeout_s: float = Field(5.0, gt=0)
+    send_buffer_bytes: int | None = Field(None, ge=4096)  # the kernel's per connection; unset: its autotuning
     # admission per model: generations in flight (= the handler's batch, service/archive.py) and queued
     max_running_per_model: int = Field(64, ge=1)
     max_waiting_per_model: int = Field(64, ge=0)
@@ -33,6 +42,10 @@ class Settings(BaseSettings):
     max_sessions_per_model: int = Field(10000, ge=1)
     max_session_bytes_per_model: int = Field(256 * 2**20, ge=1024)
     session_ttl_s: float = Field(3600.0, gt=0)
+    # each API key's share of those bounds, per model (unset: the bounds divided evenly among the keys);
+    # the shares of all keys must fit in the bounds, so that no key's sessions push out another's
+    max_sessions_per_key: int | None = Field(None, ge=1)
+    max_session_bytes_per_key: int | None = Field(None, ge=1024)
 
     # TorchServe (started by `rnnserve serve`, or reached at ts_url when run elsewhere)
     ts_host: str = "127.0.0.1"
@@ -98,7 +111,21 @@ class Settings(BaseSettings):
                  self.ts_grpc_inference_port, self.ts_grpc_management_port]
         if len(set(ports)) != len(ports):
             raise ValueError(f"gateway and TorchServe ports must all differ, got {ports}")
+        keys = max(1, len(self.api_keys))
+        for name, share, bound in (("max_sessions_per_key", self.max_sessions_per_key, self.max_sessions_per_model),
+                                   ("max_session_bytes_per_key", self.max_session_bytes_per_key,
+                                    self.max_session_bytes_per_model)):
+            if share is not None and share * keys > bound:
+                raise ValueError(f"{name} ({share}) x {keys} API keys exceeds the per-model bound ({bound}): "
+                                 "one key's sessions could then push out another's")
         return self
+
+    @property
+    def session_quota(self) -> tuple[int, int]:
+        """(sessions, bytes) each API key may hold per model."""
+        keys = max(1, len(self.api_keys))
+        return (self.max_sessions_per_key or self.max_sessions_per_model // keys,
+                self.max_session_bytes_per_key or self.max_session_bytes_per_model // keys)
 
     @property
     def inference_url(self) -> str:

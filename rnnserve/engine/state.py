@@ -5,6 +5,10 @@ state holds them as they were before the model read the last token of the text, 
 continuing then runs exactly the step that a single longer request would have run next. Nothing of
 the text itself is kept.
 
+A state asked for in float16 (the compact form clients hold) is written in float32 when a number is past
+float16's range (65,504): an LSTM's cell can grow that far over a long text, and every state written must
+be one that `from_bytes` accepts.
+
 Bytes (little-endian), read with `struct` and numpy, never unpickled:
     magic b"RNNS" | version u8 | dtype u8 (1 float16, 2 float32) | flags u8 (bit 0: at a line start) |
     reserved u8 | pending token u32 | tokens read u32 | weights fingerprint 16 bytes |
@@ -53,7 +57,11 @@ class LMState:
     def to_bytes(self, weights: bytes, dtype: str = "float32") -> bytes:
         code = DTYPE_CODES[dtype]
         tensors = [t for layer in self.layers for t in (layer if isinstance(layer, tuple) else (layer,))]
-        payload = torch.cat([t.reshape(-1).float().cpu() for t in tensors]).numpy().astype(DTYPES[code])
+        exact = torch.cat([t.reshape(-1).float().cpu() for t in tensors]).numpy()
+        with np.errstate(over="ignore"):
+            payload = exact.astype(DTYPES[code])
+        if not np.isfinite(payload).all() and np.isfinite(exact).all():  # past float16's range
+            code, payload = DTYPE_CODES["float32"], exact
         flags = LINE_START if self.line_start else 0
         return HEADER.pack(MAGIC, VERSION, code, flags, self.pending, min(self.tokens, 2**32 - 1),
                            weights) + payload.tobytes()

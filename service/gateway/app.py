@@ -10,11 +10,12 @@ import uuid
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 
 from rnnserve import __version__
 from rnnserve.service.gateway.admission import Admission
+from rnnserve.service.gateway.docs import install_docs
 from rnnserve.service.gateway.errors import APIError, install_error_handlers
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
@@ -74,7 +75,7 @@ class RequestContextMiddleware:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body:
-                        raise _BodyTooLarge
+                        raise _BodyTooLarge(self.max_body)
                 return message
 
             try:
@@ -86,8 +87,12 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised while the body is read: FastAPI lets an HTTPException through its body parsing (anything
+    else becomes a 400), so a chunked body past the limit gets the same 413 as a declared one."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than {limit} bytes")
 
 
 async def _send_json(send, err: APIError) -> None:
@@ -123,19 +128,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await probe
             await upstream.close()
 
-    app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan,
+    # the documentation routes are the gateway's own (docs.py): behind the API key, and offline
+    app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None,
                   description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.state.admissions = admissions
     key = settings.state_key.get_secret_value().encode() if settings.state_key else None
     app.state.signer = StateSigner(key)
     app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model, settings.max_session_bytes_per_model,
-                                      settings.session_ttl_s)
+                                      settings.session_ttl_s, *settings.session_quota)
     install_error_handlers(app)
 
     from rnnserve.service.gateway.routes import router
 
     app.include_router(router)
+    install_docs(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"])

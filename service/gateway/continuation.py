@@ -12,9 +12,11 @@ from fastapi import Request
 
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.protocol import ContinuationFields
-from rnnserve.service.gateway.sessions import Lease, owner_of
+from rnnserve.service.gateway.deps import owner
+from rnnserve.service.gateway.sessions import Lease
 
-# a session keeps the exact state (float32); a state sent to the client is compact (float16)
+# a session keeps the exact state (float32); a state sent to the client is compact (float16, or float32
+# where a number is past float16's range: rnnserve/engine/state.py)
 SESSION_DTYPE, CLIENT_DTYPE = "float32", "float16"
 
 
@@ -42,7 +44,7 @@ class Continuation:
             app.sessions.commit(self.lease, blob, int(final.get("state_tokens", 0)))
             self.lease = None
         if self.return_state:
-            self.state = app.signer.sign(self.model, blob)
+            self.state = app.signer.sign(self.model, blob, owner(self.request))
 
     def release(self) -> None:
         if self.lease is not None:
@@ -57,9 +59,9 @@ def begin(request: Request, model: str, fields: ContinuationFields, body: dict) 
     app = request.app.state
     cont = Continuation(request, model, return_state=fields.return_state)
     if fields.state is not None:
-        body["state"] = base64.b64encode(app.signer.verify(model, fields.state)).decode("ascii")
+        body["state"] = base64.b64encode(app.signer.verify(model, fields.state, owner(request))).decode("ascii")
     if fields.session is not None:
-        cont.lease = app.sessions.acquire(owner_of(request.headers.get("authorization")), fields.session, model)
+        cont.lease = app.sessions.acquire(owner(request), fields.session, model)
         if cont.lease.state is not None:
             body["state"] = base64.b64encode(cont.lease.state).decode("ascii")
     body["return_state"] = SESSION_DTYPE if fields.session is not None else CLIENT_DTYPE

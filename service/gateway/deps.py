@@ -13,22 +13,32 @@ from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
+from rnnserve.service.gateway.sessions import key_owner
 
 
 async def require_api_key(request: Request) -> None:
-    """`Authorization: Bearer <key>` when API keys are configured; every key compared in constant time."""
+    """`Authorization: Bearer <key>` when API keys are configured; every key compared in constant time.
+    Sets `request.state.owner`, whose sessions and states the request may use: the key's digest, the
+    same however the header is spelt (scheme in any case, any spaces); "" without keys."""
+    request.state.owner = ""
     keys = request.app.state.settings.api_keys
     if not keys:
         return
     header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode()
+    scheme, _, token = header.strip().partition(" ")
+    given = token.strip()
     ok = False
     for key in keys:  # no early exit: time does not tell which key (or how much of one) matched
-        ok |= hmac.compare_digest(given, key.get_secret_value().encode())
+        ok |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
     if scheme.lower() != "bearer" or not ok:
         raise APIError(401, "missing or invalid API key; send `Authorization: Bearer <key>`",
                        "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+    request.state.owner = key_owner(given)
+
+
+def owner(request: Request) -> str:
+    """The caller's owner id (set by require_api_key, which every API route runs first)."""
+    return request.state.owner
 
 
 def _state(name: str):

@@ -47,7 +47,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable sentence per bad field. Errors of a union's members (str | list[str]) are merged:
     the type mismatches of the members the value was not meant for are dropped."""
     by_param: dict[str | None, list[dict]] = {}
-    for e in exc.errors():
+    errors = exc.errors()
+    if len(errors) == 1 and errors[0].get("type") == "json_invalid":
+        return _json_syntax(errors[0], exc.body), None
+    for e in errors:
         loc = [str(x) for x in e.get("loc", ()) if x != "body" and not (isinstance(x, str) and _UNION_TAG.search(x))]
         by_param.setdefault(".".join(loc) or None, []).append(e)
     parts = []
@@ -64,6 +67,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             msgs = [_message(e) for e in real]
         parts += [f"{param}: {m}" if param else m for m in dict.fromkeys(msgs)]
     return "; ".join(parts) or "invalid request", next(iter(by_param), None)
+
+
+def _json_syntax(e: dict, doc: object) -> str:
+    """Where a body stops being JSON, as a person reads it: "expecting ',' delimiter at line 1, column 10"."""
+    reason = str((e.get("ctx") or {}).get("error") or "syntax error")
+    reason = reason[:1].lower() + reason[1:]
+    loc = e.get("loc") or ()
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if pos is None or not isinstance(doc, str | bytes):
+        return f"request body is not valid JSON: {reason}"
+    text = doc if isinstance(doc, str) else doc.decode("utf-8", "replace")
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return f"request body is not valid JSON: {reason} at line {line}, column {column}"
 
 
 def _message(e: dict) -> str:

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
+from starlette.responses import StreamingResponse
 
 from rnnserve.service.gateway.admission import Admission
+from rnnserve.service.gateway.connections import ABORT, WRITE_PAUSED
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.upstream import Upstream, UpstreamError
@@ -251,13 +253,57 @@ async def merged_frames(started: list[tuple[Run, dict]]) -> AsyncIterator[tuple[
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class EventStream(StreamingResponse):
+    """An SSE response held to its request's deadline while it writes too: a client that stops reading
+    blocks the write, and nothing else would end the request. When the deadline passes in a blocked
+    write, the events are closed (their runs' slots freed, the generations stopped upstream) and the
+    connection is dropped."""
+
+    def __init__(self, events: AsyncIterator[str], deadline: float, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.deadline = deadline
+        self._scope: dict = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        self._scope = scope
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send) -> None:
+        paused = self._scope.get("extensions", {}).get(WRITE_PAUSED)
+
+        async def bounded(message) -> None:
+            if paused is not None and not paused():  # the write cannot block: no timer (~20 us an event)
+                return await send(message)
+            try:
+                async with asyncio.timeout(self.deadline - time.monotonic()):
+                    await send(message)
+            except TimeoutError:
+                raise _WriteTimedOut from None
+
+        try:
+            await super().stream_response(bounded)
+        except _WriteTimedOut:
+            log.warning("the request's deadline passed while its client was not reading: stream dropped")
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            abort = self._scope.get("extensions", {}).get(ABORT)
+            if abort is not None:
+                abort()
+                await asyncio.sleep(0)  # the server marks the connection lost before the app returns
+
+
+class _WriteTimedOut(Exception):
+    pass
+
+
 async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dict], list[dict]],
                      trailer: Callable[[], list[dict]] | None = None) -> AsyncIterator[str]:
     """SSE body: the events `render` makes of each frame, `trailer`'s events, then [DONE]."""
     disconnected = True
+    frames = merged_frames(started)
     try:
         try:
-            async for run, frame in merged_frames(started):
+            async for run, frame in frames:
                 for event in render(run, frame):
                     yield sse(event)
             for event in (trailer() if trailer else []):
@@ -268,7 +314,12 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
         yield sse("[DONE]")
         disconnected = False
     finally:
-        # a client that left cancels this generator (Starlette's cancel scope): shield the clean-up
+        # a client that left cancels this generator (Starlette's cancel scope): shield the clean-up. Ended
+        # past the deadline (EventStream: a write blocked), it timed out
+        timed_out = disconnected and time.monotonic() >= started[0][0].ctx.deadline
         with anyio.CancelScope(shield=True):
+            await frames.aclose()  # its pumps first: they may be reading the runs' upstream streams
             for run, _ in started:
-                await run.close(disconnected=disconnected)
+                if timed_out:  # its answer did not reach the client, however far it got upstream
+                    run.outcome = "timeout"
+                await run.close(disconnected=disconnected and not timed_out)

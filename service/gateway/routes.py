@@ -8,21 +8,22 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rnnserve.service.gateway.continuation import Continuation, begin
-from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, require_api_key)
+from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, owner,
+                                         require_api_key)
 from rnnserve.service.gateway.errors import invalid
-from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
-                                                 start)
+from rnnserve.service.gateway.generation import (Context, EventStream, Run, collect_unless_disconnected, frame_text,
+                                                 sse_stream, start)
 from rnnserve.service.gateway.protocol import (CONTINUATION, SESSION_PATTERN, CompletionChoice, CompletionLogprobs,
                                                CompletionRequest, CompletionResponse, ErrorResponse, ForkRequest,
                                                GenerateChunk, GenerateRequest, GenerateResponse, Health, ModelList,
                                                ScoreItem, ScoreRequest, ScoreResponse, SessionInfo, SessionList,
                                                TranslateChunk, TranslateRequest, TranslateResponse, Translation,
                                                Usage)
-from rnnserve.service.gateway.sessions import Session, owner_of
+from rnnserve.service.gateway.sessions import Session
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 502, 503, 504)}
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}}
@@ -67,8 +68,8 @@ def _usage(runs: list[Run]) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _stream(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+def _stream(events: AsyncIterator[str], ctx: Context) -> EventStream:
+    return EventStream(events, ctx.deadline, SSE_HEADERS)
 
 
 async def _released(events: AsyncIterator[str], cont: Continuation | None) -> AsyncIterator[str]:
@@ -77,8 +78,11 @@ async def _released(events: AsyncIterator[str], cont: Continuation | None) -> As
         async for event in events:
             yield event
     finally:
-        if cont is not None:
-            cont.release()
+        try:
+            await events.aclose()  # type: ignore[attr-defined]  # its runs end before the session is free
+        finally:
+            if cont is not None:
+                cont.release()
 
 
 async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None):
@@ -125,7 +129,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
                               usage=_usage([run]), session=req.session,
                               state=cont.state if cont else None).model_dump(exclude_none=True)]
 
-    return _stream(_released(sse_stream(started, render), cont))
+    return _stream(_released(sse_stream(started, render), cont), ctx)
 
 
 def _completion_logprobs(entries: list[dict], offset: int, top: bool) -> tuple[CompletionLogprobs, int]:
@@ -221,7 +225,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
             return [chunk(None, _usage([r for r, _ in started]))]
         return []
 
-    return _stream(_released(sse_stream(started, render, trailer), cont))
+    return _stream(_released(sse_stream(started, render, trailer), cont), ctx)
 
 
 @api.post("/v1/translate", response_model=TranslateResponse, tags=["translation"], responses=SSE)
@@ -247,7 +251,7 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
                                    translation=t, usage=_usage([run])).model_dump()]
         return [TranslateChunk.text_event(request_id, req.model, text)] if text else []
 
-    return _stream(sse_stream(started, render))
+    return _stream(sse_stream(started, render), ctx)
 
 
 @api.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, tags=["scoring"])
@@ -299,26 +303,24 @@ def _info(s: Session) -> SessionInfo:
 @api.get("/v1/sessions", response_model=SessionList, tags=["sessions"])
 async def list_sessions(request: Request) -> SessionList:
     """The sessions of the caller's API key."""
-    owner = owner_of(request.headers.get("authorization"))
-    return SessionList(data=[_info(s) for s in request.app.state.sessions.list(owner)])
+    return SessionList(data=[_info(s) for s in request.app.state.sessions.list(owner(request))])
 
 
 @api.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
 async def get_session(session_id: SessionPath, request: Request) -> SessionInfo:
-    return _info(request.app.state.sessions.get(owner_of(request.headers.get("authorization")), session_id))
+    return _info(request.app.state.sessions.get(owner(request), session_id))
 
 
 @api.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def delete_session(session_id: SessionPath, request: Request) -> Response:
-    request.app.state.sessions.delete(owner_of(request.headers.get("authorization")), session_id)
+    request.app.state.sessions.delete(owner(request), session_id)
     return Response(status_code=204)
 
 
 @api.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201, tags=["sessions"])
 async def fork_session(session_id: SessionPath, req: ForkRequest, request: Request) -> SessionInfo:
     """A new session that continues from this one's state; the two then go their own ways."""
-    owner = owner_of(request.headers.get("authorization"))
-    return _info(request.app.state.sessions.fork(owner, session_id, req.id or uuid.uuid4().hex))
+    return _info(request.app.state.sessions.fork(owner(request), session_id, req.id or uuid.uuid4().hex))
 
 
 router.include_router(api)

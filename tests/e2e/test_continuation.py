@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import numpy as np
 import pytest
 
 from rnnserve.engine.state import HEADER
@@ -85,7 +86,7 @@ def test_returned_state_continues_exactly(stack):
     with stack.client() as c:
         whole = generate(c, prompt="ROMEO:", max_tokens=120)["text"]
         first = generate(c, prompt="ROMEO:", max_tokens=70, return_state=True)
-        assert first["state"].startswith("rs1.")
+        assert first["state"].startswith("rs2.")
         second = generate(c, prompt="", max_tokens=50, state=first["state"], return_state=True)
         assert first["text"] + second["text"] == whole
         # fp16, no text: the same few kilobytes whatever the length of the text
@@ -109,6 +110,9 @@ def test_returned_state_streams_and_openai_route(stack):
     assert text + rest.choices[0].text == whole
 
 
+MISMATCH = "state's signature does not match: it was altered, signed with another key, or issued to another API key"
+
+
 def sign(model: str, blob: bytes) -> str:
     return StateSigner(STATE_KEY.encode()).sign(model, blob)
 
@@ -123,9 +127,9 @@ def test_bad_states_are_refused_and_change_nothing(stack):
         other_weights = raw[: HEADER.size - 16] + bytes(16) + raw[HEADER.size:]
         cases = [
             ("not a state", "state is not a state this server issued"),
-            (".".join(["rs1", model, blob[:-8], mac]), "state's signature does not match: it was altered, or signed with another key"),
-            (".".join(["rs1", model, _b64(bytes(flipped)), mac]),
-             "state's signature does not match: it was altered, or signed with another key"),
+            (".".join(["rs2", model, _b64(raw[:-6]), mac]), MISMATCH),
+            (".".join(["rs2", model, _b64(bytes(flipped)), mac]), MISMATCH),
+            (".".join(["rs2", model, blob[:8] + "~" + blob[8:], mac]), "state is not a state this server issued"),
             (sign("translate-de-en", raw), "state was issued for model 'translate-de-en', not 'lm-shakespeare'"),
         ]
         for state, message in cases:
@@ -145,6 +149,25 @@ def test_bad_states_are_refused_and_change_nothing(stack):
               "send either session or state, not both", None)
         # nothing changed: the good state still continues
         assert generate(c, prompt="", max_tokens=5, state=good)["text"]
+
+
+def test_a_state_past_float16s_range_is_signed_in_float32_and_accepted_back(stack):
+    """A long text can grow an LSTM cell past float16's largest number (65,504). Such a state, made here
+    from a real one by setting every cell to 1e30, continues; the state the server signs after it still
+    holds cells past that range, and is written in float32 so that the server accepts it back."""
+    with stack.client() as c:
+        real = _unb64(generate(c, prompt="ROMEO:", max_tokens=5, return_state=True)["state"].split(".")[2])
+        header = bytearray(real[:HEADER.size])
+        values = np.frombuffer(real, dtype=np.float16, offset=HEADER.size).astype(np.float32).reshape(2, 2, -1)
+        values[:, 1, :] = 1e30  # layer by layer: h, then c
+        header[5] = 2  # float32
+        big = sign(LM, bytes(header) + values.tobytes())
+        out = generate(c, prompt="A", max_tokens=3, state=big, return_state=True)["state"]
+        blob = _unb64(out.split(".")[2])
+        assert blob[5] == 2  # float32: float16 cannot hold these cells
+        cells = np.frombuffer(blob, dtype=np.float32, offset=HEADER.size).reshape(2, 2, -1)[:, 1, :]
+        assert np.abs(cells).max() > 65_504 and np.isfinite(cells).all()
+        assert generate(c, prompt="B", max_tokens=3, state=out, return_state=True)["state"]
 
 
 def test_session_refuses_other_model_and_bad_ids(stack):

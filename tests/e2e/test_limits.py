@@ -4,6 +4,7 @@ The stack's streams are paced (waits.PACED): a long generation cannot finish bef
 any machine, and every test waits on states (metrics, events), not on durations.
 """
 import json
+import socket
 import threading
 import time
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from rnnserve.service.stack import start_stack, stop_stack
-from tests.e2e.waits import PACED, metric, wait_for
+from tests.e2e.waits import HANG_S, PACED, metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +28,10 @@ def tight(tmp_path_factory):
     s = start_stack(tmp_path_factory.mktemp("tight"), extra_env={
         "RNNSERVE_API_KEYS": json.dumps(["other-key", KEY]), "RNNSERVE_MAX_RUNNING_PER_MODEL": "2",
         "RNNSERVE_MAX_WAITING_PER_MODEL": "1", "RNNSERVE_REQUEST_TIMEOUT_S": str(DEADLINE_S),
-        "RNNSERVE_MAX_SESSIONS_PER_MODEL": "2", **PACED})
+        # two keys: each may hold 2 sessions of a model; connections must send headers and bodies within
+        # 3 s; the write bound is long, so that a stream blocked in a write ends at its deadline
+        "RNNSERVE_MAX_SESSIONS_PER_MODEL": "4", "RNNSERVE_HEADER_TIMEOUT_S": "3", "RNNSERVE_BODY_TIMEOUT_S": "3",
+        "RNNSERVE_WRITE_TIMEOUT_S": "600", **PACED})
     yield s
     stop_stack(s)
 
@@ -40,7 +44,8 @@ def test_api_keys_guard_every_route_but_health_probes(tight):
     with tight.client() as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 200
-        for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/generate")):
+        for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/generate"), ("GET", "/docs"),
+                             ("GET", "/redoc"), ("GET", "/openapi.json")):
             r = c.request(method, path, json={"model": LM})
             assert r.status_code == 401
             assert r.json() == {"error": {"message": "missing or invalid API key; send `Authorization: Bearer <key>`",
@@ -50,6 +55,14 @@ def test_api_keys_guard_every_route_but_health_probes(tight):
         assert c.get("/v1/models", headers={"Authorization": KEY}).status_code == 401
         assert c.get("/v1/models", headers=AUTH).status_code == 200
         assert c.get("/v1/models", headers={"Authorization": "Bearer other-key"}).status_code == 200
+        for spelling in (f"bearer {KEY}", f"Bearer  {KEY}", f"BEARER {KEY}"):
+            assert c.get("/v1/models", headers={"Authorization": spelling}).status_code == 200
+        # the documentation needs the key too, and its scripts come from the gateway, not a CDN
+        assert c.get("/openapi.json", headers=AUTH).json()["info"]["title"] == "rnnserve"
+        page = c.get("/docs", headers=AUTH).text
+        assert '<script src="/docs/assets/swagger-ui-bundle.js">' in page
+        assert c.get("/docs/assets/swagger-ui-bundle.js").status_code == 200  # a library's file: no key
+        assert "/docs/assets/redoc.standalone.js" in c.get("/redoc", headers=AUTH).text
     assert KEY not in tight.log.read_text()  # secrets never logged
 
 
@@ -142,7 +155,7 @@ def test_a_plain_request_whose_client_leaves_frees_its_slot(tight):
         assert metric(c, "rnnserve_client_disconnects_total", AUTH, model=LM) == before + 1
 
 
-def test_sessions_are_bounded_per_model_and_private_to_their_key(tight):
+def test_sessions_are_bounded_per_key_and_private_to_their_key(tight):
     other = {"Authorization": "Bearer other-key"}
     with tight.client(headers=AUTH) as c:
         for sid in ("s1", "s2", "s3"):
@@ -178,3 +191,117 @@ def test_a_session_serves_one_request_at_a_time(tight):
         r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "busy"})
         assert r.status_code == 200
         c.delete("/v1/sessions/busy")
+
+
+def _raw(stack, rcvbuf: int | None = None) -> socket.socket:
+    host, port = stack.url.removeprefix("http://").split(":")
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((host, int(port)))
+    s.settimeout(HANG_S)
+    return s
+
+
+def _read_to_end(s: socket.socket) -> bytes:
+    """What arrives until the server closes the connection (EOF, or a reset when it dropped it)."""
+    data = b""
+    try:
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_idle_and_slow_connections_are_closed(tight):
+    with _raw(tight) as idle, _raw(tight) as headers, _raw(tight) as body:
+        headers.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: t\r\n")  # and no end of headers
+        body.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"mo")
+        for s in (idle, headers, body):
+            assert _read_to_end(s) == b""
+
+
+def test_a_chunked_body_over_the_limit_gets_413(tight):
+    def chunks():
+        for _ in range(300):
+            yield b" " * 1024  # 300 KiB, no Content-Length
+
+    with tight.client() as c:
+        r = c.post("/v1/generate", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert r.json()["error"]["message"] == "request body is larger than 262144 bytes"
+
+
+def test_one_key_cannot_push_out_anothers_sessions(tight):
+    other = {"Authorization": "Bearer other-key"}
+    with tight.client() as c:
+        r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "theirs"},
+                   headers=other)
+        assert r.status_code == 200
+        r = c.post("/v1/generate", json={"model": LM, "prompt": "B", "max_tokens": 2, "session": "mine"}, headers=AUTH)
+        assert r.status_code == 200
+        for i in range(20):  # forks count against the key's quota (2): its own oldest go
+            assert c.post("/v1/sessions/mine/fork", json={"id": f"f{i}"}, headers=AUTH).status_code == 201
+        assert sorted(s["id"] for s in c.get("/v1/sessions", headers=AUTH).json()["data"]) == ["f19", "mine"]
+        assert c.get("/v1/sessions/theirs", headers=other).json()["tokens"] == 2
+        # the owner is the key itself, however the header spells it
+        assert len(c.get("/v1/sessions", headers={"Authorization": f"bearer  {KEY}"}).json()["data"]) == 2
+        for sid in ("f19", "mine"):
+            assert c.delete(f"/v1/sessions/{sid}", headers=AUTH).status_code == 204
+        assert c.delete("/v1/sessions/theirs", headers=other).status_code == 204
+
+
+def test_a_busy_session_cannot_be_deleted_and_keeps_its_turn(tight):
+    with httpx.Client(base_url=tight.url, timeout=60, headers=AUTH) as c:
+        r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "dr"})
+        held = c.get("/v1/sessions/dr").json()["tokens"]
+        with c.stream("POST", "/v1/generate", json={**LONG, "stream": True, "session": "dr"}) as stream:
+            lines = stream.iter_lines()  # held: dropping the iterator would close the stream
+            first = next(lines)
+            assert stream.status_code == 200 and first.startswith("data: {\"id\"")  # R1 holds the session
+            r = c.delete("/v1/sessions/dr")
+            assert r.status_code == 409
+            assert r.json() == {"error": {"message": "session 'dr' is in use by another request; retry when it "
+                                                     "ends", "type": "conflict_error", "param": "session",
+                                          "code": 409}}
+            assert c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2,
+                                                "session": "dr"}).status_code == 409
+        # R1's client left: its lease ends without a turn, the session keeps the one it had
+        wait_for(lambda: gauge(c, "rnnserve_requests_running") == 0, "the cancelled stream to leave")
+        assert c.get("/v1/sessions/dr").json()["tokens"] == held
+        assert c.delete("/v1/sessions/dr").status_code == 204
+
+
+def test_a_state_is_bound_to_its_key_and_decoded_strictly(tight):
+    other = {"Authorization": "Bearer other-key"}
+    body = {"model": LM, "prompt": "ROMEO:", "max_tokens": 2, "temperature": 0}
+    with tight.client() as c:
+        state = c.post("/v1/generate", json={**body, "return_state": True}, headers=AUTH).json()["state"]
+        r = c.post("/v1/generate", json={**body, "state": state}, headers=other)
+        assert r.status_code == 400 and r.json()["error"]["message"] == (
+            "state's signature does not match: it was altered, signed with another key, or issued to another API key")
+        same_key = {"Authorization": f"bearer   {KEY}"}
+        assert c.post("/v1/generate", json={**body, "state": state}, headers=same_key).status_code == 200
+        prefix, model, blob, mac = state.split(".")
+        junk = ".".join([prefix, model, blob[:10] + "*" + blob[10:], mac])
+        r = c.post("/v1/generate", json={**body, "state": junk}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "state is not a state this server issued"
+
+
+def test_a_key_whose_sessions_are_all_in_use_gets_429(tight):
+    with httpx.Client(base_url=tight.url, timeout=60, headers=AUTH) as c:
+        with c.stream("POST", "/v1/generate", json={**LONG, "stream": True, "session": "q1"}) as one, \
+                c.stream("POST", "/v1/generate", json={**LONG, "stream": True, "session": "q2"}) as two:
+            held = [one.iter_lines(), two.iter_lines()]  # held: dropping an iterator would close its stream
+            assert all(next(lines).startswith('data: {"id"') for lines in held)
+            r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "q3"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json() == {"error": {"message": "this API key's 2 sessions of model 'lm-shakespeare' are all in "
+                                                     "use; retry when one ends, or delete one",
+                                          "type": "quota_error", "param": "session", "code": 429}}
+        wait_for(lambda: gauge(c, "rnnserve_requests_running") == 0, "the cancelled streams to leave")
+        r = c.post("/v1/generate", json={"model": LM, "prompt": "A", "max_tokens": 2, "session": "q3"})
+        assert r.status_code == 200
+        assert c.delete("/v1/sessions/q3").status_code == 204

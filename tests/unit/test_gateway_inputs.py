@@ -123,3 +123,38 @@ def test_per_frame_events_are_the_models_dumps(rid, model, text, created, index)
     assert CompletionResponse.text_event(rid, created, model, index, text) == CompletionResponse(
         id=rid, created=created, model=model, choices=[CompletionChoice(text=text, index=index)]).model_dump(
         exclude=CONTINUATION)
+
+
+def test_a_chunked_body_over_the_limit_is_413_like_a_declared_one(client):
+    def chunks():
+        for _ in range(10):
+            yield b" " * 1000  # no Content-Length: the limit is met while the body is read
+
+    r = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413)
+    assert r.json()["error"]["message"] == "request body is larger than 4096 bytes"
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b'{"model": "lm" "prompt": "a"}', "expecting ',' delimiter at line 1, column 16"),
+    (b'{\n  "model": "lm",\n  "prompt": }', "expecting value at line 3, column 13"),
+    (b"{", "expecting property name enclosed in double quotes at line 1, column 2"),
+])
+def test_a_json_syntax_error_says_where_in_words(client, raw, message):
+    r = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    assert r.json()["error"] == {"message": f"request body is not valid JSON: {message}",
+                                 "type": "invalid_request_error", "param": None, "code": 400}
+
+
+def test_docs_are_served_from_the_package(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower() and "https://" not in page.text.split("<body>")[1]
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
+        r = client.get(f"/docs/assets/{asset}")
+        assert r.status_code == 200 and len(r.content) > 100_000, asset
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "/docs/assets/redoc.standalone.js" in redoc.text
+    assert "fonts.googleapis" not in redoc.text
+    assert client.get("/openapi.json").json()["info"]["title"] == "rnnserve"

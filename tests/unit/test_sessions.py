@@ -84,11 +84,63 @@ def test_owners_and_models_are_separate():
     assert e.value.status == 400 and e.value.message == "session 'a' belongs to model 'm'"
 
 
-def test_fork_copies_and_deleting_during_a_request_wins():
+def test_fork_copies_and_a_busy_session_cannot_be_deleted():
     s, _ = store()
     put(s, "a")
     assert s.fork("", "a", "b").state == s.get("", "a").state
     lease = s.acquire("", "b", "m")
-    s.delete("", "b")
+    with pytest.raises(APIError) as e:
+        s.delete("", "b")
+    assert (e.value.status, e.value.message) == (409, "session 'b' is in use by another request; retry when it ends")
     s.commit(lease, b"new", 1)
+    assert s.get("", "b").state == b"new"
+    s.delete("", "b")
     assert [x.id for x in s.list("")] == ["a"]
+
+
+def test_commit_and_release_act_on_their_own_lease_only():
+    s, _ = store()
+    put(s, "a", b"first")
+    lease = s.acquire("", "a", "m")
+    s.release(lease)
+    later = s.acquire("", "a", "m")  # another request now holds the session
+    s.commit(lease, b"stale", 1)  # the first lease ended: it writes nothing
+    s.release(lease)
+    with pytest.raises(APIError) as e:
+        s.acquire("", "a", "m")
+    assert e.value.status == 409  # still held by `later`
+    s.commit(later, b"second", 2)
+    assert (s.get("", "a").state, s.get("", "a").tokens) == (b"second", 2)
+
+
+def test_a_key_past_its_quota_evicts_its_own_sessions_never_anothers():
+    s, _ = store(max_sessions=4, owner_sessions=2, max_bytes=100_000, owner_bytes=50_000)
+    put(s, "theirs", owner="k2")
+    put(s, "a", owner="k1")
+    for i in range(50):
+        s.fork("k1", "a", f"f{i}")
+    assert [x.id for x in s.list("k2")] == ["theirs"]
+    assert sorted(x.id for x in s.list("k1")) == ["a", "f49"]  # the source is used by each fork: it stays
+    assert evictions(s, "capacity") == 49
+
+
+def test_a_key_whose_sessions_are_all_busy_gets_429_not_anothers_room():
+    s, _ = store(max_sessions=4, owner_sessions=2)
+    put(s, "theirs", owner="k2")
+    held = [s.acquire("k1", sid, "m") for sid in ("a", "b")]
+    with pytest.raises(APIError) as e:
+        s.acquire("k1", "c", "m")
+    assert e.value.status == 429 and e.value.type == "quota_error"
+    assert [x.id for x in s.list("k2")] == ["theirs"]
+    for lease in held:
+        s.commit(lease, b"x", 1)
+    s.release(s.acquire("k1", "c", "m"))  # now the least recently used of k1's own makes room
+
+
+def test_a_keys_bytes_quota():
+    s, _ = store(max_sessions=100, owner_bytes=2 * (ENTRY_OVERHEAD + 1 + 1000))
+    put(s, "z", b"x" * 1000, owner="k2")
+    for sid in "abc":
+        put(s, sid, b"x" * 1000, owner="k1")
+    assert [x.id for x in s.list("k1")] == ["b", "c"]
+    assert [x.id for x in s.list("k2")] == ["z"]

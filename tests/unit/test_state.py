@@ -68,4 +68,37 @@ def test_signed_tokens():
     with pytest.raises(APIError, match="signature does not match"):
         StateSigner(b"j" * 32).verify("m", token)
     with pytest.raises(APIError, match="not a state this server issued"):
-        signer.verify("m", "rs1.bm9w")
+        signer.verify("m", "rs2.bm9w")
+
+
+def test_a_cell_past_float16s_range_is_written_in_float32_and_read_back(tiny_lm):
+    _, state = final_state(tiny_lm)
+    h, c = state.layers[0]
+    state.layers[0] = (h, c * 0 + 70_000.0)  # float16's largest is 65,504
+    blob = state.to_bytes(WEIGHTS, "float16")
+    assert blob[5] == 2 and len(blob) == state_size(tiny_lm.model, "float32")
+    back = from_bytes(blob, tiny_lm.model, WEIGHTS)
+    assert back.layers[0][1].max().item() == 70_000.0
+    state.layers[0] = (h, c)
+    assert state.to_bytes(WEIGHTS, "float16")[5] == 1  # within range: still the compact form
+
+
+def test_tokens_are_bound_to_the_api_key_that_made_them():
+    signer = StateSigner(b"k" * 32)
+    token = signer.sign("m", b"\x00state", owner="k1-digest")
+    assert signer.verify("m", token, owner="k1-digest") == b"\x00state"
+    for other in ("k2-digest", ""):
+        with pytest.raises(APIError, match="issued to another API key"):
+            signer.verify("m", token, owner=other)
+
+
+def test_base64_is_decoded_strictly():
+    signer = StateSigner(b"k" * 32)
+    token = signer.sign("m", b"\x00state\x01")
+    prefix, model, blob, mac = token.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    sibling = blob[:-1] + alphabet[alphabet.index(blob[-1]) ^ 1]  # the same bytes, another unused bit set
+    junk = [blob[:3] + "!" + blob[3:], blob[:3] + " " + blob[3:], blob + "==", blob[:4] + "+/" + blob[4:], sibling]
+    for bad in junk:
+        with pytest.raises(APIError, match="not a state this server issued"):
+            signer.verify("m", ".".join([prefix, model, bad, mac]))
