@@ -18,7 +18,9 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default: %(default)s)")
+            # the default shown unless the help already says it, or there is none (an empty string)
+            shown = "" if default == "" or "default" in text else " (default: %(default)s)"
+            parser.add_argument(flag, type=type(default), default=default, help=text + shown)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -173,17 +174,46 @@ def model_config(task: str, config: dict, profile: str = "cpu") -> dict:
     return out
 
 
+# the names torch-model-archiver accepts (model_packaging_utils.py), checked before it is run
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+
+
 def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
-    """(name, folder, task) for every folder under models_dir holding a complete model."""
-    found = []
-    for folder in sorted(p for p in Path(models_dir).iterdir() if p.is_dir()):
+    """(served name, folder, task) for every folder under models_dir holding a complete model. The served name
+    is config.json's "name" (`--name` of `rnnserve train` / `import`), else the folder's name."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise SystemExit(f"no models folder {models_dir} (RNNSERVE_MODELS_DIR)")
+    found, seen = [], {}
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         if not is_model_folder(folder):
             continue
         config = json.loads((folder / "config.json").read_text())
         task = config.get("serving", config.get("task"))  # "serving" picks another handler (benchmarks)
-        if task in HANDLER_FILES:
-            found.append((folder.name, folder, task))
+        if task not in HANDLER_FILES:
+            continue
+        name = config.get("name") or folder.name
+        if not isinstance(name, str) or not MODEL_NAME.match(name):
+            raise SystemExit(f"{folder / 'config.json'}: the served name {name!r} must be letters, digits, '_', "
+                             f"'-' and '.', starting with a letter or digit")
+        if name in seen:
+            raise SystemExit(f"{seen[name]} and {folder} are both served as {name!r}: give one another \"name\" "
+                             f"in its config.json")
+        seen[name] = folder
+        found.append((name, folder, task))
     return found
+
+
+def served_folders(models_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """The models a stack serves, by served name: every model folder of models_dir, or the ones `names` picks
+    (RNNSERVE_MODELS). Archives in the model store that no folder names are left alone, not served."""
+    folders = {name: folder for name, folder, _task in model_folders(models_dir)}
+    if not folders:
+        raise SystemExit(f"no model folders in {models_dir}")
+    missing = [n for n in names or [] if n not in folders]
+    if missing:
+        raise SystemExit(f"no model folder in {models_dir} is served as {missing} (there are {sorted(folders)})")
+    return {n: folders[n] for n in names} if names else folders
 
 
 def build_archive(name: str, folder: Path, task: str, model_store: Path, profile: str = "cpu") -> Path:

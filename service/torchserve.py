@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from rnnserve.service.archive import served_folders
 from rnnserve.service.java import JAVA_HELP, java_problem
 from rnnserve.service.settings import Settings
 
@@ -24,7 +25,8 @@ LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"  # INFO, not TorchSe
 
 
 def model_archives(settings: Settings) -> list[str]:
-    names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))
+    """The archives of the served models: one per model folder of the models folder (service/archive.py)."""
+    names = list(served_folders(settings.models_dir, settings.models))
     missing = [n for n in names if not (settings.model_store / f"{n}.mar").exists()]
     if missing:
         raise SystemExit(f"no archive for {missing} in {settings.model_store}; run `rnnserve archive`")

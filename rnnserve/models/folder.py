@@ -44,6 +44,20 @@ def model_files(folder: str | Path) -> list[Path]:
     return [folder / n for n in names]
 
 
+def copy_model_folder(src: str | Path, dst: str | Path, **config: object) -> Path:
+    """A copy of a model folder's files, served under the new folder's name (config.json's "name"), with
+    `config`'s keys laid over its config.json."""
+    import shutil
+
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for path in model_files(src):
+        shutil.copy2(path, dst / path.name)
+    meta = json.loads((dst / CONFIG_FILE).read_text())
+    (dst / CONFIG_FILE).write_text(json.dumps({**meta, "name": dst.name, **config}, indent=1, ensure_ascii=False))
+    return dst
+
+
 def is_model_folder(folder: str | Path) -> bool:
     folder = Path(folder)
     try:

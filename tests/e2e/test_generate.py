@@ -90,6 +90,7 @@ def test_invalid_request_gets_one_error_shape_and_changes_nothing(stack):
                                       "type": "invalid_request_error", "param": "max_tokens", "code": 400}}
         r = c.post("/v1/generate", json={"model": "nope", "prompt": "a"})
         assert r.status_code == 404
-        assert r.json()["error"]["code"] == "model_not_found"
+        assert r.json() == {"error": {"message": "model 'nope' does not exist; GET /v1/models lists the served models",
+                                      "type": "not_found_error", "param": "model", "code": 404}}
         ok = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "a", "max_tokens": 3})
         assert ok.status_code == 200 and len(ok.json()["text"]) == 3

@@ -86,7 +86,19 @@ def test_score_errors(stack):
         assert r.status_code == 400 and r.json()["error"]["message"] == (
             "send either text (one text) or candidates (texts to rank)")
         r = c.post("/v1/translate", json={"model": MT, "text": "Hallo", "beam_size": 2, "n_best": 3})
-        assert r.status_code == 400 and "n_best must be at most beam_size" in r.json()["error"]["message"]
+        assert r.status_code == 400 and r.json()["error"] == {
+            "message": "n_best (3) must be at most beam_size (2); ask for beam_size 3 or more",
+            "type": "invalid_request_error", "param": None, "code": 400}
+
+
+def test_n_best_alone_widens_the_default_beam(stack):
+    with stack.client() as c:
+        five = post(c, "/v1/translate", {"model": MT, "text": "Ein Mann fährt Fahrrad.", "n_best": 5})
+        beam5 = post(c, "/v1/translate", {"model": MT, "text": "Ein Mann fährt Fahrrad.", "n_best": 5,
+                                          "beam_size": 5})
+    hyps, wide = five["translations"][0]["hypotheses"], beam5["translations"][0]["hypotheses"]
+    assert len(hyps) == 5 and [h["text"] for h in hyps] == [h["text"] for h in wide]
+    assert [h["logprob"] for h in hyps] == pytest.approx([h["logprob"] for h in wide], abs=1e-3)
 
 
 def test_openai_client_reads_logprobs_echo_and_best_of(stack):

@@ -1,12 +1,12 @@
 """The archives' model-config.yaml: what `rnnserve archive` writes into each .mar, for the CPU and GPU profiles."""
 import json
-import shutil
 import zipfile
 
 import pytest
 import yaml
 
 from rnnserve.cli import main
+from rnnserve.models.folder import copy_model_folder
 from rnnserve.service.archive import GPU_SETTINGS, MODEL_CONFIGS, build_archives, model_config
 
 
@@ -17,8 +17,8 @@ def _written(store, name) -> dict:
 
 @pytest.fixture
 def models(tmp_path, tiny_lm_folder, tiny_translation_folder):
-    shutil.copytree(tiny_lm_folder, tmp_path / "models" / "lm")
-    shutil.copytree(tiny_translation_folder, tmp_path / "models" / "tr")
+    copy_model_folder(tiny_lm_folder, tmp_path / "models" / "lm")
+    copy_model_folder(tiny_translation_folder, tmp_path / "models" / "tr")
     return tmp_path / "models"
 
 
