@@ -98,11 +98,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type")
-        if content_type and not _is_json(content_type) and any(
+        if not _is_json(content_type or "") and any(
                 e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
-            # FastAPI reads a body as JSON only when it says so (curl -d sends a form's content type)
-            return error_response(invalid(f"the request body is read as JSON only with `Content-Type: application/json`"
-                                          f"; this request says {content_type!r}"))
+            # FastAPI reads a body as JSON only when the request says it is JSON: a body without a Content-Type
+            # could be a cross-site form (FastAPI's strict_content_type), and curl -d sends a form's type
+            said = f"says {content_type!r}" if content_type else "has no Content-Type"
+            return error_response(invalid("the request body is read as JSON only with `Content-Type: "
+                                          f"application/json`; this request {said}"))
         message, param = _validation_message(exc)
         return error_response(invalid(message, param))
 
