@@ -226,7 +226,9 @@ def build_archive(name: str, folder: Path, task: str, model_store: Path, profile
         cmd = [_archiver(), "--model-name", name, "--version", "1.0",
                "--handler", str(HANDLER_FILES[task]), "--extra-files", extra, "--config-file", str(config_file),
                "--export-path", str(model_store), "--force"]
-        subprocess.run(cmd, check=True)
+        # the archiver stages the files in $TMPDIR/<model name>: a shared /tmp/<name> would mix two builds of one
+        # name at once (several stacks, test sessions or worktrees on one machine) and fail or pack the wrong files
+        subprocess.run(cmd, check=True, env=dict(os.environ, TMPDIR=tmp))
     path = model_store / f"{name}.mar"
     log.info("built %s (%s profile)", path, profile)
     return path

@@ -61,3 +61,19 @@ def test_the_gpu_profile_does_not_change_the_table():
     model_config("lm", {"task": "lm"}, "gpu")
     assert MODEL_CONFIGS["lm"]["batchSize"] == 64 and MODEL_CONFIGS["lm"]["handler"]["max_batch_size"] == 64
     assert "cuda_graphs" not in MODEL_CONFIGS["lm"]["handler"]
+
+
+def test_archives_of_one_name_built_at_once_keep_their_own_files(tmp_path, tiny_lm_folder):
+    """torch-model-archiver stages in $TMPDIR/<name>: concurrent builds of one name (two stacks, test sessions
+    or worktrees on a machine) must not share it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rnnserve.service.archive import build_archive
+
+    folders = [copy_model_folder(tiny_lm_folder, tmp_path / f"m{i}" / "lm", limits={"max_tokens": 10 + i})
+               for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda i: build_archive("lm", folders[i], "lm", tmp_path / f"store{i}"), range(4)))
+    for i, path in enumerate(paths):
+        with zipfile.ZipFile(path) as z:
+            assert json.loads(z.read("config.json"))["limits"] == {"max_tokens": 10 + i}
