@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from rnnserve.service.archive import served_folders
 from rnnserve.service.java import JAVA_HELP, java_problem
 from rnnserve.service.settings import Settings
@@ -105,6 +107,8 @@ class TorchServeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the whole group: java runs its own shutdown and the workers exit. SIGKILL only for what is
+        still running after `grace_s` (logged as a warning: TorchServe did not honour SIGTERM)."""
         if self.proc is None:
             return
         pgid = self.proc.pid  # leader of its own session/group
@@ -113,6 +117,8 @@ class TorchServeProcess:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
+            if sig == signal.SIGKILL:
+                log.warning("TorchServe was still running %.0f s after SIGTERM; killed", grace_s)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _group_alive(pgid):
                 self.proc.poll()  # reap the leader so a zombie does not look alive
@@ -129,10 +135,12 @@ class TorchServeProcess:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """Whether a process of the group still runs. A zombie does not count: it holds no port or memory, and java,
+    orphaned when the `torchserve` launcher exits first, may wait a while for a parent that reaps it."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
