@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("evaluate", help="loss/perplexity on a text, or BLEU/chrF on line-aligned files")
-    p.add_argument("model", help="served model name (folder under models/) or a model folder")
+    p.add_argument("model", help="a model folder, or the name of one under RNNSERVE_MODELS_DIR (default models/)")
     p.add_argument("--text-file", help="language models: text to score")
     p.add_argument("--int8", action="store_true",
                    help="language models: also the loss through the serving decode step in fp32 and in int8, "

@@ -16,7 +16,9 @@ from rnnserve.paths import MODELS_DIR
 
 
 def resolve_model(model: str) -> Path:
-    """A model folder's path, or the name of a folder under RNNSERVE_MODELS_DIR (default models/)."""
+    """A model folder's path, or a model's name under RNNSERVE_MODELS_DIR (default models/): its folder's name or
+    the name it is served under (config.json's "name", from `--name`)."""
+    import json
     import os
 
     path = Path(model)
@@ -25,7 +27,13 @@ def resolve_model(model: str) -> Path:
     models_dir = Path(os.environ.get("RNNSERVE_MODELS_DIR") or MODELS_DIR)
     if (models_dir / model / "config.json").exists():
         return models_dir / model
-    raise SystemExit(f"no model folder {model!r} (neither a path nor a name under {models_dir})")
+    for config in sorted(models_dir.glob("*/config.json")):
+        try:
+            if json.loads(config.read_text()).get("name") == model:
+                return config.parent
+        except (OSError, ValueError):
+            continue
+    raise SystemExit(f"no model folder {model!r} (neither a path nor a model's name under {models_dir})")
 
 
 # carriage return and erase-to-end-of-line: a terminal line rewritten in place

@@ -1,6 +1,8 @@
 """Offline translation from the command line: progress on stderr never shares a line with the output."""
 import io
 
+import pytest
+
 from rnnserve.offline import CLEAR_LINE, translate_lines
 
 
@@ -54,3 +56,14 @@ def test_evaluate_shows_progress_on_a_terminal_and_erases_it_before_the_result(t
     off = io.StringIO()  # not a terminal: nothing
     evaluate_translation(tiny_translation_folder, tmp_path / "src", tmp_path / "ref", 1, 0.6, progress=off)
     assert off.getvalue() == ""
+
+
+def test_a_model_is_found_by_its_folder_or_by_the_name_it_is_served_under(tiny_lm_folder, tmp_path, monkeypatch):
+    from rnnserve.models.folder import copy_model_folder
+    from rnnserve.offline import resolve_model
+
+    folder = copy_model_folder(tiny_lm_folder, tmp_path / "models" / "foo", name="bar")  # --name bar --out .../foo
+    monkeypatch.setenv("RNNSERVE_MODELS_DIR", str(tmp_path / "models"))
+    assert resolve_model("foo") == folder and resolve_model("bar") == folder and resolve_model(str(folder)) == folder
+    with pytest.raises(SystemExit, match="no model folder 'baz'"):
+        resolve_model("baz")
