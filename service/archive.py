@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rnnserve.models.folder import is_model_folder, model_files
+from rnnserve.models.folder import is_model_folder, model_files, name_problem
 from rnnserve.paths import MODEL_STORE, MODELS_DIR
 
 log = logging.getLogger(__name__)
@@ -174,10 +173,6 @@ def model_config(task: str, config: dict, profile: str = "cpu") -> dict:
     return out
 
 
-# the names torch-model-archiver accepts (model_packaging_utils.py), checked before it is run
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
-
-
 def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
     """(served name, folder, task) for every folder under models_dir holding a complete model. The served name
     is config.json's "name" (`--name` of `rnnserve train` / `import`), else the folder's name."""
@@ -193,9 +188,8 @@ def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
         if task not in HANDLER_FILES:
             continue
         name = config.get("name") or folder.name
-        if not isinstance(name, str) or not MODEL_NAME.match(name):
-            raise SystemExit(f"{folder / 'config.json'}: the served name {name!r} must be letters, digits, '_', "
-                             f"'-' and '.', starting with a letter or digit")
+        if name_problem(name):
+            raise SystemExit(f"{folder / 'config.json'}: {name_problem(name)}")
         if name in seen:
             raise SystemExit(f"{seen[name]} and {folder} are both served as {name!r}: give one another \"name\" "
                              f"in its config.json")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rnnserve.models.folder import save_lm
+from rnnserve.models.folder import name_problem, save_lm
 from rnnserve.models.lm import LMConfig, RNNLanguageModel, detach_state
 from rnnserve.subword import SubwordLMTokenizer, VocabularyTooSmall
 from rnnserve.tokenizer import CharTokenizer
@@ -113,6 +113,8 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     if not cfg.out:
         raise DataError("give --out, the model folder to write (e.g. models/lm-mytext)")
     name = cfg.name or Path(cfg.out).name
+    if name_problem(name):
+        raise DataError(f"--name: {name_problem(name)}")
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rnnserve.models.folder import save_translation
+from rnnserve.models.folder import name_problem, save_translation
 from rnnserve.offline import translate_ids
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq, Seq2SeqConfig
 from rnnserve.subword import MODEL_TYPES, SubwordTokenizer, VocabularyTooSmall
@@ -189,6 +189,8 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
     if not cfg.out:
         raise DataError("give --out, the model folder to write (e.g. models/translate-fr-en)")
     name = cfg.name or Path(cfg.out).name
+    if name_problem(name):
+        raise DataError(f"--name: {name_problem(name)}")
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.threads:

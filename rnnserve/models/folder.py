@@ -13,6 +13,7 @@ place can at worst hold wrong numbers.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,17 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 SOURCE_SPM, TARGET_SPM, LM_SPM = "source.model", "target.model", "tokenizer.model"
 FILES = (CONFIG_FILE, WEIGHTS_FILE)  # every model folder has these; model_files() lists the rest
+
+
+# the names a model may be served under: torch-model-archiver's rule (model_packaging_utils.py)
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot be a served model's name, or None when it can."""
+    if isinstance(name, str) and MODEL_NAME.match(name):
+        return None
+    return f"the served name {name!r} must be letters, digits, '_', '-' and '.', starting with a letter or digit"
 
 
 def model_files(folder: str | Path) -> list[Path]:

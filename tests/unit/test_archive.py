@@ -77,3 +77,22 @@ def test_archives_of_one_name_built_at_once_keep_their_own_files(tmp_path, tiny_
     for i, path in enumerate(paths):
         with zipfile.ZipFile(path) as z:
             assert json.loads(z.read("config.json"))["limits"] == {"max_tokens": 10 + i}
+
+
+def test_served_names_come_from_config_and_must_be_unique_and_valid(tmp_path, tiny_lm_folder):
+    from rnnserve.service.archive import model_folders, served_folders
+
+    models = tmp_path / "models"
+    copy_model_folder(tiny_lm_folder, models / "foo", name="bar")
+    copy_model_folder(tiny_lm_folder, models / "baz")
+    assert [(n, f.name) for n, f, _ in model_folders(models)] == [("baz", "baz"), ("bar", "foo")]
+    assert served_folders(models, ["bar"]) == {"bar": models / "foo"}
+    with pytest.raises(SystemExit, match=r"is served as \['foo'\] \(there are \['bar', 'baz'\]\)"):
+        served_folders(models, ["foo"])
+    copy_model_folder(tiny_lm_folder, models / "qux", name="bar")
+    with pytest.raises(SystemExit, match=f"^{models / 'foo'} and {models / 'qux'} are both served as 'bar'"):
+        model_folders(models)
+    (models / "qux" / "config.json").write_text(json.dumps({**json.loads((models / "qux" / "config.json").read_text()),
+                                                            "name": "no spaces"}))
+    with pytest.raises(SystemExit, match="the served name 'no spaces' must be letters, digits"):
+        model_folders(models)

@@ -153,3 +153,10 @@ def test_the_lm_log_and_bar_count_the_same_steps(tmp_path, caplog, capsys):
     # 20,000 training characters in 8 streams of 2,500: 78 windows of 32, one of them kept for the random shift
     assert "77 steps/epoch" in caplog.text
     assert " 77/77 " in capsys.readouterr().err
+
+
+def test_a_name_that_cannot_be_served_stops_the_run_before_training(tmp_path, capsys):
+    assert main(["train", "lm", "--out", str(tmp_path / "lm"), "--name", "my model", *TINY_LM]) == 2
+    assert capsys.readouterr().err == ("rnnserve train: error: --name: the served name 'my model' must be letters, "
+                                       "digits, '_', '-' and '.', starting with a letter or digit\n")
+    assert not (tmp_path / "lm").exists()
