@@ -98,8 +98,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type")
-        if not _is_json(content_type or "") and any(
-                e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
+        body_not_read = any(e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",)
+                            for e in exc.errors())
+        if body_not_read and not _is_json(content_type or ""):
             # FastAPI reads a body as JSON only when the request says it is JSON: a body without a Content-Type
             # could be a cross-site form (FastAPI's strict_content_type), and curl -d sends a form's type
             said = f"says {content_type!r}" if content_type else "has no Content-Type"

@@ -74,7 +74,8 @@ class Registry:
         """The models TorchServe serves (the same list, service/torchserve.py), read from their folders."""
         from rnnserve.service.archive import served_folders
 
-        return cls([_read(folder, name) for name, folder in served_folders(settings.models_dir, settings.models).items()])
+        served = served_folders(settings.models_dir, settings.models)
+        return cls([_read(folder, name) for name, folder in served.items()])
 
     def get(self, name: str, task: str | None) -> ModelInfo:
         """The model called `name` (404 otherwise), of the given task when one is named (400 otherwise)."""
