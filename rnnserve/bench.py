@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -27,7 +26,7 @@ import torch
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
-from rnnserve.models.folder import load_lm, load_translation
+from rnnserve.models.folder import copy_model_folder, load_lm, load_translation
 from rnnserve.paths import DATA_DIR, MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.stack import start_stack, stop_stack
@@ -262,14 +261,12 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = Fal
     models = tmp / "models"
     models.mkdir()
     for name in names:
-        shutil.copytree(MODELS_DIR / name, models / name)
+        copy_model_folder(MODELS_DIR / name, models / name)
     variants = {b: {"serving": b} for b in (NAIVE if naive else ())}  # the LM under the naive handler's archives
     if int8:
         variants[INT8_LM] = {"int8": True}
     for name, change in variants.items():
-        shutil.copytree(MODELS_DIR / "lm-shakespeare", models / name)
-        cfg = json.loads((models / name / "config.json").read_text())
-        (models / name / "config.json").write_text(json.dumps({**cfg, **change}))
+        copy_model_folder(MODELS_DIR / "lm-shakespeare", models / name, **change)
     return models
 
 

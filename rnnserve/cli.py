@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 
@@ -18,7 +19,9 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default: %(default)s)")
+            # the default shown unless the help already says it, or there is none (an empty string)
+            shown = "" if default == "" or "default" in text else " (default: %(default)s)"
+            parser.add_argument(flag, type=type(default), default=default, help=text + shown)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -122,7 +125,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from rnnserve.service import launcher
 
     overrides = {k: v for k, v in vars(args).items() if k in SERVE_OPTIONS and v is not None}
-    return getattr(launcher, args.command)(**overrides)
+    code = getattr(launcher, args.command)(**overrides)
+    # everything is stopped: skip the interpreter's teardown (collecting torch's and the app's objects took
+    # seconds after TorchServe had stopped, while Ctrl-C looked unanswered)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("evaluate", help="loss/perplexity on a text, or BLEU/chrF on line-aligned files")
-    p.add_argument("model", help="served model name (folder under models/) or a model folder")
+    p.add_argument("model", help="a model folder, or the name of one under RNNSERVE_MODELS_DIR (default models/)")
     p.add_argument("--text-file", help="language models: text to score")
     p.add_argument("--int8", action="store_true",
                    help="language models: also the loss through the serving decode step in fp32 and in int8, "

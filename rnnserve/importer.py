@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rnnserve.models.folder import save_lm
+from rnnserve.models.folder import name_problem, save_lm
 from rnnserve.models.lm import LMConfig, RNNLanguageModel
 from rnnserve.tokenizer import WordLMTokenizer
 from rnnserve.training.card import command_line, write_card
@@ -82,6 +82,8 @@ def convert(state: dict[str, torch.Tensor], vocab_size: int, cell: str | None = 
 
 def import_word_lm(weights: Path, vocab: Path, out: Path, name: str, cell: str | None = None,
                    terms: str = "") -> Path:
+    if name_problem(name):
+        raise ImportError_(f"--name: {name_problem(name)}")
     words = read_vocab(vocab)
     try:
         tokenizer = WordLMTokenizer(words)

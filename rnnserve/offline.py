@@ -16,7 +16,9 @@ from rnnserve.paths import MODELS_DIR
 
 
 def resolve_model(model: str) -> Path:
-    """A model folder's path, or the name of a folder under RNNSERVE_MODELS_DIR (default models/)."""
+    """A model folder's path, or a model's name under RNNSERVE_MODELS_DIR (default models/): its folder's name or
+    the name it is served under (config.json's "name", from `--name`)."""
+    import json
     import os
 
     path = Path(model)
@@ -25,7 +27,13 @@ def resolve_model(model: str) -> Path:
     models_dir = Path(os.environ.get("RNNSERVE_MODELS_DIR") or MODELS_DIR)
     if (models_dir / model / "config.json").exists():
         return models_dir / model
-    raise SystemExit(f"no model folder {model!r} (neither a path nor a name under {models_dir})")
+    for config in sorted(models_dir.glob("*/config.json")):
+        try:
+            if json.loads(config.read_text()).get("name") == model:
+                return config.parent
+        except (OSError, ValueError):
+            continue
+    raise SystemExit(f"no model folder {model!r} (neither a path nor a model's name under {models_dir})")
 
 
 # carriage return and erase-to-end-of-line: a terminal line rewritten in place
@@ -58,35 +66,46 @@ def translate_lines(folder: Path, lines: Iterable[str], out: TextIO, beam_size: 
     """Translate every line (an empty line stays empty), writing them in input order; returns the count."""
     tr = load_translation(folder)
     lines = list(lines)
-    t0, done, shown = time.monotonic(), 0, 0.0
-    # a live line only on a terminal (as tqdm), cleared before any translation is written so that the two
-    # never share a line when stdout and stderr are the same terminal
-    live = progress is not None and progress.isatty()
-
-    def report(n: int) -> None:
-        nonlocal done, shown
-        done += n
-        now = time.monotonic()
-        if live and now - shown >= 1.0:
-            shown = now
-            progress.write(f"{CLEAR_LINE}translated {done}/{len(lines)} lines, {done / max(now - t0, 1e-9):.1f} lines/s")
-            progress.flush()
-
+    meter = LineProgress(len(lines), progress)
     for start in range(0, len(lines), 1024):  # bounded memory for any input; the engine batches within
         chunk = lines[start:start + 1024]
         ids = translate_ids(tr.model, [tr.src.encode(line) for line in chunk], beam_size, batch_size,
-                            length_penalty, max_tokens, max_len=1024, on_done=report)
-        if live and shown:
-            progress.write(CLEAR_LINE)
-            progress.flush()
+                            length_penalty, max_tokens, max_len=1024, on_done=meter)
+        meter.clear()
         for tokens in ids:
             out.write(tr.tgt.decode(tokens) + "\n")
         out.flush()
     if progress is not None:
-        seconds = time.monotonic() - t0
-        progress.write(f"{CLEAR_LINE if live else ''}translated {len(lines)} lines in {seconds:.1f} s "
+        seconds = time.monotonic() - meter.t0
+        progress.write(f"{CLEAR_LINE if meter.live else ''}translated {len(lines)} lines in {seconds:.1f} s "
                        f"({len(lines) / max(seconds, 1e-9):.1f} lines/s)\n")
     return len(lines)
+
+
+class LineProgress:
+    """"translated 120/1000 lines, 35.2 lines/s", rewritten in place at most once a second, and only on a
+    terminal (as tqdm does); `clear()` erases it before anything else is written, so that the two never share
+    a line when stdout and stderr are the same terminal."""
+
+    def __init__(self, total: int, out: TextIO | None) -> None:
+        self.total, self.out = total, out
+        self.live = out is not None and out.isatty()
+        self.t0, self.done, self.shown = time.monotonic(), 0, 0.0
+
+    def __call__(self, n: int) -> None:
+        """`n` more lines are done (translate_ids' on_done)."""
+        self.done += n
+        now = time.monotonic()
+        if self.live and now - self.shown >= 1.0:
+            self.shown = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            self.out.write(f"{CLEAR_LINE}translated {self.done}/{self.total} lines, {rate:.1f} lines/s")
+            self.out.flush()
+
+    def clear(self) -> None:
+        if self.live and self.shown:
+            self.out.write(CLEAR_LINE)
+            self.out.flush()
 
 
 def generate(folder: Path, prompt: str, out: TextIO, params: SamplingParams) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -20,6 +21,15 @@ import sentencepiece as spm
 from rnnserve.models.seq2seq import BOS, EOS, PAD, UNK
 
 MODEL_TYPES = ("unigram", "bpe")
+
+
+class VocabularyTooSmall(ValueError):
+    """The vocabulary asked for cannot hold the text's characters, the 256 byte pieces and the special tokens."""
+
+    def __init__(self, asked: int, minimum: int) -> None:
+        super().__init__(f"a vocabulary of {asked} pieces is too small: this text needs at least {minimum} (each of "
+                         f"its characters, 256 byte pieces and the special tokens)")
+        self.asked, self.minimum = asked, minimum
 
 
 class SubwordTokenizer:
@@ -36,12 +46,18 @@ class SubwordTokenizer:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}")
         buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(lines)), model_writer=buf, model_type=model_type, vocab_size=vocab_size,
-            character_coverage=character_coverage, byte_fallback=True, pad_id=PAD, unk_id=UNK, bos_id=BOS,
-            eos_id=EOS, normalization_rule_name="nmt_nfkc", input_sentence_size=seed_sentences,
-            shuffle_input_sentence=True, hard_vocab_limit=False, minloglevel=2, num_threads=1,
-            max_sentence_length=1 << 16)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(list(lines)), model_writer=buf, model_type=model_type, vocab_size=vocab_size,
+                character_coverage=character_coverage, byte_fallback=True, pad_id=PAD, unk_id=UNK, bos_id=BOS,
+                eos_id=EOS, normalization_rule_name="nmt_nfkc", input_sentence_size=seed_sentences,
+                shuffle_input_sentence=True, hard_vocab_limit=False, minloglevel=2, num_threads=1,
+                max_sentence_length=1 << 16)
+        except RuntimeError as e:  # SentencePiece says "... smaller than required_chars. 300 vs 321 ..."
+            small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+            if small is None:
+                raise
+            raise VocabularyTooSmall(vocab_size, int(small.group(2))) from None
         return cls(buf.getvalue())
 
     @classmethod

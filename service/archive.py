@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rnnserve.models.folder import is_model_folder, model_files
+from rnnserve.models.folder import is_model_folder, model_files, name_problem
 from rnnserve.paths import MODEL_STORE, MODELS_DIR
 
 log = logging.getLogger(__name__)
@@ -174,16 +174,40 @@ def model_config(task: str, config: dict, profile: str = "cpu") -> dict:
 
 
 def model_folders(models_dir: Path) -> list[tuple[str, Path, str]]:
-    """(name, folder, task) for every folder under models_dir holding a complete model."""
-    found = []
-    for folder in sorted(p for p in Path(models_dir).iterdir() if p.is_dir()):
+    """(served name, folder, task) for every folder under models_dir holding a complete model. The served name
+    is config.json's "name" (`--name` of `rnnserve train` / `import`), else the folder's name."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise SystemExit(f"no models folder {models_dir} (RNNSERVE_MODELS_DIR)")
+    found, seen = [], {}
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         if not is_model_folder(folder):
             continue
         config = json.loads((folder / "config.json").read_text())
         task = config.get("serving", config.get("task"))  # "serving" picks another handler (benchmarks)
-        if task in HANDLER_FILES:
-            found.append((folder.name, folder, task))
+        if task not in HANDLER_FILES:
+            continue
+        name = config.get("name") or folder.name
+        if name_problem(name):
+            raise SystemExit(f"{folder / 'config.json'}: {name_problem(name)}")
+        if name in seen:
+            raise SystemExit(f"{seen[name]} and {folder} are both served as {name!r}: give one another \"name\" "
+                             f"in its config.json")
+        seen[name] = folder
+        found.append((name, folder, task))
     return found
+
+
+def served_folders(models_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """The models a stack serves, by served name: every model folder of models_dir, or the ones `names` picks
+    (RNNSERVE_MODELS). Archives in the model store that no folder names are left alone, not served."""
+    folders = {name: folder for name, folder, _task in model_folders(models_dir)}
+    if not folders:
+        raise SystemExit(f"no model folders in {models_dir}")
+    missing = [n for n in names or [] if n not in folders]
+    if missing:
+        raise SystemExit(f"no model folder in {models_dir} is served as {missing} (there are {sorted(folders)})")
+    return {n: folders[n] for n in names} if names else folders
 
 
 def build_archive(name: str, folder: Path, task: str, model_store: Path, profile: str = "cpu") -> Path:
@@ -196,9 +220,9 @@ def build_archive(name: str, folder: Path, task: str, model_store: Path, profile
         cmd = [_archiver(), "--model-name", name, "--version", "1.0",
                "--handler", str(HANDLER_FILES[task]), "--extra-files", extra, "--config-file", str(config_file),
                "--export-path", str(model_store), "--force"]
-        # the archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two builds of one model
-        # (two stacks, or a test beside `make archive`) from deleting each other's staging folder
-        subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmp})
+        # the archiver stages the files in $TMPDIR/<model name>: a shared /tmp/<name> would mix two builds of one
+        # name at once (several stacks, test sessions or worktrees on one machine) and fail or pack the wrong files
+        subprocess.run(cmd, check=True, env=dict(os.environ, TMPDIR=tmp))
     path = model_store / f"{name}.mar"
     log.info("built %s (%s profile)", path, profile)
     return path

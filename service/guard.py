@@ -21,9 +21,11 @@ GRACE_S = 10.0
 
 def main(argv: list[str]) -> int:
     parent = os.getppid()
-    # the caller stops the group with SIGTERM: leave it to the command's own shutdown
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the caller stops the group with SIGTERM: leave it to the command's own shutdown. A handler that does
+    # nothing, not SIG_IGN: an ignored signal stays ignored across exec, and java then installs no shutdown
+    # handler, so the whole group would sit out the caller's grace period until SIGKILL
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: None)
     child = subprocess.Popen(argv)
     while child.poll() is None:
         if os.getppid() != parent:  # orphaned: the parent is gone and nobody will stop the group

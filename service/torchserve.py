@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
+from rnnserve.service.archive import served_folders
 from rnnserve.service.java import JAVA_HELP, java_problem
 from rnnserve.service.settings import Settings
 
@@ -24,7 +27,8 @@ LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"  # INFO, not TorchSe
 
 
 def model_archives(settings: Settings) -> list[str]:
-    names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))
+    """The archives of the served models: one per model folder of the models folder (service/archive.py)."""
+    names = list(served_folders(settings.models_dir, settings.models))
     missing = [n for n in names if not (settings.model_store / f"{n}.mar").exists()]
     if missing:
         raise SystemExit(f"no archive for {missing} in {settings.model_store}; run `rnnserve archive`")
@@ -103,6 +107,8 @@ class TorchServeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the whole group: java runs its own shutdown and the workers exit. SIGKILL only for what is
+        still running after `grace_s` (logged as a warning: TorchServe did not honour SIGTERM)."""
         if self.proc is None:
             return
         pgid = self.proc.pid  # leader of its own session/group
@@ -111,6 +117,8 @@ class TorchServeProcess:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
+            if sig == signal.SIGKILL:
+                log.warning("TorchServe was still running %.0f s after SIGTERM; killed", grace_s)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _group_alive(pgid):
                 self.proc.poll()  # reap the leader so a zombie does not look alive
@@ -127,10 +135,12 @@ class TorchServeProcess:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """Whether a process of the group still runs. A zombie does not count: it holds no port or memory, and java,
+    orphaned when the `torchserve` launcher exits first, may wait a while for a parent that reaps it."""
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False

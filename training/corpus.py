@@ -69,9 +69,10 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path, max_chars: int = M
 
 def read_tsv(path: str | Path, src_column: int = 0, tgt_column: int = 1, max_chars: int = MAX_CHARS) -> Parallel:
     """Source and target from two columns (0-based) of a tab-separated file."""
-    src, tgt = [], []
+    src, tgt, blank = [], [], 0
     for number, line in enumerate(read_lines(path), 1):
         if not line.strip():
+            blank += 1
             continue
         cells = line.split("\t")
         for column in (src_column, tgt_column):
@@ -80,16 +81,22 @@ def read_tsv(path: str | Path, src_column: int = 0, tgt_column: int = 1, max_cha
                                 f"numbered from 0)")
         src.append(cells[src_column])
         tgt.append(cells[tgt_column])
-    return _filtered(src, tgt, max_chars, str(path))
+    return _filtered(src, tgt, max_chars, str(path), blank)
 
 
-def _filtered(src: list[str], tgt: list[str], max_chars: int, origin: str) -> Parallel:
+def _filtered(src: list[str], tgt: list[str], max_chars: int, origin: str, blank: int = 0) -> Parallel:
+    """The pairs with both sides present and within max_chars; `blank`: lines already skipped as blank (a TSV's)."""
     keep = [i for i, (s, t) in enumerate(zip(src, tgt))
             if s.strip() and t.strip() and len(s) <= max_chars and len(t) <= max_chars]
     out = Parallel([src[i].strip() for i in keep], [tgt[i].strip() for i in keep], len(src) - len(keep), origin)
     if not out.src:
-        raise DataError(f"{origin}: no sentence pairs to train on ({len(src)} lines, {out.dropped} empty or "
-                        f"longer than {max_chars} characters)")
+        lines = len(src) + blank
+        if lines == 0:
+            raise DataError(f"{origin}: no sentence pairs to train on: no lines at all")
+        why = [f"{blank} blank" if blank else "",
+               f"{out.dropped} with an empty side or a side longer than {max_chars} characters" if out.dropped else ""]
+        raise DataError(f"{origin}: no sentence pairs to train on: of its {lines} lines, "
+                        f"{' and '.join(w for w in why if w)}")
     return out
 
 

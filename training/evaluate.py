@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
+from rnnserve.engine.lm_engine import EMPTY_PROMPT
 from rnnserve.models.decode import decode_step
 from rnnserve.models.folder import load_lm, load_translation
-from rnnserve.offline import resolve_model, translate_ids
+from rnnserve.offline import LineProgress, resolve_model, translate_ids
 from rnnserve.text import lowercase_tokenized
 from rnnserve.training.corpus import DataError, read_lines
 from rnnserve.training.lm import evaluate_lm
@@ -21,7 +24,9 @@ def evaluate_text(folder: Path, text_file: Path, int8: bool = False) -> dict:
     lm = load_lm(folder)
     read_lines(text_file)  # names the first line that is not UTF-8
     text = text_file.read_text(encoding="utf-8")
-    ids = torch.tensor(lm.tokenizer.encode(text), dtype=torch.long)
+    # the file as it is (a final line break is a token too), read after a line break as /v1/score reads a text:
+    # every token of it is predicted, the first from the line break (EMPTY_PROMPT, one token)
+    ids = torch.tensor(lm.tokenizer.encode(EMPTY_PROMPT) + lm.tokenizer.encode(text), dtype=torch.long)
     batch = max(1, min(32, (len(ids) - 1) // 256))  # short texts: fewer, longer streams
     loss = evaluate_lm(lm.model, ids, batch_size=batch)
     result = {"model": lm.meta.get("name", folder.name), "characters": len(text), "loss": loss,
@@ -53,7 +58,8 @@ def step_loss(step, model, ids: torch.Tensor, streams: int) -> float:
     return total / (n * streams)
 
 
-def evaluate_translation(folder: Path, src_file: Path, ref_file: Path, beam_size: int, alpha: float) -> dict:
+def evaluate_translation(folder: Path, src_file: Path, ref_file: Path, beam_size: int, alpha: float,
+                         progress: TextIO | None = None) -> dict:
     """sacreBLEU's default BLEU (cased, 13a, on detokenized output) with its signature, and chrF; then BLEU on
     lowercased Moses tokens (hypotheses and references alike), comparable with published Multi30k results."""
     tr = load_translation(folder)
@@ -61,7 +67,9 @@ def evaluate_translation(folder: Path, src_file: Path, ref_file: Path, beam_size
     if len(src) != len(refs):
         raise DataError(f"{src_file} has {len(src)} lines but {ref_file} has {len(refs)}")
     t0 = time.perf_counter()
-    out = translate_ids(tr.model, [tr.src.encode(s) for s in src], beam_size=beam_size, alpha=alpha)
+    meter = LineProgress(len(src), progress)  # on a terminal only, erased before the result is printed
+    out = translate_ids(tr.model, [tr.src.encode(s) for s in src], beam_size=beam_size, alpha=alpha, on_done=meter)
+    meter.clear()
     seconds = time.perf_counter() - t0
     hyps = [tr.tgt.decode(h) for h in out]
     lang = (tr.meta.get("languages") or {}).get("target", "en")
@@ -85,7 +93,7 @@ def _evaluate(args, folder: Path) -> int:
         result = evaluate_text(folder, Path(args.text_file), int8=getattr(args, "int8", False))
     elif args.src_file and args.ref_file:
         result = evaluate_translation(folder, Path(args.src_file), Path(args.ref_file), args.beam_size,
-                                      args.length_penalty)
+                                      args.length_penalty, progress=sys.stderr)
     else:
         raise SystemExit("give --text-file (language models) or --src-file and --ref-file (translation)")
     print(json.dumps(result, indent=1))

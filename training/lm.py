@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from rnnserve.models.folder import save_lm
+from rnnserve.models.folder import name_problem, save_lm
 from rnnserve.models.lm import LMConfig, RNNLanguageModel, detach_state
-from rnnserve.subword import SubwordLMTokenizer
+from rnnserve.subword import SubwordLMTokenizer, VocabularyTooSmall
 from rnnserve.tokenizer import CharTokenizer
 from rnnserve.training.card import article, command_line, write_card
 from rnnserve.training.corpus import DataError, read_text
-from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, opt, seed_everything, write_metrics
+from rnnserve.training.loop import (EpochTracker, ProgressBar, checkpoint_path, cosine_lr, opt, seed_everything,
+                                    write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,14 @@ class LMTrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     clip: float = opt(1.0, "gradient-norm clipping threshold")
     epochs: int = opt(10, "passes over the training text")
-    max_minutes: float = opt(60.0, "stop after this many minutes, keeping the best epoch")
+    max_minutes: float = opt(60.0, "minutes from the first step (validations included) after which the "
+                                    "epoch under way is cut; its validation and writing the folder come on top")
     patience: int = opt(3, "epochs without validation improvement before stopping")
     eval_every: int = opt(0, "steps between validations (0: once per epoch)")
     seed: int = opt(1337, "random seed (initialisation, batching, dropout)")
     threads: int = opt(0, "torch threads (0: torch's default)")
     limit_chars: int = opt(0, "train on this many characters of the text only (0: all; for smoke runs)")
-    resume: bool = opt(False, "continue from the folder's train_state.pt checkpoint")
+    resume: bool = opt(False, "continue from the checkpoint next to the folder (<out>.train_state.pt)")
     extra: dict = field(default_factory=dict)
 
 
@@ -111,6 +113,8 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     if not cfg.out:
         raise DataError("give --out, the model folder to write (e.g. models/lm-mytext)")
     name = cfg.name or Path(cfg.out).name
+    if name_problem(name):
+        raise DataError(f"--name: {name_problem(name)}")
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -118,7 +122,12 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     if cfg.limit_chars:
         train_text, val_text = train_text[: cfg.limit_chars], val_text[: max(cfg.limit_chars // 10, 2048)]
     if cfg.tokenizer == "subword":
-        tokenizer = SubwordLMTokenizer.train(train_text, cfg.vocab_size)
+        try:
+            tokenizer = SubwordLMTokenizer.train(train_text, cfg.vocab_size)
+        except VocabularyTooSmall as e:
+            raise DataError(f"--vocab-size {cfg.vocab_size} is too small for {cfg.train_file}: its text needs at "
+                            f"least {e.minimum} pieces (each of its characters, 256 byte pieces and the special "
+                            f"tokens); give --vocab-size {e.minimum} or more") from None
         kind = f"SentencePiece unigram, {tokenizer.vocab_size} pieces, lines ended by <eos>"
     else:
         tokenizer = chars
@@ -133,10 +142,15 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     model = RNNLanguageModel(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data = batchify(train_ids, cfg.batch_size)
-    steps_per_epoch = (data.size(1) - 1) // cfg.seq_len
+    # windows per epoch: each epoch starts at a random shift below seq_len, so one window's room is kept for it
+    steps_per_epoch = (data.size(1) - 1) // cfg.seq_len - 1
+    if steps_per_epoch < 1:
+        raise DataError(f"{cfg.train_file}: too little training text for --batch-size {cfg.batch_size} x --seq-len "
+                        f"{cfg.seq_len}: it makes {train_ids.numel():,} tokens, and a step needs "
+                        f"{cfg.batch_size * (2 * cfg.seq_len + 1):,}; lower --batch-size or --seq-len")
     total_steps = steps_per_epoch * cfg.epochs
     out = Path(cfg.out)
-    ckpt_path = out / "train_state.pt"
+    ckpt_path = checkpoint_path(out)
     tracker = EpochTracker(ckpt_path, cfg.patience)
     if cfg.resume and ckpt_path.exists():
         tracker.resume(model, opt)
@@ -151,9 +165,9 @@ def train_lm(cfg: LMTrainConfig) -> dict:
         state = None
         # a random shift per epoch so windows do not always start at the same characters
         shift = int(torch.randint(0, cfg.seq_len, (1,)))
-        bar = ProgressBar(steps_per_epoch - 1, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = ProgressBar(steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         run_loss, n = 0.0, 0
-        for s in range(steps_per_epoch - 1):
+        for s in range(steps_per_epoch):
             i = shift + s * cfg.seq_len
             x = data[:, i: i + cfg.seq_len]
             y = data[:, i + 1: i + 1 + cfg.seq_len]

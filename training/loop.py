@@ -57,6 +57,13 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+def checkpoint_path(out: str | Path) -> Path:
+    """The resumable checkpoint of a run writing the model folder `out`: next to the folder, never inside it,
+    so that it is never archived or deployed with the model (models/lm-x -> models/lm-x.train_state.pt)."""
+    out = Path(out)
+    return out.parent / f"{out.name}.train_state.pt"
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, **extra) -> None:
     """Resumable training state: tensors, numbers and dicts only, so it loads with weights_only=True."""
     path.parent.mkdir(parents=True, exist_ok=True)

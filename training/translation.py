@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rnnserve.models.folder import save_translation
+from rnnserve.models.folder import name_problem, save_translation
 from rnnserve.offline import translate_ids
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq, Seq2SeqConfig
-from rnnserve.subword import SubwordTokenizer
+from rnnserve.subword import MODEL_TYPES, SubwordTokenizer, VocabularyTooSmall
 from rnnserve.training.card import article, command_line, write_card
 from rnnserve.training.corpus import MAX_CHARS, DataError, Parallel, hold_out, read_parallel, read_tsv
-from rnnserve.training.loop import EpochTracker, ProgressBar, cosine_lr, opt, seed_everything, write_metrics
+from rnnserve.training.loop import (EpochTracker, ProgressBar, checkpoint_path, cosine_lr, opt, seed_everything,
+                                    write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,13 @@ class TranslationTrainConfig:
     clip: float = opt(1.0, "gradient-norm clipping threshold")
     tf_min: float = opt(0.85, "teacher-forcing ratio reached at the last epoch (scheduled sampling)")
     epochs: int = opt(12, "passes over the training pairs")
-    max_minutes: float = opt(85.0, "stop after this many minutes, keeping the best epoch")
+    max_minutes: float = opt(85.0, "minutes from the first step (validations included) after which the "
+                                    "epoch under way is cut; its validation and writing the folder come on top")
     patience: int = opt(4, "epochs without validation improvement before stopping")
     seed: int = opt(1234, "random seed (held-out split, initialisation, batching, dropout)")
     threads: int = opt(0, "torch threads (0: torch's default)")
     limit_sentences: int = opt(0, "train on this many pairs only (0: all; for smoke runs)")
-    resume: bool = opt(False, "continue from the folder's train_state.pt checkpoint")
+    resume: bool = opt(False, "continue from the checkpoint next to the folder (<out>.train_state.pt)")
     extra: dict = field(default_factory=dict)
 
 
@@ -170,18 +172,32 @@ def corpus_bleu(hyps: list[str], refs: list[str]) -> tuple[float, float]:
     return bleu, chrf
 
 
+def learn_vocabulary(lines: list[str], size: int, kind: str, option: str, side: str) -> SubwordTokenizer:
+    """A side's SentencePiece vocabulary; a size too small for its text is bad data (DataError), before training."""
+    if kind not in MODEL_TYPES:
+        raise DataError(f"--subword must be one of {', '.join(MODEL_TYPES)}, not {kind!r}")
+    try:
+        return SubwordTokenizer.train(lines, size, kind)
+    except VocabularyTooSmall as e:
+        raise DataError(f"{option} {size} is too small for the training {side} sentences: they need at least "
+                        f"{e.minimum} pieces (each of their characters, 256 byte pieces and the special tokens); "
+                        f"give {option} {e.minimum} or more") from None
+
+
 def train_translation(cfg: TranslationTrainConfig) -> dict:
     data = load_data(cfg)  # every data problem stops here, before anything is trained
     if not cfg.out:
         raise DataError("give --out, the model folder to write (e.g. models/translate-fr-en)")
     name = cfg.name or Path(cfg.out).name
+    if name_problem(name):
+        raise DataError(f"--name: {name_problem(name)}")
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_tok = time.monotonic()
-    src_tok = SubwordTokenizer.train(data.train.src, cfg.src_vocab, cfg.subword)
-    tgt_tok = SubwordTokenizer.train(data.train.tgt, cfg.tgt_vocab, cfg.subword)
+    src_tok = learn_vocabulary(data.train.src, cfg.src_vocab, cfg.subword, "--src-vocab", "source")
+    tgt_tok = learn_vocabulary(data.train.tgt, cfg.tgt_vocab, cfg.subword, "--tgt-vocab", "target")
     log.info("subword vocabularies: %d source, %d target pieces (%.1f s)", src_tok.vocab_size, tgt_tok.vocab_size,
              time.monotonic() - t_tok)
     train = [(src_tok.encode(s), tgt_tok.encode(t)) for s, t in zip(data.train.src, data.train.tgt)]
@@ -196,7 +212,7 @@ def train_translation(cfg: TranslationTrainConfig) -> dict:
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     out = Path(cfg.out)
-    ckpt_path = out / "train_state.pt"
+    ckpt_path = checkpoint_path(out)
     tracker = EpochTracker(ckpt_path, cfg.patience, higher_is_better=True)  # by validation BLEU
     if cfg.resume and ckpt_path.exists():
         tracker.resume(model, opt)

@@ -13,6 +13,7 @@ place can at worst hold wrong numbers.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,17 @@ SOURCE_SPM, TARGET_SPM, LM_SPM = "source.model", "target.model", "tokenizer.mode
 FILES = (CONFIG_FILE, WEIGHTS_FILE)  # every model folder has these; model_files() lists the rest
 
 
+# the names a model may be served under: torch-model-archiver's rule (model_packaging_utils.py)
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot be a served model's name, or None when it can."""
+    if isinstance(name, str) and MODEL_NAME.match(name):
+        return None
+    return f"the served name {name!r} must be letters, digits, '_', '-' and '.', starting with a letter or digit"
+
+
 def model_files(folder: str | Path) -> list[Path]:
     """The files a model folder serves from: config, weights, its tokenizer's files and the model card."""
     folder = Path(folder)
@@ -42,6 +54,20 @@ def model_files(folder: str | Path) -> list[Path]:
     tokenizer = config.get("tokenizer", {}).get("files", [TOKENIZER_FILE])
     names = [CONFIG_FILE, WEIGHTS_FILE, *tokenizer] + ([CARD_FILE] if (folder / CARD_FILE).exists() else [])
     return [folder / n for n in names]
+
+
+def copy_model_folder(src: str | Path, dst: str | Path, **config: object) -> Path:
+    """A copy of a model folder's files, served under the new folder's name (config.json's "name"), with
+    `config`'s keys laid over its config.json."""
+    import shutil
+
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for path in model_files(src):
+        shutil.copy2(path, dst / path.name)
+    meta = json.loads((dst / CONFIG_FILE).read_text())
+    (dst / CONFIG_FILE).write_text(json.dumps({**meta, "name": dst.name, **config}, indent=1, ensure_ascii=False))
+    return dst
 
 
 def is_model_folder(folder: str | Path) -> bool:

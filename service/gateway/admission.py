@@ -38,7 +38,7 @@ class Admission:
             return 0.0
         if self._waiting_units + units > self.max_waiting:
             raise APIError(429, f"model {self.model!r} is at capacity; retry in {RETRY_AFTER_S}s",
-                           "overloaded_error", code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+                           "overloaded_error", headers={"Retry-After": str(RETRY_AFTER_S)})
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         entry = (units, fut)
         self._waiters.append(entry)

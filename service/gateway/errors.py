@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
+    """An error answer; its "code" is always its HTTP status (an int), as clients read it."""
+
     def __init__(self, status: int, message: str, type_: str, param: str | None = None,
-                 code: str | int | None = None, headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
-        self.code = code if code is not None else status
+        self.code = status
         self.headers = headers
 
     def body(self) -> dict:
@@ -94,6 +96,12 @@ def _message(e: dict) -> str:
     return e.get("msg", "invalid value").removeprefix("Value error, ")
 
 
+def _is_json(content_type: str) -> bool:
+    """application/json or application/<something>+json, parameters aside (as FastAPI reads it)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 429: "overloaded_error",
                 503: "unavailable_error", 504: "timeout_error"}
@@ -106,6 +114,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        body_not_read = any(e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",)
+                            for e in exc.errors())
+        if body_not_read and not _is_json(content_type or ""):
+            # FastAPI reads a body as JSON only when the request says it is JSON: a body without a Content-Type
+            # could be a cross-site form (FastAPI's strict_content_type), and curl -d sends a form's type
+            said = f"says {content_type!r}" if content_type else "has no Content-Type"
+            return error_response(invalid("the request body is read as JSON only with `Content-Type: "
+                                          f"application/json`; this request {said}"))
         message, param = _validation_message(exc)
         return error_response(invalid(message, param))
 

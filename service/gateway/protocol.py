@@ -31,7 +31,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: str | int | None = None
+    code: int  # the HTTP status the error stands for (an SSE error event: the status it would have had)
 
 
 class ErrorResponse(BaseModel):
@@ -264,13 +264,13 @@ class TranslateRequest(StrictModel):
     model: str = Field(..., min_length=1, max_length=128)
     text: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)] = Field(
         ..., description=f"one text or up to {MAX_TEXTS}")
-    beam_size: int = Field(4, ge=1, le=MAX_BEAM, description="1 = greedy")
+    beam_size: int = Field(4, ge=1, le=MAX_BEAM, description="1 = greedy (default: 4, or n_best when that is larger)")
     max_tokens: int | None = Field(None, ge=1, le=MAX_TRANSLATION_TOKENS,
                                    description="output tokens per text (default: 2 x source tokens + 10)")
     length_penalty: float = Field(0.6, ge=0.0, le=2.0, description="GNMT alpha: higher favours longer output")
     return_attention: bool = Field(False, description="per output token, attention weights over the source tokens")
     return_alignment: bool = Field(False, description="per output token, the index of its most-attended source token")
-    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="hypotheses per text with their logprobs (<= beam_size)")
+    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="hypotheses per text with their logprobs (at most beam_size)")
     target_prefix: str | None = Field(None, max_length=MAX_TEXT_CHARS,
                                       description="the translation starts with this text and continues it")
     stream: bool = False
@@ -283,7 +283,10 @@ class TranslateRequest(StrictModel):
         if self.stream and isinstance(self.text, list) and len(self.text) != 1:
             raise ValueError("stream=true translates one text; send a single string or stream=false")
         if self.n_best > self.beam_size:
-            raise ValueError("n_best must be at most beam_size")
+            if "beam_size" in self.model_fields_set:
+                raise ValueError(f"n_best ({self.n_best}) must be at most beam_size ({self.beam_size}); ask for "
+                                 f"beam_size {self.n_best} or more")
+            self.beam_size = self.n_best  # n_best alone widens the default beam (4) to hold that many hypotheses
         return self
 
     @property

@@ -71,15 +71,18 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Registry":
-        names = settings.models or sorted(p.stem for p in settings.model_store.glob("*.mar"))
-        return cls([_read(settings.models_dir / n, n) for n in names])
+        """The models TorchServe serves (the same list, service/torchserve.py), read from their folders."""
+        from rnnserve.service.archive import served_folders
+
+        served = served_folders(settings.models_dir, settings.models)
+        return cls([_read(folder, name) for name, folder in served.items()])
 
     def get(self, name: str, task: str | None) -> ModelInfo:
         """The model called `name` (404 otherwise), of the given task when one is named (400 otherwise)."""
         info = self.models.get(name)
         if info is None:
             raise APIError(404, f"model {name!r} does not exist; GET /v1/models lists the served models",
-                           "not_found_error", "model", "model_not_found")
+                           "not_found_error", "model")
         if task is not None and info.task != task:
             raise invalid(f"model {name!r} is a {info.task} model; use a {task} model for this route", "model")
         return info

@@ -90,6 +90,20 @@ def test_invalid_request_gets_one_error_shape_and_changes_nothing(stack):
                                       "type": "invalid_request_error", "param": "max_tokens", "code": 400}}
         r = c.post("/v1/generate", json={"model": "nope", "prompt": "a"})
         assert r.status_code == 404
-        assert r.json()["error"]["code"] == "model_not_found"
+        assert r.json() == {"error": {"message": "model 'nope' does not exist; GET /v1/models lists the served models",
+                                      "type": "not_found_error", "param": "model", "code": 404}}
         ok = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "a", "max_tokens": 3})
         assert ok.status_code == 200 and len(ok.json()["text"]) == 3
+
+
+def test_a_json_body_without_a_json_content_type_is_told_to_send_one(stack):
+    body = b'{"model": "lm-shakespeare", "prompt": "a", "max_tokens": 3}'
+    with stack.client() as c:
+        bare = c.post("/v1/generate", content=body)  # no Content-Type: not read, as a cross-site form could send it
+        form = c.post("/v1/generate", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+        ok = c.post("/v1/generate", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    for r, said in ((bare, "has no Content-Type"), (form, "says 'application/x-www-form-urlencoded'")):
+        assert r.status_code == 400 and r.json() == {"error": {
+            "message": f"the request body is read as JSON only with `Content-Type: application/json`; this request "
+                       f"{said}", "type": "invalid_request_error", "param": None, "code": 400}}
+    assert ok.status_code == 200 and len(ok.json()["text"]) == 3

@@ -31,7 +31,9 @@ def test_signal_stops_gateway_torchserve_and_workers(tmp_path, sig):
     while processes_of(stack.run_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_of(stack.run_dir) == []
-    assert "TorchServe stopped" in stack.log.read_text()
+    log = stack.log.read_text()
+    # TorchServe honoured SIGTERM (java ran its own shutdown): nothing sat out the grace period until SIGKILL
+    assert "TorchServe stopped" in log and "after SIGTERM; killed" not in log
 
 
 def test_missing_java_stops_at_once_with_install_instructions(tmp_path):

@@ -89,7 +89,7 @@ def test_overload_answers_429_at_once_then_recovers(tight):
         r = c.post("/v1/generate", json={**LONG, "max_tokens": 5}, headers=AUTH)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"] == {"message": "model 'lm-shakespeare' is at capacity; retry in 1s",
-                                     "type": "overloaded_error", "param": None, "code": "overloaded"}
+                                     "type": "overloaded_error", "param": None, "code": 429}
         # refused at once: the streams it would have waited for are still running, the queue unchanged
         assert gauge(c, "rnnserve_requests_running") == 2 and gauge(c, "rnnserve_requests_waiting") == 1
         assert "queued" not in statuses

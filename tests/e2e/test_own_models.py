@@ -1,14 +1,18 @@
-"""A user's own data to a served model: tiny models trained by the CLI from files this test writes, archived
-and served by `rnnserve serve` from a models folder of their own, and asked through the gateway."""
+"""A user's own data to a served model: tiny models trained by the CLI from files this test writes (and one
+imported), archived and served by `rnnserve serve` from a models folder of their own, each under the name its
+`--name` gave, beside a model store that already holds another archive, and asked through the gateway."""
 import itertools
 import json
 
 import httpx
 import pytest
+import torch
 
 from rnnserve.cli import main
 from rnnserve.models.folder import load_translation
 from rnnserve.offline import translate_lines
+from rnnserve.paths import MODELS_DIR
+from rnnserve.service.archive import build_archive
 from rnnserve.service.stack import start_stack, stop_stack
 
 pytestmark = pytest.mark.e2e
@@ -37,13 +41,28 @@ def own(tmp_path_factory):
                  *TINY]) == 0
     text = "".join(f"{en}\n" for _, en in PAIRS[:200])
     (data / "lm.txt").write_text(text, encoding="utf-8")
+    # --name: served as tiny-lm from the folder lm-folder
     assert main(["train", "lm", "--train-file", str(data / "lm.txt"), "--tokenizer", "subword", "--vocab-size", "300",
-                 "--out", str(models / "tiny-lm"), "--hidden-size", "64", "--num-layers", "1", "--seq-len", "32",
-                 "--batch-size", "8", "--epochs", "4", *TINY]) == 0
+                 "--out", str(models / "lm-folder"), "--name", "tiny-lm", "--hidden-size", "64", "--num-layers", "1",
+                 "--seq-len", "32", "--batch-size", "8", "--epochs", "4", *TINY]) == 0
     # a model's own limits, below the service-wide ones
-    config = json.loads((models / "tiny-lm" / "config.json").read_text())
-    (models / "tiny-lm" / "config.json").write_text(json.dumps({**config, "limits": {"max_tokens": 50}}))
-    stack = start_stack(tmp_path_factory.mktemp("stack"), models_dir=models)
+    config = json.loads((models / "lm-folder" / "config.json").read_text())
+    (models / "lm-folder" / "config.json").write_text(json.dumps({**config, "limits": {"max_tokens": 50}}))
+    # word_language_model's layout, imported under a name of its own
+    torch.manual_seed(0)
+    words = ["<eos>", *sorted(ENGLISH)]
+    weights = {"encoder.weight": torch.randn(len(words), 8), "rnn.weight_ih_l0": torch.randn(32, 8) * 0.1,
+               "rnn.weight_hh_l0": torch.randn(32, 8) * 0.1, "rnn.bias_ih_l0": torch.zeros(32),
+               "rnn.bias_hh_l0": torch.zeros(32), "decoder.weight": torch.randn(len(words), 8),
+               "decoder.bias": torch.zeros(len(words))}
+    torch.save(weights, data / "words.pt")
+    (data / "vocab.txt").write_text("".join(f"{w}\n" for w in words))
+    assert main(["import", "--weights", str(data / "words.pt"), "--vocab", str(data / "vocab.txt"),
+                 "--out", str(models / "words-folder"), "--name", "words"]) == 0
+    # the store already holds an archive of a model that is not in this models folder: it is left alone
+    root = tmp_path_factory.mktemp("stack")
+    build_archive("lm-shakespeare", MODELS_DIR / "lm-shakespeare", "lm", root / "model_store")
+    stack = start_stack(root, models_dir=models)
     yield stack, models
     stop_stack(stack)
 
@@ -62,7 +81,7 @@ def test_models_lists_both_with_languages_and_their_own_limits(own):
     stack, _ = own
     with stack.client() as c:
         cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
-    assert set(cards) == {"tiny-fr-en", "tiny-lm"}
+    assert set(cards) == {"tiny-fr-en", "tiny-lm", "words"}  # served names (--name), not the store's other archive
     assert cards["tiny-fr-en"]["languages"] == {"source": "fr", "target": "en"}
     assert cards["tiny-fr-en"]["task"] == "translation" and cards["tiny-lm"]["task"] == "lm"
     assert cards["tiny-lm"]["limits"]["max_tokens"] == 50 and cards["tiny-lm"]["languages"] is None
@@ -110,6 +129,20 @@ def test_generation_from_a_subword_model_and_its_own_limit(own):
     assert over.status_code == 400
     assert over.json()["error"] == {"message": "max_tokens must be at most 50 for model 'tiny-lm'",
                                     "type": "invalid_request_error", "param": "max_tokens", "code": 400}
+
+
+def test_an_imported_model_answers_under_its_name_and_only_there(own):
+    stack, _ = own
+    with stack.client() as c:
+        r = c.post("/v1/generate", json={"model": "words", "prompt": "The dog", "max_tokens": 5, "seed": 1})
+        folder = c.post("/v1/generate", json={"model": "words-folder", "prompt": "The", "max_tokens": 5})
+        other = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "The", "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    assert set(r.json()["text"].split()) <= ENGLISH
+    for refused, name in ((folder, "words-folder"), (other, "lm-shakespeare")):
+        assert refused.status_code == 404 and refused.json()["error"]["message"] == (
+            f"model {name!r} does not exist; GET /v1/models lists the served models")
 
 
 def test_bad_input_to_a_model_of_ones_own_gets_the_one_error_shape(own):

@@ -32,14 +32,18 @@ def test_lm_ranks_fluent_above_shuffled_and_agrees_with_evaluate(stack, tmp_path
     assert "".join(t["token"] for t in one["token_logprobs"]) == FLUENT
     assert sum(t["logprob"] for t in one["token_logprobs"]) == pytest.approx(one["logprob"], abs=1e-3)
     assert one["perplexity"] == pytest.approx(math.exp(-one["logprob"] / one["tokens"]))
-    # rnnserve evaluate reads a file and predicts every character after the first: a file holding a line
-    # break and the text gives the same conditional probabilities the service sums
-    f = tmp_path / "text.txt"
-    f.write_text("\n" + FLUENT)
-    out = subprocess.run([sys.executable, "-m", "rnnserve.cli", "evaluate", LM, "--text-file", str(f)],
-                         capture_output=True, text=True, check=True, env=stack.env).stdout
-    loss = json.loads(out)["loss"]
-    assert -one["logprob"] / one["tokens"] == pytest.approx(loss, abs=1e-4)
+    # rnnserve evaluate reads a file as it is, after a line break, as the service reads a text: a file holding
+    # exactly the text gives the loss -logprob / tokens, and one with a final line break its score with "\n"
+    with stack.client() as c:
+        ended = post(c, "/v1/score", {"model": LM, "text": FLUENT + "\n"})
+    for text, score in ((FLUENT, one), (FLUENT + "\n", ended)):
+        f = tmp_path / "text.txt"
+        f.write_text(text)
+        out = subprocess.run([sys.executable, "-m", "rnnserve.cli", "evaluate", LM, "--text-file", str(f)],
+                             capture_output=True, text=True, check=True, env=stack.env).stdout
+        loss = json.loads(out)["loss"]
+        assert -score["logprob"] / score["tokens"] == pytest.approx(loss, abs=1e-4), repr(text)
+    assert ended["tokens"] == len(FLUENT) + 1
 
 
 def test_translation_scores_candidates_like_its_beam_search(stack):
@@ -86,7 +90,19 @@ def test_score_errors(stack):
         assert r.status_code == 400 and r.json()["error"]["message"] == (
             "send either text (one text) or candidates (texts to rank)")
         r = c.post("/v1/translate", json={"model": MT, "text": "Hallo", "beam_size": 2, "n_best": 3})
-        assert r.status_code == 400 and "n_best must be at most beam_size" in r.json()["error"]["message"]
+        assert r.status_code == 400 and r.json()["error"] == {
+            "message": "n_best (3) must be at most beam_size (2); ask for beam_size 3 or more",
+            "type": "invalid_request_error", "param": None, "code": 400}
+
+
+def test_n_best_alone_widens_the_default_beam(stack):
+    with stack.client() as c:
+        five = post(c, "/v1/translate", {"model": MT, "text": "Ein Mann fährt Fahrrad.", "n_best": 5})
+        beam5 = post(c, "/v1/translate", {"model": MT, "text": "Ein Mann fährt Fahrrad.", "n_best": 5,
+                                          "beam_size": 5})
+    hyps, wide = five["translations"][0]["hypotheses"], beam5["translations"][0]["hypotheses"]
+    assert len(hyps) == 5 and [h["text"] for h in hyps] == [h["text"] for h in wide]
+    assert [h["logprob"] for h in hyps] == pytest.approx([h["logprob"] for h in wide], abs=1e-3)
 
 
 def test_openai_client_reads_logprobs_echo_and_best_of(stack):

@@ -1,12 +1,12 @@
 """The archives' model-config.yaml: what `rnnserve archive` writes into each .mar, for the CPU and GPU profiles."""
 import json
-import shutil
 import zipfile
 
 import pytest
 import yaml
 
 from rnnserve.cli import main
+from rnnserve.models.folder import copy_model_folder
 from rnnserve.service.archive import GPU_SETTINGS, MODEL_CONFIGS, build_archives, model_config
 
 
@@ -17,8 +17,8 @@ def _written(store, name) -> dict:
 
 @pytest.fixture
 def models(tmp_path, tiny_lm_folder, tiny_translation_folder):
-    shutil.copytree(tiny_lm_folder, tmp_path / "models" / "lm")
-    shutil.copytree(tiny_translation_folder, tmp_path / "models" / "tr")
+    copy_model_folder(tiny_lm_folder, tmp_path / "models" / "lm")
+    copy_model_folder(tiny_translation_folder, tmp_path / "models" / "tr")
     return tmp_path / "models"
 
 
@@ -63,15 +63,36 @@ def test_the_gpu_profile_does_not_change_the_table():
     assert "cuda_graphs" not in MODEL_CONFIGS["lm"]["handler"]
 
 
-def test_builds_of_one_model_at_once_do_not_collide(tmp_path):
-    """The archiver stages in $TMPDIR/<model name>: two stacks building the same model at once (a test beside
-    `make archive`) each get their own staging folder, so neither deletes the other's files mid-build."""
+def test_archives_of_one_name_built_at_once_keep_their_own_files(tmp_path, tiny_lm_folder):
+    """torch-model-archiver stages in $TMPDIR/<name>: concurrent builds of one name (two stacks, test sessions
+    or worktrees on a machine) must not share it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rnnserve.paths import MODELS_DIR
-    from rnnserve.service.archive import build_archive, model_folders
+    from rnnserve.service.archive import build_archive
 
-    name, folder, task = next(f for f in model_folders(MODELS_DIR) if f[0] == "lm-shakespeare")
+    folders = [copy_model_folder(tiny_lm_folder, tmp_path / f"m{i}" / "lm", limits={"max_tokens": 10 + i})
+               for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        paths = list(pool.map(lambda i: build_archive(name, folder, task, tmp_path / str(i)), range(4)))
-    assert [p.name for p in paths] == ["lm-shakespeare.mar"] * 4 and all(p.stat().st_size > 0 for p in paths)
+        paths = list(pool.map(lambda i: build_archive("lm", folders[i], "lm", tmp_path / f"store{i}"), range(4)))
+    for i, path in enumerate(paths):
+        with zipfile.ZipFile(path) as z:
+            assert json.loads(z.read("config.json"))["limits"] == {"max_tokens": 10 + i}
+
+
+def test_served_names_come_from_config_and_must_be_unique_and_valid(tmp_path, tiny_lm_folder):
+    from rnnserve.service.archive import model_folders, served_folders
+
+    models = tmp_path / "models"
+    copy_model_folder(tiny_lm_folder, models / "foo", name="bar")
+    copy_model_folder(tiny_lm_folder, models / "baz")
+    assert [(n, f.name) for n, f, _ in model_folders(models)] == [("baz", "baz"), ("bar", "foo")]
+    assert served_folders(models, ["bar"]) == {"bar": models / "foo"}
+    with pytest.raises(SystemExit, match=r"is served as \['foo'\] \(there are \['bar', 'baz'\]\)"):
+        served_folders(models, ["foo"])
+    copy_model_folder(tiny_lm_folder, models / "qux", name="bar")
+    with pytest.raises(SystemExit, match=f"^{models / 'foo'} and {models / 'qux'} are both served as 'bar'"):
+        model_folders(models)
+    (models / "qux" / "config.json").write_text(json.dumps({**json.loads((models / "qux" / "config.json").read_text()),
+                                                            "name": "no spaces"}))
+    with pytest.raises(SystemExit, match="the served name 'no spaces' must be letters, digits"):
+        model_folders(models)

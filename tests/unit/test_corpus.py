@@ -52,8 +52,15 @@ def test_long_and_empty_pairs_are_dropped_and_counted_and_nothing_left_is_an_err
     tgt = write(tmp_path / "t", "kurz\ny\nleer\nok\n")
     data = read_parallel(src, tgt, max_chars=20)
     assert data.src == ["short", "ok"] and data.dropped == 2
-    with pytest.raises(DataError, match=r"no sentence pairs to train on \(4 lines, 4 empty or longer than 1 "):
+    with pytest.raises(DataError, match=rf"^{src} \+ {tgt}: no sentence pairs to train on: of its 4 lines, 4 with an "
+                                        r"empty side or a side longer than 1 characters$"):
         read_parallel(src, tgt, max_chars=1)
+    blank = write(tmp_path / "blank.tsv", "  \n\t\n\n")
+    with pytest.raises(DataError, match=rf"^{blank}: no sentence pairs to train on: of its 3 lines, 3 blank$"):
+        read_tsv(blank)
+    empty = write(tmp_path / "e", "")
+    with pytest.raises(DataError, match=rf"^{empty} \+ {empty}: no sentence pairs to train on: no lines at all$"):
+        read_parallel(empty, empty)
     with pytest.raises(DataError, match="no text to train on"):
         read_text(write(tmp_path / "empty", "\n \n"))
 

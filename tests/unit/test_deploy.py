@@ -114,12 +114,12 @@ def test_kubernetes_manifests():
 
 def test_archives_are_rebuilt_when_a_model_folder_changes(tmp_path, tiny_lm_folder):
     import os
-    import shutil
 
+    from rnnserve.models.folder import copy_model_folder
     from rnnserve.service.archive import stale_archives
 
     models, store = tmp_path / "models", tmp_path / "store"
-    shutil.copytree(tiny_lm_folder, models / "m")
+    copy_model_folder(tiny_lm_folder, models / "m")
     store.mkdir()
     assert stale_archives(models, store) == ["m"]
     (store / "m.mar").touch()

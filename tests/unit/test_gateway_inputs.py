@@ -1,6 +1,5 @@
 """The gateway's answers to bad and hostile input, with TorchServe down (nothing listens on its port):
 validation never reaches upstream, and upstream being down is a fast 503, never a 500."""
-import shutil
 import time
 
 import pytest
@@ -8,6 +7,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rnnserve.models.folder import copy_model_folder
 from rnnserve.service.gateway.app import create_app
 from rnnserve.service.settings import Settings
 from rnnserve.service.stack import free_ports
@@ -18,7 +18,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 @pytest.fixture(scope="module")
 def client(tiny_lm_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("gw")
-    shutil.copytree(tiny_lm_folder, root / "models" / "lm-shakespeare")
+    copy_model_folder(tiny_lm_folder, root / "models" / "lm-shakespeare")
     (root / "store").mkdir()
     (root / "store" / "lm-shakespeare.mar").touch()
     ports = free_ports(6)

@@ -39,12 +39,15 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     cfg = LMTrainConfig(train_file=SHAKESPEARE, out=str(tmp_path / "lm"), epochs=3, limit_chars=20000, hidden_size=32, embed_dim=16,
                         batch_size=8, seq_len=32, warmup_steps=5, threads=1, max_minutes=0.0)
     first = train_lm(cfg)  # the time budget stops it within the first epoch
-    assert len(first["history"]) == 1 and (tmp_path / "lm" / "train_state.pt").exists()
+    # the checkpoint lies next to the folder: the folder, which is archived and deployed, holds the model only
+    assert len(first["history"]) == 1 and (tmp_path / "lm.train_state.pt").exists()
+    assert {p.name for p in (tmp_path / "lm").iterdir()} == {"config.json", "tokenizer.json", "model.safetensors",
+                                                             "metrics.json", "loss.png", "README.md"}
     cfg.resume, cfg.max_minutes = True, 10.0
     second = train_lm(cfg)
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
     assert second["history"][0] == first["history"][0]
-    assert not (tmp_path / "lm" / "train_state.pt").exists()  # finished: nothing left to resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]  # finished: no checkpoint left to resume
 
 
 def test_evaluate_prints_loss_perplexity_and_bits_per_char(tmp_path, capsys):
@@ -108,3 +111,52 @@ def test_epoch_tracker_keeps_the_best_weights_stops_on_patience_and_resumes(tmp_
     assert (again.start_epoch, again.best, again.bad_epochs) == (4, 12.0, 2)
     assert [h["bleu"] for h in again.history] == [10.0, 12.0, 11.0, 12.0]
     assert EpochTracker(tmp_path / "other.pt", patience=1).best == float("inf")  # a loss: lower is better
+
+
+def test_a_vocabulary_too_small_for_the_text_is_a_clear_error_before_training(tmp_path, capsys):
+    out = tmp_path / "tr"
+    args = ["train", "translation", "--train-src", str(RAW / "val.de.gz"), "--train-tgt", str(RAW / "val.en.gz"),
+            "--out", str(out), "--limit-sentences", "400", "--threads", "1"]
+    assert main([*args, "--src-vocab", "300", "--tgt-vocab", "400"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("rnnserve train: error: --src-vocab 300 is too small for the training source sentences: they need "
+                   "at least 322 pieces (each of their characters, 256 byte pieces and the special tokens); give "
+                   "--src-vocab 322 or more\n")
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing trained, nothing written
+    # the size it names is enough
+    from rnnserve.training.corpus import read_parallel
+    from rnnserve.training.translation import learn_vocabulary
+
+    pairs = read_parallel(RAW / "val.de.gz", RAW / "val.en.gz")
+    assert learn_vocabulary(pairs.src[:400], 322, "unigram", "--src-vocab", "source").vocab_size == 322
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"{line}\n" for line in pairs.src[:400]))
+    assert main(["train", "lm", "--train-file", str(text), "--tokenizer", "subword", "--vocab-size", "100",
+                 "--out", str(tmp_path / "lm")]) == 2
+    assert capsys.readouterr().err.startswith(f"rnnserve train: error: --vocab-size 100 is too small for {text}: its "
+                                              f"text needs at least ")
+
+
+def test_help_shows_each_default_once_and_no_empty_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "lm", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: )" not in text and text.count("(default: the folder's name)") == 1
+    assert "(default: 0.1)" in text
+
+
+def test_the_lm_log_and_bar_count_the_same_steps(tmp_path, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="rnnserve.training.lm")
+    main(["train", "lm", "--out", str(tmp_path / "lm"), "--epochs", "1", *TINY_LM])
+    # 20,000 training characters in 8 streams of 2,500: 78 windows of 32, one of them kept for the random shift
+    assert "77 steps/epoch" in caplog.text
+    assert " 77/77 " in capsys.readouterr().err
+
+
+def test_a_name_that_cannot_be_served_stops_the_run_before_training(tmp_path, capsys):
+    assert main(["train", "lm", "--out", str(tmp_path / "lm"), "--name", "my model", *TINY_LM]) == 2
+    assert capsys.readouterr().err == ("rnnserve train: error: --name: the served name 'my model' must be letters, "
+                                       "digits, '_', '-' and '.', starting with a letter or digit\n")
+    assert not (tmp_path / "lm").exists()
