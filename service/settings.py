@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     ts_key_file: Path | None = None  # TorchServe's key_file.json; default run_dir/key_file.json
     ts_token_auth: bool = True
     ts_start_timeout_s: float = Field(180.0, gt=0)
+    # requests TorchServe queues per model beyond the worker's batch (its job_queue_size). Unset: the larger
+    # of 1,024 and max_running_per_model, so that everything the gateway admits fits and only the gateway
+    # refuses (429 with Retry-After), never TorchServe (503). Set it to the sum of max_running_per_model
+    # over every gateway replica that shares one TorchServe.
+    ts_job_queue_size: int | None = Field(None, ge=1)
     run_dir: Path = REPO_ROOT / "run"  # TorchServe's working directory: logs, key file, config
     model_store: Path = MODEL_STORE
     models_dir: Path = MODELS_DIR
@@ -111,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def metrics_url(self) -> str:
         return f"http://{self.ts_host}:{self.ts_metrics_port}/metrics"
+
+    @property
+    def job_queue_size(self) -> int:
+        return self.ts_job_queue_size or max(1024, self.max_running_per_model)
 
     @property
     def key_file(self) -> Path:

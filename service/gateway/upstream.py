@@ -115,7 +115,9 @@ class Upstream:
             s = self.settings
             timeout = aiohttp.ClientTimeout(connect=s.upstream_connect_timeout_s, sock_read=s.request_timeout_s)
             # read_bufsize bounds one line: a frame may be as large as TorchServe lets a response be
-            self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024),
+            # no connection limit of its own: admission bounds the streams per model, and a pool limit below
+            # the sum of the models' bounds would queue admitted streams out of sight of the metrics
+            self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
                                                  auto_decompress=False, read_bufsize=MAX_RESPONSE_BYTES)
         return self.session
 
