@@ -44,6 +44,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
         self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
         self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 32))
+        # the least time between two frames of a stream, its first frame excepted (0: one frame per step)
+        self.frame_interval_s = float(cfg.get("frame_interval_ms", 0)) / 1000
         # a floor on a step's duration: with max_tokens_per_step 1 it paces every stream to at most
         # 1000 / min_step_ms tokens/s whatever the machine's speed (the test suite's slow streams)
         self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
@@ -100,6 +102,15 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         t0 = time.monotonic()
         budget = self.admit_step_s if short else scale * self.target_step_s
         outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget)}
+        if not short:
+            # A fast engine fills the frame interval with more steps: every stream's next frame carries all it
+            # made meanwhile, so frames do not multiply with the engine's speed (each costs TorchServe, the
+            # gateway and the client the same, whatever it carries). A first frame never waits: short steps.
+            end = t0 + scale * self.frame_interval_s
+            while self.engine.has_work() and (left := end - time.monotonic()) > 0:
+                for o in self.engine.step(self.max_tokens_per_step, budget_s=left):
+                    earlier = outputs.get(o.request_id)
+                    outputs[o.request_id] = o if earlier is None else merge_outputs(earlier, o)
         if self.min_step_s:
             time.sleep(max(0.0, self.min_step_s - (time.monotonic() - t0)))
         return outputs
