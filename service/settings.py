@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []  # CORS stays off unless origins are listed
     request_timeout_s: float = Field(120.0, gt=0)  # whole request, streams included
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    # gateway processes on the one port (uvicorn workers): one Python process tops out at about one core of
+    # streaming work; admission, metrics and readiness stay the whole service's (slots.py, metrics.py)
+    gateway_workers: int = Field(1, ge=1, le=64)
+    # set by the launcher for its gateway processes, not by users: the folder holding their shared
+    # admission counters and prometheus-client's multiprocess files
+    gateway_shared_dir: Path | None = None
     # admission per model: generations in flight (= the handler's batch, service/archive.py) and queued
     max_running_per_model: int = Field(64, ge=1)
     max_waiting_per_model: int = Field(64, ge=0)

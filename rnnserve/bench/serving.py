@@ -8,8 +8,9 @@ the whole batch taking `--token-ms` of wall time (a fast GPU's; 0: none). The en
 min(streams, batch) x 1000 / token_ms tokens/s; `vs_engine` is the share of it the stack delivers. Whatever the
 stack spends is the path's own: per level, tokens/s, events/s, time to first token and inter-token
 latency, errors by status, and the CPU time per streamed token of every process (the gateway's, TorchServe's
-frontend, the worker and this client). Medians of `--repeat` runs; the machine's speed swings, so compare
-figures measured in the same run.
+frontend, the worker and this client). Each run of a level sends bursts of that many streams until about
+1,024 requests went out; medians of `--repeat` runs. The machine's speed swings: compare figures measured
+in the same run.
 """
 from __future__ import annotations
 
@@ -89,16 +90,17 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict, run: Run
         run.errors[type(e).__name__] += 1
 
 
-async def streams(url: str, model: str, n: int, tokens: int) -> Run:
-    """`n` streamed generations sent at once."""
+async def streams(url: str, model: str, n: int, tokens: int, bursts: int = 1) -> Run:
+    """`bursts` times, one after the other: `n` streamed generations sent at once."""
     run = Run(n)
     timeout = aiohttp.ClientTimeout(total=900)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=n + 4)) as session:
         t0 = time.perf_counter()
-        await asyncio.gather(*(
-            _stream(session, f"{url}/v1/generate",
-                    {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "seed": i,
-                     "stream": True}, run) for i in range(n)))
+        for _ in range(bursts):
+            await asyncio.gather(*(
+                _stream(session, f"{url}/v1/generate",
+                        {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "seed": i,
+                         "stream": True}, run) for i in range(n)))
         run.seconds = time.perf_counter() - t0
     return run
 
@@ -138,10 +140,12 @@ def cpu_seconds(roles: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return out
 
 
-def measure(stack: Stack, model: str, n: int, tokens: int, ceiling: float | None = None) -> dict:
+def measure(stack: Stack, model: str, n: int, tokens: int, ceiling: float | None = None, requests: int = 1024) -> dict:
+    """Bursts of `n` streams until about `requests` were sent: every level carries the same work, so that the
+    processes' fixed background CPU (the JVM's compiler and collector) weighs the same in each."""
     roles = stack_processes(stack)
     before = cpu_seconds(roles)
-    run = asyncio.run(streams(stack.url, model, n, tokens))
+    run = asyncio.run(streams(stack.url, model, n, tokens, bursts=max(1, round(requests / n))))
     after = cpu_seconds(roles)
     per_token = {f"{role}_us_per_token": (1e6 * (after[role] - before[role]) / run.tokens if run.tokens else None)
                  for role in roles}
@@ -188,8 +192,7 @@ def bench_serving(levels: list[int], tokens: int, out: Path | None, repeat: int 
         stack = start_stack(Path(tmp), models_dir=synthetic_models_dir(Path(tmp), token_ms), extra_env=env)
         try:
             # TorchServe's JVM compiles its hot paths over the first few thousand frames
-            for _ in range(WARMUP_ROUNDS):
-                asyncio.run(streams(stack.url, SYNTHETIC, min(levels), tokens))
+            asyncio.run(streams(stack.url, SYNTHETIC, min(256, top), tokens, bursts=WARMUP_ROUNDS))
             for n in levels:
                 ceiling = min(n, batch) * 1000 / token_ms if token_ms else None
                 rows.append(summarize([measure(stack, SYNTHETIC, n, tokens, ceiling) for _ in range(repeat)]))

@@ -14,12 +14,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from rnnserve import __version__
-from rnnserve.service.gateway.admission import Admission
+from rnnserve.service.gateway.admission import Admission, SharedAdmission
 from rnnserve.service.gateway.errors import APIError, install_error_handlers
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
 from rnnserve.service.gateway.sessions import SessionStore
+from rnnserve.service.gateway.slots import SharedCounts
 from rnnserve.service.gateway.states import StateSigner
 from rnnserve.service.gateway.upstream import Upstream
 from rnnserve.service.settings import Settings
@@ -101,10 +102,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = Registry.from_settings(settings)
     metrics = Metrics()
-    admissions = {}
+    admissions: dict[str, Admission] = {}
+    counts = None
+    if settings.gateway_workers > 1:  # one of several gateway processes (launcher.py): bounds for the service
+        if settings.gateway_shared_dir is None:
+            raise RuntimeError("RNNSERVE_GATEWAY_WORKERS > 1 needs the launcher (`rnnserve serve` or `rnnserve gateway`)")
+        counts = SharedCounts(settings.gateway_shared_dir / "admission", list(registry.models), settings.gateway_workers)
     for name in registry.models:
         metrics.init_model(name)
-        admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics)
+        if counts is None:
+            admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics)
+        else:
+            admissions[name] = SharedAdmission(name, settings.max_running_per_model, settings.max_waiting_per_model,
+                                               metrics, counts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,6 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await probe
             await upstream.close()
+            if counts is not None:
+                counts.close()
 
     app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan,
                   description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
