@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -79,6 +80,8 @@ def _run_gateways(settings: Settings) -> None:
     (shared / "prometheus").mkdir()
     os.environ.update(settings_env(settings), RNNSERVE_GATEWAY_SHARED_DIR=str(shared),
                       PROMETHEUS_MULTIPROC_DIR=str(shared / "prometheus"))
+    if settings.state_key is None:  # one random key for all of them: a state one signs, the others accept
+        os.environ["RNNSERVE_STATE_KEY"] = secrets.token_hex(32)
     log.info("starting %d gateway processes on port %d", settings.gateway_workers, settings.port)
     try:
         uvicorn.run("rnnserve.service.launcher:gateway_app", factory=True, workers=settings.gateway_workers,

@@ -19,6 +19,7 @@ from rnnserve.service.gateway.errors import APIError, install_error_handlers
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
+from rnnserve.service.gateway.session_guard import SessionsUnavailable
 from rnnserve.service.gateway.sessions import SessionStore
 from rnnserve.service.gateway.slots import SharedCounts
 from rnnserve.service.gateway.states import StateSigner
@@ -143,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.signer = StateSigner(key)
     app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model, settings.max_session_bytes_per_model,
                                       settings.session_ttl_s)
+    if counts is not None:  # a session store per process would lose sessions between them
+        app.state.sessions = SessionsUnavailable(settings.gateway_workers)
     install_error_handlers(app)
 
     from rnnserve.service.gateway.routes import router

@@ -4,6 +4,7 @@ admission bounds, /metrics and readiness are the whole service's wherever a requ
 Streams are paced (waits.PACED): a 2,048-token stream holds its slot for over 40 s on any machine. Each request
 below opens its own connection, so the kernel hands them to either process.
 """
+import shutil
 import threading
 
 import httpx
@@ -11,18 +12,22 @@ import psutil
 import pytest
 
 from rnnserve.bench.serving import SYNTHETIC, synthetic_models_dir
+from rnnserve.paths import MODELS_DIR
 from rnnserve.service.stack import start_stack, stop_stack
 from tests.e2e.waits import PACED, metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
+LM = "lm-shakespeare"
 LONG = {"model": SYNTHETIC, "prompt": "ROMEO:", "max_tokens": 2048, "stream": True}
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two")
-    s = start_stack(tmp, models_dir=synthetic_models_dir(tmp), extra_env={
+    models = synthetic_models_dir(tmp)
+    shutil.copytree(MODELS_DIR / LM, models / LM)  # a real model, for states
+    s = start_stack(tmp, models_dir=models, extra_env={
         "RNNSERVE_GATEWAY_WORKERS": "2", "RNNSERVE_MAX_RUNNING_PER_MODEL": "2", "RNNSERVE_MAX_WAITING_PER_MODEL": "1",
         **PACED})
     yield s
@@ -48,7 +53,7 @@ def test_the_service_runs_two_gateway_processes_that_answer_ready(two):
         wait_for(lambda: all(c.get("/readyz").status_code == 200 for _ in range(8)), "both processes to be ready")
         for _ in range(8):
             r = c.get("/readyz")
-            assert r.status_code == 200 and r.json()["models"] == {SYNTHETIC: "ready"}, r.text
+            assert r.status_code == 200 and r.json()["models"] == {SYNTHETIC: "ready", LM: "ready"}, r.text
 
 
 def test_admission_bounds_hold_for_the_whole_service(two):
@@ -106,3 +111,24 @@ def test_metrics_report_the_whole_service(two):
             assert r.status_code == 200 and r.json()["text"] == "Now"
     # every scrape, whichever process answers it, counts all eight
     assert [served() - before for _ in range(6)] == [8.0] * 6
+
+
+def test_a_state_signed_by_one_process_is_accepted_by_every_one_and_sessions_are_refused(two):
+    with fresh(two) as c:
+        first = c.post("/v1/generate", json={"model": LM, "prompt": "ROMEO:", "max_tokens": 4, "temperature": 0,
+                                             "return_state": True}).json()
+        texts = set()
+        for _ in range(6):
+            r = c.post("/v1/generate", json={"model": LM, "prompt": "", "max_tokens": 4, "temperature": 0,
+                                             "state": first["state"]})
+            assert r.status_code == 200, r.text
+            texts.add(r.json()["text"])
+        assert len(texts) == 1  # greedy from the same state, whichever process verified it
+        for _ in range(3):
+            r = c.post("/v1/generate", json={"model": LM, "prompt": "a", "max_tokens": 2, "session": "s1"})
+            assert r.status_code == 400
+            assert r.json() == {"error": {
+                "message": "sessions are held in one gateway process's memory and this service runs 2 "
+                           "(RNNSERVE_GATEWAY_WORKERS); continue from a returned state instead (`return_state`, "
+                           "then `state`)", "type": "invalid_request_error", "param": "session", "code": 400}}
+            assert c.get("/v1/sessions").status_code == 400
