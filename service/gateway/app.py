@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 
 from fastapi import FastAPI
+from prometheus_client import multiprocess
 from fastapi.middleware.cors import CORSMiddleware
 
 from rnnserve import __version__
@@ -108,7 +109,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.gateway_workers > 1:  # one of several gateway processes (launcher.py): bounds for the service
         if settings.gateway_shared_dir is None:
             raise RuntimeError("RNNSERVE_GATEWAY_WORKERS > 1 needs the launcher (`rnnserve serve` or `rnnserve gateway`)")
-        counts = SharedCounts(settings.gateway_shared_dir / "admission", list(registry.models), settings.gateway_workers)
+        # a dead process's gauges (requests running, sessions) must stop counting in the service's sums
+        counts = SharedCounts(settings.gateway_shared_dir / "admission", list(registry.models), settings.gateway_workers,
+                              on_dead=multiprocess.mark_process_dead)
     for name in registry.models:
         metrics.init_model(name)
         if counts is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,8 +29,10 @@ def _alive(pid: int) -> bool:
 
 
 class SharedCounts:
-    def __init__(self, path: Path, models: list[str], processes: int, pid: int | None = None) -> None:
+    def __init__(self, path: Path, models: list[str], processes: int, pid: int | None = None,
+                 on_dead: Callable[[int], None] | None = None) -> None:
         self.pid = pid or os.getpid()  # tests stand in for several processes
+        self.on_dead = on_dead  # told the pid of every dead process whose column is taken back
         self.models = {m: i for i, m in enumerate(sorted(models))}
         self.n = processes
         size = 8 * (processes + 2 * len(self.models) * processes)
@@ -63,6 +66,8 @@ class SharedCounts:
             for column in range(self.n):
                 owner = self.cells[column]
                 if owner in (0, pid) or not _alive(owner):
+                    if owner not in (0, pid) and self.on_dead:
+                        self.on_dead(owner)
                     self.cells[column] = pid
                     self._zero(column)
                     return column
@@ -74,6 +79,8 @@ class SharedCounts:
         for column in range(self.n):
             owner = self.cells[column]
             if owner and column != self.column and not _alive(owner):
+                if self.on_dead:
+                    self.on_dead(owner)
                 self.cells[column] = 0
                 self._zero(column)
                 freed = True

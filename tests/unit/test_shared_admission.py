@@ -78,8 +78,10 @@ def test_a_process_that_replaces_a_dead_one_takes_its_column_over_zeroed(tmp_pat
     dead = SharedCounts(tmp_path / "admission", ["m"], 1, pid=_dead_pid())
     with dead.locked():
         dead.add("m", RUNNING, 3)
-    new = SharedCounts(tmp_path / "admission", ["m"], 1, pid=os.getpid())
+    told = []
+    new = SharedCounts(tmp_path / "admission", ["m"], 1, pid=os.getpid(), on_dead=told.append)
     with new.locked():
         assert new.column == dead.column == 0 and new.total("m", RUNNING) == 0
+    assert told == [dead.pid]  # its metrics files are marked dead too (app.py)
     with pytest.raises(RuntimeError, match="more than 1 live gateway processes"):
         SharedCounts(tmp_path / "admission", ["m"], 1, pid=os.getppid())
