@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from contextvars import ContextVar
 
 from fastapi import FastAPI
-from prometheus_client import multiprocess
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import multiprocess
 
 from rnnserve import __version__
 from rnnserve.service.gateway.admission import Admission, SharedAdmission
