@@ -84,23 +84,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.task == "sessions":
-        from rnnserve.bench_sessions import main as bench_sessions
+        from rnnserve.bench.sessions import main as bench_sessions
 
         return bench_sessions(args)
-    from rnnserve.bench import main as bench
+    if args.task == "serving":
+        from rnnserve.bench.serving import main as bench_serving
+
+        args.concurrency = args.concurrency or "64,256,1024"
+        return bench_serving(args)
+    from rnnserve.bench.baselines import main as bench
 
     args.concurrency = args.concurrency or {"translation": "1,32", "cpu": "32"}.get(args.task, "1,8,32,64")
     return bench(args)
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from rnnserve.loadtest import main as loadtest
+    from rnnserve.bench.loadtest import main as loadtest
 
     return loadtest(args)
 
 
 def _cmd_soak(args: argparse.Namespace) -> int:
-    from rnnserve.soak import main as soak
+    from rnnserve.bench.soak import main as soak
 
     return soak(args)
 
@@ -210,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="throughput and latency: raw engine vs naive handler vs full stack")
-    p.add_argument("task", choices=["engine", "lm", "translation", "cpu", "sessions"],
+    p.add_argument("task", choices=["engine", "lm", "translation", "cpu", "serving", "sessions"],
                    help="engine: the LM engine in-process; lm, translation: full stack vs raw engine vs naive "
-                        "handler; cpu: CPU time per request of each process; sessions: continuing a long "
+                        "handler; cpu: CPU time per request of each process; serving: the serving path alone, on a "
+                        "synthetic model whose engine costs nothing (tokens/s, latency, errors, CPU per token of "
+                        "each process); sessions: continuing a long "
                         "conversation from its state vs re-sending its history")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts")
     p.add_argument("--tokens", type=int, default=256, help="lm: new tokens per request")
@@ -225,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads of the workers and of the raw engine (0 = torch's default)")
     p.add_argument("--int8", action="store_true",
                    help="lm: also the raw engine and the full stack with the int8 decode step, against fp32")
+    p.add_argument("--token-ms", type=float, default=1.0,
+                   help="serving: the synthetic engine's step time, slept (a fast GPU's; 0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.set_defaults(func=_cmd_bench)
 

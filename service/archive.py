@@ -59,6 +59,11 @@ MODEL_CONFIGS: dict[str, dict] = {
             # (streaming.py); false runs every step inside the call
             "overlap_steps": True,
             "max_tokens_per_step": 32,
+            # the least time between two frames of a stream (its first goes out at once): a step whose engine
+            # made its tokens early keeps stepping until then, so a fast engine sends bigger frames, not more
+            # of them (every frame costs TorchServe's frontend, the gateway and the client the same CPU).
+            # Equal to the step budget, it changes nothing where the engine fills the budget itself.
+            "frame_interval_ms": 60,
             # a floor on each step's duration (0: none); the test suite sets it with max_tokens_per_step 1
             # (RNNSERVE_MIN_STEP_MS, RNNSERVE_MAX_TOKENS_PER_STEP) for streams slow on any machine
             "min_step_ms": 0,

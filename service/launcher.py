@@ -6,13 +6,19 @@ so no java or worker process outlives the command.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
+from pydantic import SecretStr
 
 from rnnserve.service.affinity import pin_frontend
 from rnnserve.service.archive import build_archives, stale_archives
@@ -48,12 +54,55 @@ def _record_signals() -> list[int]:
 
 
 def _run_gateway(settings: Settings) -> None:
+    if settings.gateway_workers > 1:
+        return _run_gateways(settings)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=10, access_log=False, **_connection_options(settings))
+    uvicorn.Server(config).run()
+
+
+def _connection_options(settings: Settings) -> dict:
+    """uvicorn's options for the gateway's time-bounded connections (connections.py), one process or several."""
     bounds = ConnectionBounds(settings.header_timeout_s, settings.body_timeout_s, settings.write_timeout_s,
                               settings.send_buffer_bytes)
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=10, access_log=False, http=protocol_factory(bounds),
-                            timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]
-    uvicorn.Server(config).run()
+    return {"http": protocol_factory(bounds), "timeout_keep_alive": settings.keepalive_timeout_s}
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as RNNSERVE_ variables, secrets included: what a spawned gateway process reads."""
+    def text(value) -> str:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, list):
+            return json.dumps([text(v) for v in value])
+        return str(value)
+
+    return {f"RNNSERVE_{name.upper()}": text(value) for name, value in settings if value is not None}
+
+
+def _run_gateways(settings: Settings) -> None:
+    """`gateway_workers` gateway processes on one port (uvicorn's workers: they share the listening socket).
+    They are spawned fresh, so they read their settings from the environment; they share a folder for the
+    admission counters and prometheus-client's multiprocess files, made here and removed when they stop."""
+    shared = Path(tempfile.mkdtemp(prefix="rnnserve-gateway-"))
+    (shared / "prometheus").mkdir()
+    os.environ.update(settings_env(settings), RNNSERVE_GATEWAY_SHARED_DIR=str(shared),
+                      PROMETHEUS_MULTIPROC_DIR=str(shared / "prometheus"))
+    if settings.state_key is None:  # one random key for all of them: a state one signs, the others accept
+        os.environ["RNNSERVE_STATE_KEY"] = secrets.token_hex(32)
+    log.info("starting %d gateway processes on port %d", settings.gateway_workers, settings.port)
+    try:
+        uvicorn.run("rnnserve.service.launcher:gateway_app", factory=True, workers=settings.gateway_workers,
+                    host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10,
+                    access_log=False, **_connection_options(settings))
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def gateway_app():
+    """The app of one of several gateway processes (uvicorn's factory, in a spawned process)."""
+    configure_logging()
+    return create_app(Settings())
 
 
 def _start_torchserve(settings: Settings) -> TorchServeProcess:

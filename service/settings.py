@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     write_timeout_s: float = Field(60.0, gt=0)
     keepalive_timeout_s: float = Field(5.0, gt=0)
     send_buffer_bytes: int | None = Field(None, ge=4096)  # the kernel's per connection; unset: its autotuning
+    # gateway processes on the one port (uvicorn workers): one Python process tops out at about one core of
+    # streaming work; admission, metrics and readiness stay the whole service's (slots.py, metrics.py)
+    gateway_workers: int = Field(1, ge=1, le=64)
+    # set by the launcher for its gateway processes, not by users: the folder holding their shared
+    # admission counters and prometheus-client's multiprocess files
+    gateway_shared_dir: Path | None = None
     # admission per model: generations in flight (= the handler's batch, service/archive.py) and queued
     max_running_per_model: int = Field(64, ge=1)
     max_waiting_per_model: int = Field(64, ge=0)
@@ -60,6 +66,11 @@ class Settings(BaseSettings):
     ts_key_file: Path | None = None  # TorchServe's key_file.json; default run_dir/key_file.json
     ts_token_auth: bool = True
     ts_start_timeout_s: float = Field(180.0, gt=0)
+    # requests TorchServe queues per model beyond the worker's batch (its job_queue_size). Unset: the larger
+    # of 1,024 and max_running_per_model, so that everything the gateway admits fits and only the gateway
+    # refuses (429 with Retry-After), never TorchServe (503). Set it to the sum of max_running_per_model
+    # over every gateway replica that shares one TorchServe.
+    ts_job_queue_size: int | None = Field(None, ge=1)
     run_dir: Path = REPO_ROOT / "run"  # TorchServe's working directory: logs, key file, config
     model_store: Path = MODEL_STORE
     models_dir: Path = MODELS_DIR
@@ -138,6 +149,10 @@ class Settings(BaseSettings):
     @property
     def metrics_url(self) -> str:
         return f"http://{self.ts_host}:{self.ts_metrics_port}/metrics"
+
+    @property
+    def job_queue_size(self) -> int:
+        return self.ts_job_queue_size or max(1024, self.max_running_per_model)
 
     @property
     def key_file(self) -> Path:

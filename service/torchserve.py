@@ -62,7 +62,10 @@ def write_config(settings: Settings, models: list[str]) -> Path:
         "metrics_mode": "prometheus",
         "max_request_size": 1024 * 1024,
         "max_response_size": MAX_RESPONSE_BYTES,
-        "job_queue_size": 256,
+        # every request the gateway admits must fit in the model's queue: only the gateway refuses (429)
+        "job_queue_size": settings.job_queue_size,
+        # a stream's frames are each answered within the model's responseTimeout (model-config.yaml);
+        # this is the default for a model that sets none
         "default_response_timeout": 120,
         "python": sys.executable,  # workers import rnnserve from this environment
         "vmargs": "-Xmx1g -XX:+ExitOnOutOfMemoryError",

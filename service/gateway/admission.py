@@ -1,6 +1,9 @@
 """Bounded admission per model: at most `max_running` upstream requests in flight and `max_waiting`
 queued; anything beyond is refused at once with 429 and Retry-After, so overload never turns into
-unbounded queues or latency. Health and metrics routes never pass through here."""
+unbounded queues or latency. Health and metrics routes never pass through here.
+
+With several gateway processes (RNNSERVE_GATEWAY_WORKERS), `SharedAdmission` keeps the same bounds for the
+whole service through counters every process shares (slots.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +12,12 @@ from collections import deque
 
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
+from rnnserve.service.gateway.slots import RUNNING, WAITING, SharedCounts
 
 RETRY_AFTER_S = 1
+# how often the head of a process's queue looks for a slot another process freed (a slot freed in the
+# same process wakes it at once)
+POLL_S = 0.01
 
 
 class Admission:
@@ -37,8 +44,7 @@ class Admission:
             self.metrics.queue_time.labels(model=self.model).observe(0.0)
             return 0.0
         if self._waiting_units + units > self.max_waiting:
-            raise APIError(429, f"model {self.model!r} is at capacity; retry in {RETRY_AFTER_S}s",
-                           "overloaded_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise self.overloaded()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         entry = (units, fut)
         self._waiters.append(entry)
@@ -59,6 +65,10 @@ class Admission:
         self.metrics.queue_time.labels(model=self.model).observe(waited)
         return waited
 
+    def overloaded(self) -> APIError:
+        return APIError(429, f"model {self.model!r} is at capacity; retry in {RETRY_AFTER_S}s",
+                        "overloaded_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+
     def release(self, units: int = 1) -> None:
         self.running -= units
         # first come, first served: a large request at the head is not overtaken
@@ -69,4 +79,86 @@ class Admission:
                 continue
             self.running += units_w
             fut.set_result(None)
+        self._set_gauges()
+
+
+class SharedAdmission(Admission):
+    """The same bounds over every gateway process of the service. Each process queues its own waiters first
+    come, first served; the head of the queue takes a slot as soon as the service-wide count allows, woken by
+    a release in its own process or, for one in another process, within POLL_S. A new request runs at once
+    only while nobody anywhere waits."""
+
+    def __init__(self, model: str, max_running: int, max_waiting: int, metrics: Metrics, counts: SharedCounts) -> None:
+        super().__init__(model, max_running, max_waiting, metrics)
+        self.counts = counts
+        self._local: deque[tuple[int, object]] = deque()
+        self._wake = asyncio.Event()
+
+    def _set_gauges(self) -> None:
+        # this process's share: the multiprocess collector sums the live processes' (metrics.py)
+        self.metrics.running.labels(model=self.model).set(self.counts.own(self.model, RUNNING))
+        self.metrics.waiting.labels(model=self.model).set(self.counts.own(self.model, WAITING))
+
+    def _take(self, units: int, queued: bool) -> bool:
+        """Move `units` to running when the service has room (from this process's waiting when `queued`).
+        A request that has not queued never overtakes one waiting anywhere."""
+        c, m = self.counts, self.model
+
+        def fits() -> bool:
+            if not queued and c.total(m, WAITING) > 0:
+                return False
+            return c.total(m, RUNNING) + units <= self.max_running
+
+        with c.locked():
+            if not fits() and not (c.reclaim_dead() and fits()):
+                return False
+            c.add(m, RUNNING, units)
+            if queued:
+                c.add(m, WAITING, -units)
+        return True
+
+    async def acquire(self, units: int = 1, timeout_s: float | None = None) -> float:
+        t0 = time.monotonic()
+        if units > self.max_running:
+            raise APIError(400, f"this request needs {units} concurrent generations; the limit is "
+                                f"{self.max_running}", "invalid_request_error")
+        if not self._local and self._take(units, queued=False):
+            self._set_gauges()
+            self.metrics.queue_time.labels(model=self.model).observe(0.0)
+            return 0.0
+        c, m = self.counts, self.model
+        with c.locked():
+            def room() -> bool:
+                return c.total(m, WAITING) + units <= self.max_waiting
+
+            if not room() and not (c.reclaim_dead() and room()):
+                raise self.overloaded()
+            c.add(m, WAITING, units)
+        entry = (units, object())
+        self._local.append(entry)
+        self._set_gauges()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not (self._local[0] is entry and self._take(units, queued=True)):
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), POLL_S)
+                    except TimeoutError:
+                        pass
+        except BaseException:
+            with c.locked():
+                c.add(m, WAITING, -units)
+            raise
+        finally:
+            self._local.remove(entry)
+            self._wake.set()  # the next in line looks at once
+            self._set_gauges()
+        waited = time.monotonic() - t0
+        self.metrics.queue_time.labels(model=self.model).observe(waited)
+        return waited
+
+    def release(self, units: int = 1) -> None:
+        with self.counts.locked():
+            self.counts.add(self.model, RUNNING, -units)
+        self._wake.set()
         self._set_gauges()

@@ -12,15 +12,18 @@ from contextvars import ContextVar
 
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import multiprocess
 
 from rnnserve import __version__
-from rnnserve.service.gateway.admission import Admission
+from rnnserve.service.gateway.admission import Admission, SharedAdmission
 from rnnserve.service.gateway.docs import install_docs
 from rnnserve.service.gateway.errors import APIError, install_error_handlers
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
+from rnnserve.service.gateway.session_guard import SessionsUnavailable
 from rnnserve.service.gateway.sessions import SessionStore
+from rnnserve.service.gateway.slots import SharedCounts
 from rnnserve.service.gateway.states import StateSigner
 from rnnserve.service.gateway.upstream import Upstream
 from rnnserve.service.settings import Settings
@@ -106,10 +109,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = Registry.from_settings(settings)
     metrics = Metrics()
-    admissions = {}
+    admissions: dict[str, Admission] = {}
+    counts = None
+    if settings.gateway_workers > 1:  # one of several gateway processes (launcher.py): bounds for the service
+        if settings.gateway_shared_dir is None:
+            raise RuntimeError("RNNSERVE_GATEWAY_WORKERS > 1 needs the launcher (`rnnserve serve` or `rnnserve gateway`)")
+        # a dead process's gauges (requests running, sessions) must stop counting in the service's sums
+        counts = SharedCounts(settings.gateway_shared_dir / "admission", list(registry.models), settings.gateway_workers,
+                              on_dead=multiprocess.mark_process_dead)
     for name in registry.models:
         metrics.init_model(name)
-        admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics)
+        if counts is None:
+            admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics)
+        else:
+            admissions[name] = SharedAdmission(name, settings.max_running_per_model, settings.max_waiting_per_model,
+                                               metrics, counts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,6 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await probe
             await upstream.close()
+            if counts is not None:
+                counts.close()
 
     # the documentation routes are the gateway's own (docs.py): behind the API key, and offline
     app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -138,6 +154,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.signer = StateSigner(key)
     app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model, settings.max_session_bytes_per_model,
                                       settings.session_ttl_s, *settings.session_quota)
+    if counts is not None:  # a session store per process would lose sessions between them
+        app.state.sessions = SessionsUnavailable(settings.gateway_workers)
     install_error_handlers(app)
 
     from rnnserve.service.gateway.routes import router

@@ -1,10 +1,16 @@
 """Serving metrics of the gateway (prometheus-client, `rnnserve_` prefix, seconds, `model` label).
 
-One registry per app, so that several apps in one process (tests) do not clash.
+One registry per app, so that several apps in one process (tests) do not clash. With several gateway
+processes (RNNSERVE_GATEWAY_WORKERS) prometheus-client runs in its multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
+set by the launcher): every process writes its values to files there, and /metrics of any process reads them
+all (`exposition`), so it reports the whole service. Gauges then add up the live processes' values.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # latency buckets from 5 ms (one decode step) to 2 min (the default request deadline)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -26,8 +32,9 @@ class Metrics:
         self.prompt_tokens = Counter("rnnserve_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("rnnserve_generation_tokens", "Tokens generated", ["model"], registry=r)
         self.running = Gauge("rnnserve_requests_running", "Upstream generations in flight (admitted)", ["model"],
-                             registry=r)
-        self.waiting = Gauge("rnnserve_requests_waiting", "Generations queued for admission", ["model"], registry=r)
+                             registry=r, multiprocess_mode="livesum")
+        self.waiting = Gauge("rnnserve_requests_waiting", "Generations queued for admission", ["model"], registry=r,
+                             multiprocess_mode="livesum")
         self.queue_time = Histogram("rnnserve_queue_time_seconds", "Time a request waited for admission", ["model"],
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens_per_request = Histogram("rnnserve_request_prompt_tokens", "Prompt tokens per request",
@@ -39,9 +46,10 @@ class Metrics:
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.cancelled = Counter("rnnserve_client_disconnects", "Streams whose client went away before the end",
                                  ["model"], registry=r)
-        self.sessions = Gauge("rnnserve_sessions", "Sessions the gateway holds", ["model"], registry=r)
+        self.sessions = Gauge("rnnserve_sessions", "Sessions the gateway holds", ["model"], registry=r,
+                              multiprocess_mode="livesum")
         self.session_bytes = Gauge("rnnserve_session_bytes", "Bytes the gateway holds for sessions (states and "
-                                   "bookkeeping)", ["model"], registry=r)
+                                   "bookkeeping)", ["model"], registry=r, multiprocess_mode="livesum")
         self.session_evictions = Counter("rnnserve_session_evictions", "Sessions dropped by the bounds: capacity "
                                          "(least recently used) or expired", ["model", "reason"], registry=r)
 
@@ -53,3 +61,12 @@ class Metrics:
             m.labels(model=model)
         for reason in ("capacity", "expired"):
             self.session_evictions.labels(model=model, reason=reason)
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this registry's, or every gateway process's in multiprocess mode."""
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=folder)
+        return generate_latest(registry)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from rnnserve.service.gateway.continuation import Continuation, begin
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, owner,
@@ -48,7 +48,7 @@ async def readyz(readiness: ReadinessDep) -> JSONResponse:
 
 @api.get("/metrics", tags=["health"], response_class=Response)
 async def metrics_route(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/v1/models", response_model=ModelList, tags=["models"])

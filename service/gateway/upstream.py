@@ -115,7 +115,9 @@ class Upstream:
             s = self.settings
             timeout = aiohttp.ClientTimeout(connect=s.upstream_connect_timeout_s, sock_read=s.request_timeout_s)
             # read_bufsize bounds one line: a frame may be as large as TorchServe lets a response be
-            self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024),
+            # no connection limit of its own: admission bounds the streams per model, and a pool limit below
+            # the sum of the models' bounds would queue admitted streams out of sight of the metrics
+            self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
                                                  auto_decompress=False, read_bufsize=MAX_RESPONSE_BYTES)
         return self.session
 
@@ -131,7 +133,7 @@ class Upstream:
         headers["X-Request-Id"] = request_id
         session = self._session()
         try:
-            async with session.post(url, json=body, headers=headers) as resp:
+            async with await self._post(session, url, body, headers) as resp:
                 if resp.status != 200:
                     raise self._status_error(resp.status, await resp.text())
                 async for line in resp.content:  # one line per frame (NDJSON)
@@ -153,6 +155,18 @@ class Upstream:
         except aiohttp.ClientError as e:  # connection cut mid-stream: the worker died
             raise UpstreamError(502, "model server ended the stream early (worker failure)") from e
         raise UpstreamError(502, "model server ended the stream early (worker failure)")
+
+    @staticmethod
+    async def _post(session: aiohttp.ClientSession, url: str, body: dict, headers: dict) -> aiohttp.ClientResponse:
+        """The request, its connection tried again while connecting times out: nothing reached TorchServe yet, and
+        under a burst (a thousand streams admitted at once on a loaded machine) its frontend and this event loop
+        can take longer than the connect timeout to set a connection up. A request the gateway admitted keeps its
+        place until its own deadline (the caller's timeout) ends it; a refused connection still fails at once."""
+        while True:
+            try:
+                return await session.post(url, json=body, headers=headers)
+            except aiohttp.ConnectionTimeoutError:
+                log.warning("connecting to TorchServe timed out; trying again")
 
     def _status_error(self, status: int, text: str) -> UpstreamError:
         try:

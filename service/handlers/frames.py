@@ -163,6 +163,7 @@ ENV_OVERRIDES = {
     "RNNSERVE_CUDA_GRAPHS": ("cuda_graphs", lambda v: bool(int(v))),
     "RNNSERVE_MAX_TOKENS_PER_STEP": ("max_tokens_per_step", int),
     "RNNSERVE_MIN_STEP_MS": ("min_step_ms", float),
+    "RNNSERVE_FRAME_INTERVAL_MS": ("frame_interval_ms", float),
     "RNNSERVE_PREFILL_CHUNK_TOKENS": ("prefill_chunk_tokens", int),
 }
 

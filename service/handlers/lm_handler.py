@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rnnserve.engine.lm_engine import LMEngine, StepOutput, merge_outputs
+from rnnserve.engine.synthetic import SyntheticEngine
 from rnnserve.engine.state import StateError, fingerprint, from_bytes
 from rnnserve.models.folder import WEIGHTS_FILE, load_lm
 from rnnserve.service.handlers.frames import (decode_body, output_frame, parse_generate_body, parse_score_body)
@@ -33,7 +34,27 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         loaded = load_lm(model_dir, device=device, dtype=dtype)
         self.model, self.device, self.dtype = loaded.model, device, dtype
         self.weights = fingerprint(Path(model_dir) / WEIGHTS_FILE)  # a state is only valid for these weights
-        self.engine = LMEngine(
+        if loaded.meta.get("engine") == "synthetic":  # benchmarks of the serving path (engine/synthetic.py)
+            self.engine = SyntheticEngine(max_batch_size=int(cfg.get("max_batch_size", 64)),
+                                          max_tokens_limit=int(cfg.get("max_tokens_limit", 2048)),
+                                          max_prompt_chars=int(cfg.get("max_prompt_chars", 8192)),
+                                          token_ms=float(loaded.meta.get("synthetic_token_ms", 0)))
+        else:
+            self.engine = self._engine(loaded, cfg, device)
+        self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
+        self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
+        self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 32))
+        # the least time between two frames of a stream, its first frame excepted (0: one frame per step)
+        self.frame_interval_s = float(cfg.get("frame_interval_ms", 0)) / 1000
+        # a floor on a step's duration: with max_tokens_per_step 1 it paces every stream to at most
+        # 1000 / min_step_ms tokens/s whatever the machine's speed (the test suite's slow streams)
+        self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
+        self.initialized = True
+        log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
+
+    @staticmethod
+    def _engine(loaded, cfg: dict, device) -> LMEngine:
+        return LMEngine(
             loaded.model, loaded.tokenizer,
             max_batch_size=int(cfg.get("max_batch_size", 64)),
             max_tokens_limit=int(cfg.get("max_tokens_limit", 2048)),
@@ -46,14 +67,6 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             # tokens of each prompt read per step (0: no limit): a long prompt is read across steps
             prefill_chunk=int(cfg.get("prefill_chunk_tokens") or 0),
         )
-        self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
-        self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
-        self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 32))
-        # a floor on a step's duration: with max_tokens_per_step 1 it paces every stream to at most
-        # 1000 / min_step_ms tokens/s whatever the machine's speed (the test suite's slow streams)
-        self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
-        self.initialized = True
-        log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
 
     def engine_ids(self) -> list[str]:
         return self.engine.request_ids()
@@ -89,6 +102,15 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         t0 = time.monotonic()
         budget = self.admit_step_s if short else scale * self.target_step_s
         outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget)}
+        if not short:
+            # A fast engine fills the frame interval with more steps: every stream's next frame carries all it
+            # made meanwhile, so frames do not multiply with the engine's speed (each costs TorchServe, the
+            # gateway and the client the same, whatever it carries). A first frame never waits: short steps.
+            end = t0 + scale * self.frame_interval_s
+            while self.engine.has_work() and (left := end - time.monotonic()) > 0:
+                for o in self.engine.step(self.max_tokens_per_step, budget_s=left):
+                    earlier = outputs.get(o.request_id)
+                    outputs[o.request_id] = o if earlier is None else merge_outputs(earlier, o)
         if self.min_step_s:
             time.sleep(max(0.0, self.min_step_s - (time.monotonic() - t0)))
         return outputs

@@ -1,7 +1,7 @@
 """A short locust run against the real stack: no 5xx, and the gateway counted every request."""
 import pytest
 
-from rnnserve.loadtest import run_locust, summarize
+from rnnserve.bench.loadtest import run_locust, summarize
 
 pytestmark = pytest.mark.e2e
 

@@ -1,7 +1,8 @@
 """Waiting on states, never on durations: the machines that run the suite swing 3x in speed.
 
-`PACED` makes an LM stack's streams slow on purpose and on any machine: one token per engine step and
-at least 20 ms per step, so a 2,048-token stream needs over 40 s however fast the CPU decodes.
+`PACED` makes an LM stack's streams slow on purpose and on any machine: one token per engine step, at
+least 20 ms per step and one frame per step (no frame interval gathering several steps), so a 2,048-token
+stream needs over 40 s however fast the CPU decodes.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Callable
 
 import httpx
 
-PACED = {"RNNSERVE_MAX_TOKENS_PER_STEP": "1", "RNNSERVE_MIN_STEP_MS": "20"}
+PACED = {"RNNSERVE_MAX_TOKENS_PER_STEP": "1", "RNNSERVE_MIN_STEP_MS": "20", "RNNSERVE_FRAME_INTERVAL_MS": "0"}
 HANG_S = 60.0  # a bound that only a hang reaches
 
 

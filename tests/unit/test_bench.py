@@ -1,4 +1,4 @@
-from rnnserve.bench import Result, summarize
+from rnnserve.bench.baselines import Result, summarize
 
 
 def test_summary_takes_medians_and_the_median_of_per_run_ratios(capsys):
@@ -20,7 +20,7 @@ def test_summary_takes_medians_and_the_median_of_per_run_ratios(capsys):
 def test_measured_records_the_share_of_cpu_time_stolen_during_the_run(monkeypatch):
     from collections import namedtuple
 
-    import rnnserve.bench as bench
+    import rnnserve.bench.baselines as bench
 
     Times = namedtuple("Times", "user system idle steal")
     ticks = iter([Times(100.0, 10.0, 50.0, 40.0), Times(130.0, 20.0, 60.0, 70.0)])  # +80 s of CPU, 30 of them stolen
@@ -33,7 +33,7 @@ def test_measured_records_the_share_of_cpu_time_stolen_during_the_run(monkeypatc
 def test_bench_lm_int8_serves_a_second_copy_of_the_model_with_the_int8_step(tmp_path):
     import json
 
-    from rnnserve.bench import INT8_LM, _bench_models_dir
+    from rnnserve.bench.baselines import INT8_LM, _bench_models_dir
     from rnnserve.service.archive import model_config
 
     models = _bench_models_dir(tmp_path, ["lm-shakespeare"], naive=False, int8=True)

@@ -127,3 +127,14 @@ def test_archives_are_rebuilt_when_a_model_folder_changes(tmp_path, tiny_lm_fold
     later = (store / "m.mar").stat().st_mtime + 10
     os.utime(models / "m" / "model.safetensors", (later, later))
     assert stale_archives(models, store) == ["m"]
+
+
+def test_gpu_deployments_run_several_gateway_processes_and_the_cpu_one_runs_one():
+    gpu = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["gateway"]["environment"]
+    cpu = (REPO_ROOT / "docker-compose.cpu.yml").read_text()  # compose's !reset tag is not plain YAML
+    assert gpu["RNNSERVE_GATEWAY_WORKERS"] == "${RNNSERVE_GATEWAY_WORKERS:-4}"
+    assert 'RNNSERVE_GATEWAY_WORKERS: "${RNNSERVE_GATEWAY_WORKERS:-1}"' in cpu
+    docs = {d["kind"]: d for d in yaml.safe_load_all((REPO_ROOT / "deploy/k8s/rnnserve.yaml").read_text())}
+    gw = next(c for c in docs["Deployment"]["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")
+    assert {"name": "RNNSERVE_GATEWAY_WORKERS", "value": "4"} in gw["env"]
+    assert {"name": "gateway-tmp", "mountPath": "/tmp"} in gw["volumeMounts"]  # their shared files, on a read-only root

@@ -197,3 +197,43 @@ def test_prefill_chunk_is_read_from_the_config_and_env_and_long_prompts_still_st
     h = LanguageModelHandler()
     h.initialize(ctx)
     assert h.engine.prefill_chunk is None
+
+
+def _synthetic_folder(tiny_lm_folder, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "synthetic"
+    shutil.copytree(tiny_lm_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "engine": "synthetic", "synthetic_token_ms": 0}))
+    return folder
+
+
+def test_a_frame_interval_gathers_a_fast_engines_steps_into_bigger_frames(tiny_lm_folder, tmp_path):
+    """The synthetic engine makes its 4 tokens per step at once: with no frame interval every step is a frame;
+    with one longer than the whole stream, the first frame still goes out alone (time to first token) and the
+    rest comes in far fewer frames, the text and the stop string's cut the same."""
+    from rnnserve.engine.synthetic import SyntheticEngine
+
+    folder = _synthetic_folder(tiny_lm_folder, tmp_path)
+    texts = {}
+    for interval in (0, 600_000):
+        ctx = FakeContext(folder, {"max_batch_size": 8, "target_step_ms": 5, "max_tokens_per_step": 4,
+                                   "frame_interval_ms": interval})
+        h = LanguageModelHandler()
+        h.initialize(ctx)
+        assert isinstance(h.engine, SyntheticEngine)
+        fe = Frontend(h, ctx)
+        fe.submit("a", {"prompt": "x", "max_tokens": 40, "seed": 0})
+        fe.submit("b", {"prompt": "x", "max_tokens": 60, "seed": 0, "stop": ["summer"]})
+        fe.drain()
+        texts[interval] = {r: [f["text"] for f in fe.frames[r] if f["text"]] for r in "ab"}
+        assert fe.frames["b"][-1]["finish_reason"] == "stop"
+    assert [len(t) for t in texts[0]["a"]] == [4] * 10
+    # the first frame alone; then the step after the admitting call, cut by the share of new requests in the
+    # batch (all of it: one step, streaming.py); then everything else in one frame
+    assert [len(t) for t in texts[600_000]["a"]] == [4, 4, 32]
+    for r in "ab":
+        assert "".join(texts[0][r]) == "".join(texts[600_000][r])
+    assert "".join(texts[0]["b"]) == "Now is the winter of our discontent made glorious "

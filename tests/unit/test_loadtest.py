@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rnnserve.loadtest import _loopback
+from rnnserve.bench.loadtest import _loopback
 from rnnserve.paths import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "load_tests"))
@@ -34,7 +34,7 @@ def test_loadtests_stay_on_loopback_by_default():
 
 
 def test_soak_memory_growth_reads_through_a_garbage_collectors_saw_tooth():
-    from rnnserve.soak import memory_growth
+    from rnnserve.bench.soak import memory_growth
 
     flat = [240.0, 230.0, 262.0, 236.0, 245.0, 240.0, 250.0, 236.0, 245.0, 240.0, 245.0, 230.0]
     warm = [{"t": i, "gateway": 100.0, "workers": 500.0 + i, "java": j} for i, j in enumerate(flat)]
@@ -46,7 +46,7 @@ def test_soak_memory_growth_reads_through_a_garbage_collectors_saw_tooth():
 
 
 def test_soak_steal_per_minute_divides_stolen_by_all_cpu_time_in_each_minute():
-    from rnnserve.soak import steal_per_minute
+    from rnnserve.bench.soak import steal_per_minute
 
     # samples every 30 s; minute 0: 10 of 60 CPU-seconds stolen, minute 1: 30 of 60, minute 2: none
     samples = [{"t": 0.0, "cpu_s": 0.0, "steal_s": 0.0}, {"t": 30.0, "cpu_s": 60.0, "steal_s": 10.0},

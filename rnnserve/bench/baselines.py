@@ -30,7 +30,7 @@ from rnnserve.models.folder import copy_model_folder, load_lm, load_translation
 from rnnserve.paths import DATA_DIR, MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.stack import start_stack, stop_stack
-from rnnserve.soak import cpu_seconds
+from rnnserve.bench.soak import cpu_seconds
 from rnnserve.training.corpus import read_lines
 
 WARMUP_ROUNDS = 3
