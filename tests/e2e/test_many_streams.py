@@ -58,7 +58,7 @@ def test_over_a_thousand_streams_at_once_complete_or_get_the_gateways_429(many):
         if status == 429:
             body, retry_after = got
             assert body == {"error": {"message": f"model {SYNTHETIC!r} is at capacity; retry in 1s",
-                                      "type": "overloaded_error", "param": None, "code": "overloaded"}}
+                                      "type": "overloaded_error", "param": None, "code": 429}}
             assert retry_after == "1"
             continue
         assert all("error" not in e for e in got), got[-1]
