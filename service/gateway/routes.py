@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rnnserve.service.gateway.continuation import Continuation, begin
+from rnnserve.service.gateway.cost import generation_cost, score_cost, translation_cost, translation_score_cost
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, require_api_key)
 from rnnserve.service.gateway.errors import invalid
 from rnnserve.service.gateway.generation import (Context, Run, collect_unless_disconnected, frame_text, sse_stream,
@@ -81,9 +82,9 @@ async def _released(events: AsyncIterator[str], cont: Continuation | None) -> As
             cont.release()
 
 
-async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None):
+async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None, costs: list[int]):
     try:
-        return await start(ctx, bodies)
+        return await start(ctx, bodies, costs)
     except BaseException:
         if cont is not None:
             cont.release()
@@ -100,7 +101,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
     ctx = _context(request, req.model, "generate", request_id)
     body = req.upstream_body(req.prompt)
     cont = begin(request, req.model, req, body)
-    started = await _start(ctx, [body], cont)
+    started = await _start(ctx, [body], cont, [generation_cost(req.prompt, req.max_tokens)])
     if not req.stream:
         try:
             done = await collect_unless_disconnected(request, started)
@@ -156,7 +157,8 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
     ctx = _context(request, req.model, "completions", request_id)
     choices = req.choices()
     cont = begin(request, req.model, req, choices[0][2])
-    started = await _start(ctx, [body for _, _, body in choices], cont)
+    started = await _start(ctx, [body for _, _, body in choices], cont,
+                           [generation_cost(prompt, req.max_tokens, bool(body.get("echo"))) for _, prompt, body in choices])
     cid, created = f"cmpl-{request_id}", int(time.time())
     echo = req.echo
     if not req.stream:
@@ -230,7 +232,9 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
     words every beam agrees on become final, a last event with the whole `translation`, then `[DONE]`."""
     registry.get(req.model, "translation").check_translate(req.texts, req.max_tokens)
     ctx = _context(request, req.model, "translate", request_id)
-    started = await start(ctx, [req.upstream_body()])
+    cost = translation_cost(req.texts, req.beam_size, req.max_tokens, registry.get(req.model, None).limits["max_tokens"],
+                            req.target_prefix)
+    started = await start(ctx, [req.upstream_body()], [cost])
     if not req.stream:
         done = await collect_unless_disconnected(request, started)
         if done is None:
@@ -264,6 +268,7 @@ async def score(req: ScoreRequest, request: Request, registry: RegistryDep, requ
         texts = [req.text] if req.text is not None else req.candidates
         info.check_generate(1, texts)
         body = {"task": "score", "texts": texts, "token_logprobs": req.token_logprobs}
+        cost = score_cost(texts)
     else:
         if req.text is not None:
             raise invalid("a translation model scores candidates against a source; send source and candidates",
@@ -273,13 +278,19 @@ async def score(req: ScoreRequest, request: Request, registry: RegistryDep, requ
         info.check_translate([req.source, *req.candidates], None)
         body = {"task": "score", "source": req.source, "candidates": req.candidates,
                 "length_penalty": req.length_penalty, "token_logprobs": req.token_logprobs}
+        cost = translation_score_cost(req.source, req.candidates)
     ctx = _context(request, req.model, "score", request_id)
-    done = await collect_unless_disconnected(request, await start(ctx, [body]))
+    done = await collect_unless_disconnected(request, await start(ctx, [body], [cost]))
     if done is None:
         return Response(status_code=499)  # nobody is listening
     ((run, _),) = done
-    items = [ScoreItem(**item, perplexity=math.exp(-item["logprob"] / item["tokens"]) if item["tokens"] else None)
-             if info.task == "lm" else ScoreItem(**item) for item in run.final["scores"]]
+    if info.task == "lm":  # token logprobs come as the texts are read, in the frames before the last
+        items = [ScoreItem(**item, perplexity=math.exp(-item["logprob"] / item["tokens"]) if item["tokens"] else None,
+                           token_logprobs=([{"token": e["token"], "logprob": e["logprob"]}
+                                            for e in run.score_logprobs.get(i, [])] if req.token_logprobs else None))
+                 for i, item in enumerate(run.final["scores"])]
+    else:
+        items = [ScoreItem(**item) for item in run.final["scores"]]
     usage = _usage([run])
     if req.text is not None:
         one = items[0]
