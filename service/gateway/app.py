@@ -104,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     admissions = {}
     for name in registry.models:
         metrics.init_model(name)
-        admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics)
+        admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics,
+                                     settings.max_tokens_in_flight_per_model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
