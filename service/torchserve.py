@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 # The largest message a worker may send the frontend: one frame. TorchServe restarts a worker whose message
 # passes it (TooLongFrameException), so no valid request may come near it, on either worker profile (CPU or
-# GPU): a language-model frame holds one step's tokens, or one chunk of a prompt's echo (256 tokens on CPU,
-# 2,048 on GPU) or of a scored text's token logprobs, well under 1 MiB; a translation whose last frame could
+# GPU): a language-model frame holds one step's tokens, or one chunk of a prompt's echo or of 16 scored texts'
+# token logprobs (256 tokens each on CPU, 2,048 on GPU: under 2 MiB); a translation whose last frame could
 # pass answer_size.MAX_ANSWER_BYTES (half this) is refused with 400 before any work.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"  # INFO, not TorchServe's per-frame DEBUG
