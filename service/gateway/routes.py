@@ -230,10 +230,10 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
 async def translate(req: TranslateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """Translate one text or a list. With `stream: true` (one text): `data: {"text": ...}` as the
     words every beam agrees on become final, a last event with the whole `translation`, then `[DONE]`."""
-    registry.get(req.model, "translation").check_translate(req.texts, req.max_tokens)
+    info = registry.get(req.model, "translation")
+    info.check_translate(req.texts, req.max_tokens)
     ctx = _context(request, req.model, "translate", request_id)
-    cost = translation_cost(req.texts, req.beam_size, req.max_tokens, registry.get(req.model, None).limits["max_tokens"],
-                            req.target_prefix)
+    cost = translation_cost(req.texts, req.beam_size, req.max_tokens, info.limits["max_tokens"], req.target_prefix)
     started = await start(ctx, [req.upstream_body()], [cost])
     if not req.stream:
         done = await collect_unless_disconnected(request, started)

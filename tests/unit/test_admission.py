@@ -56,3 +56,14 @@ def test_a_waiter_that_gives_up_lets_the_ones_behind_it_in():
         assert (a.running, a.cost) == (2, 90)
 
     asyncio.run(main())
+
+
+def test_costs_count_what_a_request_reads_and_decodes():
+    from rnnserve.service.gateway.cost import generation_cost, score_cost, translation_cost, translation_score_cost
+
+    assert generation_cost("ROMEO:", 100) == 106 and generation_cost("ROMEO:", 100, echo=True) == 112
+    assert score_cost(["x" * 8192] * 16) == 131_072
+    # by default a text decodes up to 2 x its length + 10 tokens, capped by the model's limit, per beam
+    assert translation_cost(["abc", "x" * 1000], 4, None, 256) == 3 + 4 * 16 + 1000 + 4 * 256
+    assert translation_cost(["x" * 1000] * 64, 8, 256, 256, "A" * 100) == 201_472
+    assert translation_score_cost("Ein Hund.", ["A dog.", "Dog a."]) == 2 * 9 + 12
