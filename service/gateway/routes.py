@@ -157,8 +157,8 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
     ctx = _context(request, req.model, "completions", request_id)
     choices = req.choices()
     cont = begin(request, req.model, req, choices[0][2])
-    started = await _start(ctx, [body for _, _, body in choices], cont,
-                           [generation_cost(prompt, req.max_tokens, bool(body.get("echo"))) for _, prompt, body in choices])
+    costs = [generation_cost(prompt, req.max_tokens, bool(body.get("echo"))) for _, prompt, body in choices]
+    started = await _start(ctx, [body for _, _, body in choices], cont, costs)
     cid, created = f"cmpl-{request_id}", int(time.time())
     echo = req.echo
     if not req.stream:

@@ -102,7 +102,8 @@ def parse_generate_body(body: Any) -> tuple[str, SamplingParams, GenerateOptions
 
 
 EMPTY_FRAME = json.dumps({"text": ""}) + "\n"
-PROGRESS_FIELDS = ("text", "deltas", "logprobs", "prompt_logprobs", "score_logprobs")  # what a frame adds to the stream; the rest describes its end
+# what a frame adds to the stream; the rest describes its end
+PROGRESS_FIELDS = ("text", "deltas", "logprobs", "prompt_logprobs", "score_logprobs")
 
 
 def _logprobs(entries) -> list[dict]:
