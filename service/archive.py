@@ -73,7 +73,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             # kernels, 64 tokens of one prompt take ~40-58 ms on this 2-core CPU and 128 ~100 ms. 256 keeps
             # a typical prompt inside the step that admits it (its first token does not wait), and bounds
             # the stall a long prompt causes the other streams to a few hundred ms, where an 8,192-character
-            # prompt read whole stalled every stream for ~3-5 s.
+            # prompt read whole stalled every stream for ~3-5 s. Texts to score are read alike, up to 16 per step.
             "prefill_chunk_tokens": 256,
             # decode LSTM steps with folded weights, a few GEMMs per token (rnnserve/models/decode.py):
             # 1.2-1.45x the tokens/s at batch 32 and 1.9x at batch 1 on this CPU; false steps the modules

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # admission per model: generations in flight (= the handler's batch, service/archive.py) and queued
     max_running_per_model: int = Field(64, ge=1)
     max_waiting_per_model: int = Field(64, ge=0)
+    # and by cost: the tokens the requests in flight read, score and decode (gateway/cost.py). 2**18 holds the
+    # largest valid request of any route alone (64 texts of 1,000 characters with as long a prefix, 256 tokens
+    # at beam 8: 259,072), or 64 generations of 2,048 prompt characters and 2,048 tokens
+    max_tokens_in_flight_per_model: int = Field(2**18, ge=1)
     # continuation: the key that signs returned states (the same on every replica; unset: a random key,
     # states valid on this process only) and the bounds of server-held sessions
     state_key: SecretStr | None = None

@@ -22,7 +22,12 @@ from rnnserve.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # one frame; the last of a translation with attention is the largest
+# The largest message a worker may send the frontend: one frame. TorchServe restarts a worker whose message
+# passes it (TooLongFrameException), so no valid request may come near it, on either worker profile (CPU or
+# GPU): a language-model frame holds one step's tokens, or one chunk of a prompt's echo or of 16 scored texts'
+# token logprobs (256 tokens each on CPU, 2,048 on GPU: under 2 MiB); a translation whose last frame could
+# pass answer_size.MAX_ANSWER_BYTES (half this) is refused with 400 before any work.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"  # INFO, not TorchServe's per-frame DEBUG
 
 
@@ -33,6 +38,13 @@ def model_archives(settings: Settings) -> list[str]:
     if missing:
         raise SystemExit(f"no archive for {missing} in {settings.model_store}; run `rnnserve archive`")
     return names
+
+
+def max_request_bytes(settings: Settings) -> int:
+    """The largest request the gateway forwards: its own body limit, with every character of it written as
+    JSON escapes may grow it (three times at most: a 4-byte UTF-8 character becomes a 12-byte surrogate
+    pair), and room for the fields the gateway adds; at least 1 MiB."""
+    return max(1024 * 1024, 3 * settings.max_body_bytes + 64 * 1024)
 
 
 def write_config(settings: Settings, models: list[str]) -> Path:
@@ -60,7 +72,7 @@ def write_config(settings: Settings, models: list[str]) -> Path:
         # keys would expire after 60 min; the gateway also refreshes them through the token API
         "token_expiration_min": 24 * 60,
         "metrics_mode": "prometheus",
-        "max_request_size": 1024 * 1024,
+        "max_request_size": max_request_bytes(settings),
         "max_response_size": MAX_RESPONSE_BYTES,
         # every request the gateway admits must fit in the model's queue: only the gateway refuses (429)
         "job_queue_size": settings.job_queue_size,

@@ -6,7 +6,9 @@ advances every row by up to `num_tokens` tokens in one batched call per token, a
 that finished or were aborted. With `prefill_chunk`, a step reads at most that many tokens of each
 prompt: a recurrent prefill costs about one timestep per token of its longest prompt, whatever the
 batch, so a long prompt is read across several steps (its state carried between them) while the
-running rows keep decoding, and short prompts arriving meanwhile are read at once beside it.
+running rows keep decoding, and short prompts arriving meanwhile are read at once beside it. Texts to
+score are read the same way: at most `prefill_chunk` tokens of each and at most MAX_SCORE_TEXTS texts per
+step, their states carried between steps, so a step's scoring work is bounded whatever is queued.
 Nothing here knows about TorchServe or HTTP.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 # speeches in the corpus start.
 EMPTY_PROMPT = "\n"
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's completions allow
-MAX_SCORE_TEXTS = 16
+MAX_SCORE_TEXTS = 16  # texts per scoring request, and texts read per step (one chunk each)
 SCORE_CHUNK_VALUES = 2**25  # logits computed at once while scoring (rows x positions x vocabulary)
 
 
@@ -73,6 +75,8 @@ class StepOutput:
     cumulative_logprob: float | None = None  # the whole generation's, when finished with logprobs asked
     state: LMState | None = None  # when finished and asked for: the state to continue from
     scores: list[dict] | None = None  # a scoring request's answer, one per text
+    # token_logprobs of a scoring request, as its texts are read: (text index, the entries read this step)
+    score_logprobs: list[tuple[int, list[TokenLogprob]]] | None = None
 
 
 def merge_outputs(first: StepOutput, second: StepOutput) -> StepOutput:
@@ -81,15 +85,25 @@ def merge_outputs(first: StepOutput, second: StepOutput) -> StepOutput:
         return None if a is None and b is None else (a or []) + (b or [])
 
     return replace(second, text=first.text + second.text, logprobs=join(first.logprobs, second.logprobs),
-                   prompt_logprobs=join(first.prompt_logprobs, second.prompt_logprobs))
+                   prompt_logprobs=join(first.prompt_logprobs, second.prompt_logprobs),
+                   score_logprobs=join(first.score_logprobs, second.score_logprobs))
 
 
 @dataclass
 class _Score:
+    """A scoring request, read chunk by chunk: each text is `context + its tokens`; position p's logits give
+    token p + 1's logprob, so a text is read up to its last-but-one position."""
     request_id: str
     texts: list[str]
-    ids: list[list[int]]
+    seqs: list[list[int]]  # context + the text's tokens
+    context: int  # tokens of context before each text
     token_logprobs: bool
+    read: list[int] = field(default_factory=list)  # positions of each sequence read by earlier steps
+    states: list[State | None] = field(default_factory=list)  # the state after them
+    totals: list[float] = field(default_factory=list)
+
+    def left(self, i: int) -> int:
+        return len(self.seqs[i]) - 1 - self.read[i]
 
 
 @dataclass
@@ -189,7 +203,7 @@ class LMEngine:
 
     def add_score(self, request_id: str, texts: list[str], token_logprobs: bool = False) -> None:
         """Queue a scoring request: the log-probability of each text as a whole, read after a line break
-        (where the model starts a text). All scoring requests of a step run in one batch."""
+        (where the model starts a text). Texts are read in chunks across steps, like prompts (_score)."""
         if request_id in self._ids:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -198,8 +212,10 @@ class LMEngine:
             raise ValueError(f"at most {MAX_SCORE_TEXTS} texts per scoring request")
         if any(len(t) > self.max_prompt_chars for t in texts):
             raise ValueError(f"each text must be at most {self.max_prompt_chars} characters")
-        self._scoring.append(_Score(request_id, list(texts), [self.tokenizer.encode(t) for t in texts],
-                                    bool(token_logprobs)))
+        context = self.tokenizer.encode(EMPTY_PROMPT)
+        n = len(texts)
+        self._scoring.append(_Score(request_id, list(texts), [context + self.tokenizer.encode(t) for t in texts],
+                                    len(context), bool(token_logprobs), [0] * n, [None] * n, [0.0] * n))
         self._ids.add(request_id)
 
     def abort(self, request_id: str) -> bool:
@@ -380,43 +396,71 @@ class LMEngine:
         return [TokenLogprob(self.tokenizer.token_text(t), c, a) for t, c, a in zip(targets, chosen, alts)]
 
     def _score(self) -> list[StepOutput]:
-        """Every queued scoring request in one packed batch (in chunks when the logits would be large)."""
+        """Read the next chunk of queued scoring texts, in arrival order, all in one packed batch: at most
+        `prefill_chunk` tokens of each and MAX_SCORE_TEXTS texts (fewer where the logits would pass
+        SCORE_CHUNK_VALUES), so a step's scoring costs about what a step's prompt reading costs, however
+        many or long the texts queued. A request ends in the step that reads its last text's end."""
         if not self._scoring:
             return []
-        jobs, self._scoring = self._scoring, []
-        context = self.tokenizer.encode(EMPTY_PROMPT)
-        rows = [(j, i) for j, job in enumerate(jobs) for i in range(len(job.ids))]
-        results: dict[tuple[int, int], dict] = {}
         V = self.model.config.vocab_size
-        chunk: list[tuple[int, int]] = []
-
-        def run(chunk: list[tuple[int, int]]) -> None:
-            seqs = [context + jobs[j].ids[i] for j, i in chunk]
-            logits, _ = self.model.prefill(seqs, every_position=True)
-            for r, (j, i) in enumerate(chunk):
-                ids = jobs[j].ids[i]
-                lp = torch.log_softmax(logits[r, len(context) - 1: len(context) - 1 + len(ids)].float(), -1)
-                entries = self._entries(lp, ids, 0)
-                total = sum(e.logprob for e in entries)
-                item = {"text": jobs[j].texts[i], "logprob": total, "tokens": len(ids)}
-                if jobs[j].token_logprobs:
-                    item["token_logprobs"] = [{"token": e.token, "logprob": e.logprob} for e in entries]
-                results[(j, i)] = item
-
+        chunk = max(1, SCORE_CHUNK_VALUES // V)
+        if self.prefill_chunk is not None:
+            chunk = min(chunk, self.prefill_chunk)
+        reads: list[tuple[_Score, int, int, int]] = []  # (job, text, from, to) positions read this step
         longest = 0
-        for row in rows:
-            longest = max(longest, len(context) + len(jobs[row[0]].ids[row[1]]))
-            if chunk and (len(chunk) + 1) * longest * V > SCORE_CHUNK_VALUES:
-                run(chunk)
-                chunk, longest = [], len(context) + len(jobs[row[0]].ids[row[1]])
-            chunk.append(row)
-        run(chunk)
-        outputs = []
-        for j, job in enumerate(jobs):
+        for job in self._scoring:
+            for i in range(len(job.seqs)):
+                n = min(job.left(i), chunk)
+                if n <= 0:
+                    continue
+                if reads and (len(reads) >= MAX_SCORE_TEXTS or (len(reads) + 1) * max(longest, n) * V
+                              > SCORE_CHUNK_VALUES):
+                    break
+                longest = max(longest, n)
+                reads.append((job, i, job.read[i], job.read[i] + n))
+            else:
+                continue
+            break
+        parts: dict[int, list[tuple[int, list[TokenLogprob]]]] = {}  # id(job) -> entries read this step
+        if reads:
+            inits = [job.states[i] for job, i, _, _ in reads]
+            initial = None
+            if any(x is not None for x in inits):
+                dtype = self.model.embed.weight.dtype
+                initial = _cat_states([x if x is not None else self.model.init_state(1, self.device, dtype)
+                                       for x in inits])
+            with mkldnn_enabled(self._use_mkldnn(len(reads))):
+                logits, state = self.model.prefill([job.seqs[i][a:b] for job, i, a, b in reads], initial,
+                                                   every_position=True)
+            for r, (job, i, a, b) in enumerate(reads):
+                first = max(a, job.context - 1)  # the context's own tokens are not scored
+                targets = job.seqs[i][first + 1: b + 1]
+                entries = []
+                if targets:
+                    lp = torch.log_softmax(logits[r, first - a: b - a].float(), -1)
+                    entries = self._entries(lp, targets, 0)
+                job.totals[i] += sum(e.logprob for e in entries)
+                job.read[i] = b
+                job.states[i] = select_rows(state, torch.tensor([r], device=self.device)) if job.left(i) else None
+                if job.token_logprobs and entries:
+                    parts.setdefault(id(job), []).append((i, entries))
+        outputs, waiting = [], []
+        for job in self._scoring:
+            done = all(job.left(i) <= 0 for i in range(len(job.seqs)))
+            part = parts.get(id(job))
+            if not done:
+                waiting.append(job)
+                if part:
+                    outputs.append(StepOutput(job.request_id, "", batch_size=len(reads), score_logprobs=part))
+                continue
             self._ids.discard(job.request_id)
-            scores = [results[(j, i)] for i in range(len(job.ids))]
-            outputs.append(StepOutput(job.request_id, "", True, "stop", prompt_tokens=sum(len(x) for x in job.ids),
-                                      batch_size=len(rows), scores=scores))
+            scores = [{"text": t, "logprob": total, "tokens": len(seq) - job.context}
+                      for t, seq, total in zip(job.texts, job.seqs, job.totals)]
+            outputs.append(StepOutput(job.request_id, "", True, "stop",
+                                      prompt_tokens=sum(len(x) - job.context for x in job.seqs),
+                                      batch_size=len(reads), scores=scores,
+                                      score_logprobs=(part or []) if job.token_logprobs else None))
+        self._scoring = waiting
         return outputs
 
     def _decode(self, num_tokens: int, t0: float, budget_s: float | None) -> None:

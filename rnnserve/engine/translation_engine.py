@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq
 
 MAX_BEAM = 8
+SCORE_STEP_VALUES = 2**25  # logits of one step's forced decoding (rows x positions x vocabulary)
 
 
 @dataclass
@@ -290,9 +291,19 @@ class TranslationEngine:
             row += s.K
 
     def _score(self) -> list[TranslationOutput]:
+        """Forced decoding of the queued scoring requests, in arrival order, as many as keep the step's
+        logits within SCORE_STEP_VALUES (at least one request): a step's scoring work is bounded however
+        many requests are queued; the others wait for the next steps."""
         if not self._scoring:
             return []
-        jobs, self._scoring = self._scoring, []
+        V = self.model.config.tgt_vocab
+        take, rows, longest = 0, 0, 0
+        for job in self._scoring:
+            T = max(len(c) for c in job.candidates) + 2
+            if take and (rows + len(job.candidates)) * max(longest, T) * V > SCORE_STEP_VALUES:
+                break
+            take, rows, longest = take + 1, rows + len(job.candidates), max(longest, T)
+        jobs, self._scoring = self._scoring[:take], self._scoring[take:]
         pairs = [(j, c) for j, job in enumerate(jobs) for c in range(len(job.candidates))]
         S = max(len(jobs[j].source) for j, _ in pairs) or 1
         T = max(len(jobs[j].candidates[c]) for j, c in pairs) + 2

@@ -120,10 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for name in registry.models:
         metrics.init_model(name)
         if counts is None:
-            admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics)
+            admissions[name] = Admission(name, settings.max_running_per_model, settings.max_waiting_per_model, metrics,
+                                         settings.max_tokens_in_flight_per_model)
         else:
             admissions[name] = SharedAdmission(name, settings.max_running_per_model, settings.max_waiting_per_model,
-                                               metrics, counts)
+                                               metrics, counts, settings.max_tokens_in_flight_per_model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -38,7 +38,8 @@ def upstream_api_error(e: UpstreamError) -> APIError:
 def frame_api_error(frame: dict) -> APIError:
     err = frame["error"]
     status = 400 if err.get("code") == 400 else 502
-    return APIError(status, err.get("message", "generation failed"), err.get("type", "upstream_error"))
+    return APIError(status, err.get("message", "generation failed"), err.get("type", "upstream_error"),
+                    err.get("param") if status == 400 else None)
 
 
 def frame_text(frame: dict) -> str:
@@ -63,8 +64,8 @@ class Context:
 class Run:
     """One upstream stream: frames pulled under the request's deadline, metrics recorded."""
 
-    def __init__(self, ctx: Context, body: dict, index: int = 0) -> None:
-        self.ctx, self.index = ctx, index
+    def __init__(self, ctx: Context, body: dict, index: int = 0, cost: int = 0) -> None:
+        self.ctx, self.index, self.cost = ctx, index, cost  # cost: its tokens held in admission (cost.py)
         self._frames = ctx.upstream.frames(ctx.model, body, ctx.request_id)
         self.t0 = time.monotonic()
         self._last_text_at: float | None = None
@@ -73,6 +74,7 @@ class Run:
         self._closed = False
         self.logprobs: list[dict] = []  # token logprobs of the whole text, when asked
         self.prompt_logprobs: list[dict] = []  # echo
+        self.score_logprobs: dict[int, list[dict]] = {}  # scoring with token_logprobs: per text, as read
 
     @property
     def finish_reason(self) -> str | None:
@@ -109,6 +111,8 @@ class Run:
         text = frame_text(frame)
         self.logprobs += frame.get("logprobs") or []
         self.prompt_logprobs += frame.get("prompt_logprobs") or []
+        for part in frame.get("score_logprobs") or []:
+            self.score_logprobs.setdefault(part["index"], []).extend(part["logprobs"])
         if "batch" in frame:
             m.batch_size.labels(model=model).observe(frame["batch"])
         if text:
@@ -136,7 +140,7 @@ class Run:
             self.outcome = "cancelled"
             m.cancelled.labels(model=model).inc()
         # bookkeeping first: the await below may be interrupted when the request is being cancelled
-        self.ctx.admission.release()
+        self.ctx.admission.release(1, self.cost)
         m.e2e.labels(model=model).observe(time.monotonic() - self.t0)
         m.requests.labels(model=model, route=self.ctx.route, outcome=self.outcome).inc()
         log.info("%s %s on %s: %s in %.3fs", self.ctx.route, self.ctx.request_id, model, self.outcome,
@@ -144,13 +148,16 @@ class Run:
         await self._frames.aclose()  # closes the upstream connection: TorchServe drops the job
 
 
-async def start(ctx: Context, bodies: list[dict]) -> list[tuple[Run, dict]]:
-    """Admit and open one run per body and wait for each first frame.
+async def start(ctx: Context, bodies: list[dict], costs: list[int] | None = None) -> list[tuple[Run, dict]]:
+    """Admit and open one run per body and wait for each first frame. `costs`: each body's tokens
+    (service/gateway/cost.py), held against the model's budget until its run closes.
 
     Raises APIError (and leaves nothing open) when admission or any first frame fails.
     """
+    costs = costs or [0] * len(bodies)
     try:
-        await ctx.admission.acquire(len(bodies), timeout_s=max(0.0, ctx.deadline - time.monotonic()))
+        await ctx.admission.acquire(len(bodies), timeout_s=max(0.0, ctx.deadline - time.monotonic()),
+                                    cost=sum(costs))
     except APIError as e:
         outcome = "overloaded" if e.status == 429 else "validation"
         ctx.metrics.requests.labels(model=ctx.model, route=ctx.route, outcome=outcome).inc()
@@ -158,7 +165,7 @@ async def start(ctx: Context, bodies: list[dict]) -> list[tuple[Run, dict]]:
     except TimeoutError:
         ctx.metrics.requests.labels(model=ctx.model, route=ctx.route, outcome="timeout").inc()
         raise APIError(504, "the request waited for capacity past its deadline", "timeout_error") from None
-    runs = [Run(ctx, body, i) for i, body in enumerate(bodies)]
+    runs = [Run(ctx, body, i, cost) for i, (body, cost) in enumerate(zip(bodies, costs))]
     firsts = await asyncio.gather(*(r.next() for r in runs), return_exceptions=True)
     failed = next((f for f in firsts if isinstance(f, BaseException)), None)
     if failed is not None or any(f is None for f in firsts):

@@ -10,8 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic_core import to_json
 
 from rnnserve.service.gateway.continuation import Continuation, begin
+from rnnserve.service.gateway.cost import generation_cost, score_cost, translation_cost, translation_score_cost
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, owner,
                                          require_api_key)
 from rnnserve.service.gateway.errors import invalid
@@ -20,7 +22,7 @@ from rnnserve.service.gateway.generation import (Context, EventStream, Run, coll
 from rnnserve.service.gateway.protocol import (CONTINUATION, SESSION_PATTERN, CompletionChoice, CompletionLogprobs,
                                                CompletionRequest, CompletionResponse, ErrorResponse, ForkRequest,
                                                GenerateChunk, GenerateRequest, GenerateResponse, Health, ModelList,
-                                               ScoreItem, ScoreRequest, ScoreResponse, SessionInfo, SessionList,
+                                               ScoreRequest, ScoreResponse, SessionInfo, SessionList,
                                                TranslateChunk, TranslateRequest, TranslateResponse, Translation,
                                                Usage)
 from rnnserve.service.gateway.sessions import Session
@@ -68,6 +70,13 @@ def _usage(runs: list[Run]) -> Usage:
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
+def _json(body: dict) -> Response:
+    """A large answer (megabytes of logprobs) as JSON at once: pydantic-core's encoder, several times faster
+    than the json module and without validating the route's model again, so that building it holds the
+    event loop, and every other request's stream, for as short a time as possible."""
+    return Response(to_json(body), media_type="application/json")
+
+
 def _stream(events: AsyncIterator[str], ctx: Context) -> EventStream:
     return EventStream(events, ctx.deadline, SSE_HEADERS)
 
@@ -85,9 +94,9 @@ async def _released(events: AsyncIterator[str], cont: Continuation | None) -> As
                 cont.release()
 
 
-async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None):
+async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None, costs: list[int]):
     try:
-        return await start(ctx, bodies)
+        return await start(ctx, bodies, costs)
     except BaseException:
         if cont is not None:
             cont.release()
@@ -104,7 +113,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
     ctx = _context(request, req.model, "generate", request_id)
     body = req.upstream_body(req.prompt)
     cont = begin(request, req.model, req, body)
-    started = await _start(ctx, [body], cont)
+    started = await _start(ctx, [body], cont, [generation_cost(req.prompt, req.max_tokens)])
     if not req.stream:
         try:
             done = await collect_unless_disconnected(request, started)
@@ -144,7 +153,8 @@ def _completion_logprobs(entries: list[dict], offset: int, top: bool) -> tuple[C
             tops.append(None)
         else:
             tops.append({**{t: lp for t, lp in e.get("top") or []}, e["token"]: e["logprob"]})
-    return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops if top else None,
+    # built without validation: the handler's own numbers, up to 8 x 10,240 entries per answer
+    return CompletionLogprobs.model_construct(tokens=tokens, token_logprobs=lps, top_logprobs=tops if top else None,
                               text_offset=offsets), offset
 
 
@@ -160,7 +170,8 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
     ctx = _context(request, req.model, "completions", request_id)
     choices = req.choices()
     cont = begin(request, req.model, req, choices[0][2])
-    started = await _start(ctx, [body for _, _, body in choices], cont)
+    costs = [generation_cost(prompt, req.max_tokens, bool(body.get("echo"))) for _, prompt, body in choices]
+    started = await _start(ctx, [body for _, _, body in choices], cont, costs)
     cid, created = f"cmpl-{request_id}", int(time.time())
     echo = req.echo
     if not req.stream:
@@ -189,7 +200,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
         resp = CompletionResponse(id=cid, created=created, model=req.model, usage=_usage([r for r, _ in done]),
                                   choices=out, session=req.session, state=cont.state if cont else None)
         # the extension fields only for requests that continue a text: others get OpenAI's exact shape
-        return JSONResponse(resp.model_dump(exclude=None if cont else CONTINUATION))
+        return _json(resp.model_dump(exclude=None if cont else CONTINUATION))
 
     offsets: dict[int, int] = {}  # per run: where the next chunk's text starts in its choice
 
@@ -232,9 +243,11 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
 async def translate(req: TranslateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
     """Translate one text or a list. With `stream: true` (one text): `data: {"text": ...}` as the
     words every beam agrees on become final, a last event with the whole `translation`, then `[DONE]`."""
-    registry.get(req.model, "translation").check_translate(req.texts, req.max_tokens)
+    info = registry.get(req.model, "translation")
+    info.check_translate(req.texts, req.max_tokens)
     ctx = _context(request, req.model, "translate", request_id)
-    started = await start(ctx, [req.upstream_body()])
+    cost = translation_cost(req.texts, req.beam_size, req.max_tokens, info.limits["max_tokens"], req.target_prefix)
+    started = await start(ctx, [req.upstream_body()], [cost])
     if not req.stream:
         done = await collect_unless_disconnected(request, started)
         if done is None:
@@ -268,6 +281,7 @@ async def score(req: ScoreRequest, request: Request, registry: RegistryDep, requ
         texts = [req.text] if req.text is not None else req.candidates
         info.check_generate(1, texts)
         body = {"task": "score", "texts": texts, "token_logprobs": req.token_logprobs}
+        cost = score_cost(texts)
     else:
         if req.text is not None:
             raise invalid("a translation model scores candidates against a source; send source and candidates",
@@ -277,19 +291,25 @@ async def score(req: ScoreRequest, request: Request, registry: RegistryDep, requ
         info.check_translate([req.source, *req.candidates], None)
         body = {"task": "score", "source": req.source, "candidates": req.candidates,
                 "length_penalty": req.length_penalty, "token_logprobs": req.token_logprobs}
+        cost = translation_score_cost(req.source, req.candidates)
     ctx = _context(request, req.model, "score", request_id)
-    done = await collect_unless_disconnected(request, await start(ctx, [body]))
+    done = await collect_unless_disconnected(request, await start(ctx, [body], [cost]))
     if done is None:
         return Response(status_code=499)  # nobody is listening
     ((run, _),) = done
-    items = [ScoreItem(**item, perplexity=math.exp(-item["logprob"] / item["tokens"]) if item["tokens"] else None)
-             if info.task == "lm" else ScoreItem(**item) for item in run.final["scores"]]
-    usage = _usage([run])
+    usage = _usage([run]).model_dump()
+    scores = []
+    for i, item in enumerate(run.final["scores"]):  # plain dicts: up to 16 x 8,192 token logprobs
+        if info.task == "lm":
+            item = {**item, "perplexity": math.exp(-item["logprob"] / item["tokens"]) if item["tokens"] else None}
+            if req.token_logprobs:  # they came as the texts were read, in the frames before the last
+                item["token_logprobs"] = run.score_logprobs.get(i, [])
+        scores.append({k: v for k, v in item.items() if v is not None})
     if req.text is not None:
-        one = items[0]
-        return ScoreResponse(id=request_id, model=req.model, logprob=one.logprob, tokens=one.tokens,
-                             perplexity=one.perplexity, token_logprobs=one.token_logprobs, usage=usage)
-    return ScoreResponse(id=request_id, model=req.model, scores=items, usage=usage)
+        one = scores[0]
+        return _json({"id": request_id, "model": req.model, **{k: v for k, v in one.items() if k != "text"},
+                      "usage": usage})
+    return _json({"id": request_id, "model": req.model, "scores": scores, "usage": usage})
 
 
 SessionPath = Annotated[str, Path(pattern=SESSION_PATTERN)]

@@ -1,7 +1,7 @@
 """Admission counters shared by the gateway processes of one service (RNNSERVE_GATEWAY_WORKERS > 1).
 
-One small file, mapped into every process: per model and per process, the generations it has in flight
-and the ones it has queued; a table of which process holds which column. Every change happens under an
+One small file, mapped into every process: per model and per process, the generations it has in flight,
+the tokens they cost and the generations it has queued; a table of which process holds which column. Every change happens under an
 exclusive flock held for a few microseconds, so the service-wide sums bound admission wherever a request
 lands. A process that dies leaves its column behind: the process that replaces it takes the column over
 and zeroes it, and a full service checks for dead owners before it refuses.
@@ -15,7 +15,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-RUNNING, WAITING = 0, 1
+RUNNING, WAITING, COST = 0, 1, 2  # generations in flight, queued, and the tokens in flight
+KINDS = 3
 
 
 def _alive(pid: int) -> bool:
@@ -35,7 +36,7 @@ class SharedCounts:
         self.on_dead = on_dead  # told the pid of every dead process whose column is taken back
         self.models = {m: i for i, m in enumerate(sorted(models))}
         self.n = processes
-        size = 8 * (processes + 2 * len(self.models) * processes)
+        size = 8 * (processes + KINDS * len(self.models) * processes)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         with self.locked():
             if os.fstat(self.fd).st_size < size:
@@ -53,12 +54,12 @@ class SharedCounts:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _cell(self, model: str, column: int, kind: int) -> int:
-        return self.n + (self.models[model] * self.n + column) * 2 + kind
+        return self.n + (self.models[model] * self.n + column) * KINDS + kind
 
     def _zero(self, column: int) -> None:
         for model in self.models:
-            self.cells[self._cell(model, column, RUNNING)] = 0
-            self.cells[self._cell(model, column, WAITING)] = 0
+            for kind in range(KINDS):
+                self.cells[self._cell(model, column, kind)] = 0
 
     def _claim(self) -> int:
         pid = self.pid

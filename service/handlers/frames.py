@@ -3,6 +3,8 @@
 Wire format between TorchServe and the gateway: one JSON object per line (NDJSON), one line per
 request per engine step; a failure is {"error": {"message", "type", "code"}} as the last line.
 Generation: {"text": "..."} per step; last: {"text", "finish_reason", "usage"}.
+Scoring (language model): {"text": "", "score_logprobs": [{"index", "logprobs"}]} as texts are read (with
+token_logprobs); last: "scores" (text, logprob, tokens per text), "finish_reason", "usage".
 Translation: {"deltas": [{"index", "text"}]} per step; last adds "finish_reason", "translations"
 (text, tokens, source_tokens, finish_reason, attention when asked) and "usage".
 """
@@ -100,7 +102,8 @@ def parse_generate_body(body: Any) -> tuple[str, SamplingParams, GenerateOptions
 
 
 EMPTY_FRAME = json.dumps({"text": ""}) + "\n"
-PROGRESS_FIELDS = ("text", "deltas", "logprobs", "prompt_logprobs")  # what a frame adds to the stream; the rest describes its end
+# what a frame adds to the stream; the rest describes its end
+PROGRESS_FIELDS = ("text", "deltas", "logprobs", "prompt_logprobs", "score_logprobs")
 
 
 def _logprobs(entries) -> list[dict]:
@@ -114,6 +117,8 @@ def output_frame(o: StepOutput, weights: bytes = b"", state_dtype: str | None = 
         frame["logprobs"] = _logprobs(o.logprobs)
     if o.prompt_logprobs is not None:
         frame["prompt_logprobs"] = _logprobs(o.prompt_logprobs)
+    if o.score_logprobs is not None:  # a scoring request's token logprobs, a chunk per text per step
+        frame["score_logprobs"] = [{"index": i, "logprobs": _logprobs(entries)} for i, entries in o.score_logprobs]
     if o.finished:
         frame["finish_reason"] = o.finish_reason
         frame["usage"] = {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens}
@@ -128,8 +133,9 @@ def output_frame(o: StepOutput, weights: bytes = b"", state_dtype: str | None = 
     return json.dumps(frame, ensure_ascii=False) + "\n"
 
 
-def error_frame(message: str, type_: str, code: int) -> str:
-    return json.dumps({"error": {"message": message, "type": type_, "code": code}}) + "\n"
+def error_frame(message: str, type_: str, code: int, param: str | None = None) -> str:
+    return json.dumps({"error": {"message": message, "type": type_, "code": code,
+                                 **({"param": param} if param else {})}}) + "\n"
 
 
 def split_final(frame: str) -> tuple[str, str]:

@@ -128,7 +128,7 @@ class ContinuousBatchingHandler:
                     self.admit(rid, data[i].get("body") or data[i].get("data"))
                     n_admitted += 1
                 except ValueError as e:
-                    frames[rid] = (error_frame(str(e), "invalid_request_error", 400), True)
+                    frames[rid] = (error_frame(str(e), "invalid_request_error", 400, getattr(e, "param", None)), True)
                 except Exception:  # one bad request must not end the others' streams
                     log.exception("request %s could not be admitted", rid)
                     frames[rid] = (error_frame("internal error while admitting the request", "internal_error", 500),

@@ -12,11 +12,12 @@ import time
 
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationOutput, merge_outputs
 from rnnserve.models.folder import load_translation
+from rnnserve.service.handlers.answer_size import check_translation, token_bytes
 from rnnserve.service.handlers.frames import (TextStreams, decode_body, parse_translate_body,
                                               parse_translate_score_body, score_frame, translation_frame)
+from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
 MAX_CANDIDATES = 16
-from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class TranslationHandler(ContinuousBatchingHandler):
         self.engine = TranslationEngine(loaded.model, max_rows=int(cfg.get("max_rows", 256)),
                                         max_tokens_limit=int(cfg.get("max_tokens_limit", 256)),
                                         max_source_tokens=int(cfg.get("max_source_tokens", 256)), device=device)
+        # the longest token of each vocabulary in JSON: what bounds an answer's size (answer_size.py)
+        self.src_token_bytes = token_bytes(self.src.pieces(list(range(self.src.vocab_size))))
+        self.tgt_token_bytes = token_bytes(self.tgt.pieces(list(range(self.tgt.vocab_size))))
         self.initialized = True
         log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
 
@@ -56,7 +60,17 @@ class TranslationHandler(ContinuousBatchingHandler):
         texts, params, prefixes = parse_translate_body(body, self.max_texts, self.max_chars)
         ids = [self.src.encode(t) for t in texts]
         prefix_ids = [self.tgt.encode(p) for p in prefixes] if prefixes is not None else None
-        self.engine.add(request_id, ids, params, prefix_ids)
+        self.engine.add(request_id, ids, params, prefix_ids)  # only queues it, after checking its fields
+        limit = self.engine.max_tokens_limit
+        outputs = [len(prefix_ids[i]) if prefix_ids else 0 for i in range(len(ids))]
+        outputs = [n + (params.max_tokens or min(limit, 2 * len(src) + 10)) for n, src in zip(outputs, ids)]
+        try:
+            check_translation([len(src) for src in ids], outputs, params.n_best, params.return_attention,
+                              params.return_alignment, params.max_tokens is not None, self.src_token_bytes,
+                              self.tgt_token_bytes)
+        except ValueError:
+            self.engine.abort(request_id)
+            raise
         self.streams[request_id] = (TextStreams(self.tgt, len(texts)), [self.src.pieces(i) for i in ids])
 
     def abort(self, request_id: str) -> None:

@@ -22,7 +22,10 @@ def test_torchserve_config_is_hardened(stack):
     assert p["enable_model_api"] == "false" and p["install_py_dep_per_model"] == "false"
     assert p["disable_token_authorization"] == "false" and p["enable_envvars_config"] == "false"
     assert p["allowed_urls"].startswith("file://") and "http" not in p["allowed_urls"]
-    assert int(p["max_request_size"]) <= 1024 * 1024
+    # set on purpose: the largest body the gateway forwards (256 KiB, its JSON escapes at most triple it), and
+    # the frame limit that no valid request's frame comes near (service/torchserve.py)
+    assert int(p["max_request_size"]) == 1024 * 1024
+    assert int(p["max_response_size"]) == 16 * 1024 * 1024
 
 
 def test_torchserve_refuses_requests_without_its_token_and_keeps_the_key_file_private(stack):

@@ -144,14 +144,15 @@ def test_scores_are_sums_of_conditional_logprobs(tiny_lm):
     e.add_score("s", ["To be", ""], token_logprobs=True)
     (out,) = e.step()
     one, empty = out.scores
-    assert empty == {"text": "", "logprob": 0, "tokens": 0, "token_logprobs": []}
+    assert empty == {"text": "", "logprob": 0, "tokens": 0}
+    assert [i for i, _ in out.score_logprobs] == [0]  # the empty text has no tokens
     ids = tiny_lm.tokenizer.encode("\nTo be")
     with torch.no_grad():
         logits, _, _ = tiny_lm.model(torch.tensor([ids[:-1]]))
     lp = torch.log_softmax(logits[0], -1)
     expected = sum(float(lp[i, t]) for i, t in enumerate(ids[1:]))
     assert one["logprob"] == pytest.approx(expected, abs=1e-4) and one["tokens"] == 5
-    assert [t["token"] for t in one["token_logprobs"]] == list("To be")
+    assert [t.token for t in out.score_logprobs[0][1]] == list("To be")
     assert not e.has_work() and e.request_ids() == []
 
 
