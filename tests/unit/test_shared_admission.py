@@ -85,3 +85,29 @@ def test_a_process_that_replaces_a_dead_one_takes_its_column_over_zeroed(tmp_pat
     assert told == [dead.pid]  # its metrics files are marked dead too (app.py)
     with pytest.raises(RuntimeError, match="more than 1 live gateway processes"):
         SharedCounts(tmp_path / "admission", ["m"], 1, pid=os.getppid())
+
+
+def test_the_token_budget_holds_across_processes(tmp_path):
+    from rnnserve.service.gateway.slots import COST
+
+    pids = (os.getpid(), os.getppid())
+    counts = [SharedCounts(tmp_path / "admission", ["m"], 2, pid=pid) for pid in pids]
+    a, b = (SharedAdmission("m", 8, 4, Metrics(), c, max_cost=100) for c in counts)
+
+    async def run():
+        await a.acquire(cost=70)
+        with pytest.raises(APIError) as e:  # could never run, however long it waited
+            await b.acquire(cost=101)
+        assert e.value.status == 400 and "costs 101 tokens" in e.value.message
+        queued = asyncio.create_task(b.acquire(cost=40, timeout_s=30))  # slots free, but 70 + 40 > 100
+        await asyncio.sleep(0.05)
+        assert not queued.done()
+        a.release(cost=70)
+        await asyncio.wait_for(queued, 30)
+        with counts[1].locked():
+            assert (counts[1].total("m", COST), counts[1].own("m", COST), counts[0].own("m", COST)) == (40, 40, 0)
+        b.release(cost=40)
+        with counts[0].locked():
+            assert counts[0].total("m", COST) == 0
+
+    asyncio.run(run())
