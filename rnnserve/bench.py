@@ -264,9 +264,13 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = Fal
     for name in names:
         shutil.copytree(MODELS_DIR / name, models / name)
     variants = {b: {"serving": b} for b in (NAIVE if naive else ())}  # the LM under the naive handler's archives
-    if int8:
-        variants[INT8_LM] = {"int8": True}
+    if int8:  # the committed model in fp32 beside a copy in int8
+        variants |= {"lm-shakespeare": {"int8": False}, INT8_LM: {"int8": True}}
     for name, change in variants.items():
+        if name == "lm-shakespeare":
+            cfg = json.loads((models / name / "config.json").read_text())
+            (models / name / "config.json").write_text(json.dumps({**cfg, **change}))
+            continue
         shutil.copytree(MODELS_DIR / "lm-shakespeare", models / name)
         cfg = json.loads((models / name / "config.json").read_text())
         (models / name / "config.json").write_text(json.dumps({**cfg, **change}))
@@ -288,7 +292,8 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
         try:
             # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
             # JVM compiles its hot paths over the first few thousand frames (its CPU per frame falls ~3x)
-            served_int8 = loaded.meta.get("int8") is True  # the raw engine runs the step the served model runs
+            # the raw engine runs the step the served model runs (fp32 with --int8, which adds int8 beside it)
+            served_int8 = loaded.meta.get("int8") is True and not int8
             raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
             for baseline in NAIVE:
                 asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16))

@@ -22,7 +22,7 @@ import torch
 
 from rnnserve.engine.sampling import SamplingParams, random_seed, sample_rows
 from rnnserve.engine.state import LMState
-from rnnserve.models.decode import decode_step, module_step
+from rnnserve.models.decode import Int8LSTMStep, decode_step, module_step
 from rnnserve.models.graphs import GraphedStep
 from rnnserve.models.lm import RNNLanguageModel, State, concat_rows, select_rows
 from rnnserve.tokenizer import CharTokenizer
@@ -130,6 +130,8 @@ class LMEngine:
         self.model = model.eval()
         # folded weights make a decode step a few GEMMs (models/decode.py); False steps the modules
         self._step = decode_step(self.model, int8) if folded_step else module_step(self.model)
+        # an exact step (int8 at fixed scales) also reads prompts, so every row is independent of its batch
+        self.exact = isinstance(self._step, Int8LSTMStep)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_tokens_limit = max_tokens_limit
@@ -333,12 +335,42 @@ class LMEngine:
             dtype = self.model.embed.weight.dtype
             initial = _cat_states([i if i is not None else self.model.init_state(1, self.device, dtype)
                                    for i in inits])
-        with mkldnn_enabled(self._use_mkldnn(len(prompts))):
-            logits, state = self.model.prefill(prompts, initial)
+        if self.exact:
+            logits, state = self._read_by_steps(prompts, initial)
+        else:
+            with mkldnn_enabled(self._use_mkldnn(len(prompts))):
+                logits, state = self.model.prefill(prompts, initial)
         if len(prompts) != len(reads):
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             logits, state = logits.index_select(0, index), select_rows(state, index)
         return logits, state
+
+    def _read_by_steps(self, prompts: list[list[int]], initial: State | None) -> tuple[torch.Tensor, State]:
+        """Prompts read through the decode step, one token per call, so that a row's state is the same bits
+        whichever prompts are read beside it (a packed fp32 prefill's GEMMs round by the batch's shape).
+        Longest first, so that the rows still reading are always a prefix of the batch."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        lengths = [len(prompts[i]) for i in order]
+        dtype = self.model.embed.weight.dtype
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        state = (select_rows(initial, index) if initial is not None
+                 else self.model.init_state(len(prompts), self.device, dtype))
+        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for r, i in enumerate(order):
+            tokens[r, : lengths[r]] = torch.tensor(prompts[i])
+        tokens = tokens.to(self.device)
+        logits: torch.Tensor | None = None
+        for t in range(max(lengths)):
+            n = sum(1 for length in lengths if length > t)  # rows whose prompt has a token t
+            out, new = self._step(tokens[:n, t], [tuple(x[:, :n] for x in layer) for layer in state])
+            if n == len(prompts):
+                state, logits = new, out
+            else:  # the rows past n keep the state and logits of their last token
+                state = [tuple(torch.cat([a, b[:, n:]], 1) for a, b in zip(la, lb)) for la, lb in zip(new, state)]
+                logits = torch.cat([out, logits[n:]], 0)
+        back = torch.empty_like(index)
+        back[index] = torch.arange(len(order), device=self.device)
+        return logits.index_select(0, back), select_rows(state, back)
 
     def _append(self, seqs: list[_Sequence], logits: torch.Tensor, state: State) -> None:
         if self._state is None:
