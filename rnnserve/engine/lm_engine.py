@@ -335,10 +335,10 @@ class LMEngine:
             dtype = self.model.embed.weight.dtype
             initial = _cat_states([i if i is not None else self.model.init_state(1, self.device, dtype)
                                    for i in inits])
-        if self.exact:
-            logits, state = self._read_by_steps(prompts, initial)
-        else:
-            with mkldnn_enabled(self._use_mkldnn(len(prompts))):
+        with mkldnn_enabled(self._use_mkldnn(len(prompts))):
+            if self.exact:
+                logits, state = self._read_by_steps(prompts, initial)
+            else:
                 logits, state = self.model.prefill(prompts, initial)
         if len(prompts) != len(reads):
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -516,7 +516,8 @@ class LMEngine:
                     break
 
     def _use_mkldnn(self, batch: int) -> bool:
-        return self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch
+        # the exact step's integer GEMMs run on oneDNN (without it torch._int_mm takes a slow reference path)
+        return self.exact or (self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch)
 
     def _check_stop(self, s: _Sequence, added: int) -> None:
         for stop in s.params.stop:

@@ -139,6 +139,8 @@ class Int8LSTMStep(LSTMStep):
         self.q = [Int8Linear(w, b, float(i) if self.residual else 1.0) for i, (w, b) in enumerate(zip(self.w, self.b), 1)]
         top = float(len(self.w) + 1) if self.residual and self.w else 1.0
         self.q_head = Int8Linear(self.head_w, self.head_b, top)
+        if self.table is not None:  # fp32 even for a half-precision model: added to fp32 products
+            self.table = self.table.float()
         device = self.embed.device
         for lin in [self.q0, *self.q, self.q_head]:
             lin.to(device)
