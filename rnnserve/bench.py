@@ -415,7 +415,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
     return rows
 
 
-def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict]:
+def bench_engine(batches: list[int], tokens: int, out: Path | None, repeat: int = 3) -> list[dict]:
     """Decode tokens/s of the engine alone, per batch size: the modules' step on oneDNN (mkldnn) and on
     torch's native kernels, and the folded step (models/decode.py) on native kernels, in fp32 and int8."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
@@ -424,9 +424,9 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict
     rows = []
     for b in batches:
         row = {"batch": b}
-        for name, (threshold, folded, int8) in variants.items():
-            runs = []
-            for _ in range(3):
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeat):  # the variants alternate, so a slow moment of the machine hits them alike
+            for name, (threshold, folded, int8) in variants.items():
                 engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=b, mkldnn_min_batch=threshold,
                                   folded_step=folded, int8=int8)
                 for i in range(b):
@@ -436,15 +436,17 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict
                 n = 0
                 while engine.has_work():
                     n += sum(len(o.text) for o in engine.step(16))
-                runs.append(n / (time.perf_counter() - t0))
-            row[name] = round(_median(runs), 1)
+                runs[name].append(n / (time.perf_counter() - t0))
+        for name in variants:
+            row[name] = round(_median(runs[name]), 1)
         row["native_vs_onednn"] = round(row["native_modules"] / row["onednn_modules"], 2)
         row["folded_vs_modules"] = round(row["native_folded"] / row["native_modules"], 2)
         row["int8_vs_folded"] = round(row["native_folded_int8"] / row["native_folded"], 2)
         rows.append(row)
         print(row, flush=True)
     sampling = bench_sampling(batches, loaded.tokenizer.vocab_size)
-    _write(out, {"engine": rows, "sampling": sampling, "tokens": tokens, "threads": torch.get_num_threads()})
+    _write(out, {"engine": rows, "sampling": sampling, "tokens": tokens, "threads": torch.get_num_threads(),
+                 "repeat": repeat})
     return rows
 
 
@@ -497,7 +499,7 @@ def main(args) -> int:
     if args.task == "engine":
         if args.worker_threads:
             torch.set_num_threads(args.worker_threads)
-        bench_engine(levels, args.tokens, out)
+        bench_engine(levels, args.tokens, out, args.repeat)
     elif args.task == "cpu":
         bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat)
     elif args.task == "lm":
