@@ -61,3 +61,9 @@ def test_the_gpu_profile_does_not_change_the_table():
     model_config("lm", {"task": "lm"}, "gpu")
     assert MODEL_CONFIGS["lm"]["batchSize"] == 64 and MODEL_CONFIGS["lm"]["handler"]["max_batch_size"] == 64
     assert "cuda_graphs" not in MODEL_CONFIGS["lm"]["handler"]
+
+
+def test_int8_follows_the_models_check_on_cpu_and_stays_off_in_the_gpu_profile():
+    assert model_config("lm", {"task": "lm", "int8": True})["handler"]["int8"] is True
+    assert model_config("lm", {"task": "lm", "int8": False})["handler"]["int8"] is False
+    assert model_config("lm", {"task": "lm", "int8": True}, "gpu")["handler"]["int8"] is False
