@@ -1,6 +1,6 @@
 """`make gpu-check`: on a machine with a CUDA GPU, the GPU tests and the GPU engine benchmarks in one run.
 
-- the tests that need CUDA (graphs, devices, the int8 step's batch invariance on the GPU);
+- the tests that need CUDA (graphs, the decode loop in a graph, devices, the int8 step's batch invariance);
 - the LM engine at 1/32/256/1,024 streams (the served fp16 step and the exact int8 step, both through CUDA
   graphs) beside a plain loop over the model's own modules with `torch.multinomial`, in the same run;
 - translation, greedy and beam 4, at 1/32/256/1,000 sentences in flight, with sacreBLEU.
@@ -22,7 +22,7 @@ import torch
 
 from rnnserve.paths import DATA_DIR, MODELS_DIR
 
-GPU_TESTS = ["tests/unit/test_graphs.py", "tests/unit/test_device.py"]
+GPU_TESTS = ["tests/unit/test_graphs.py", "tests/unit/test_graphed_decode.py", "tests/unit/test_device.py"]
 LM_STREAMS = (1, 32, 256, 1024)
 TRANSLATION_IN_FLIGHT = (1, 32, 256, 1000)
 NO_GPU = 2  # exit status without CUDA
@@ -55,7 +55,7 @@ def engine_lm(loaded, batch: int, tokens: int, int8: bool) -> float:
     from rnnserve.engine.sampling import SamplingParams
 
     engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=batch, device="cuda", cuda_graphs=True,
-                      int8=int8)
+                      int8=int8, tokens_per_replay=32)  # as the handler runs it: 32 tokens per replay
     for i in range(batch):
         engine.add(str(i), "", SamplingParams(max_tokens=tokens, temperature=0.8, seed=i))
     engine.step(1)  # the prefill and each stream's first token, outside the timing

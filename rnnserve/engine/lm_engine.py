@@ -23,6 +23,7 @@ import torch
 from rnnserve.engine.sampling import SamplingParams, random_seed, sample_rows
 from rnnserve.engine.state import LMState
 from rnnserve.models.decode import Int8LSTMStep, decode_step, module_step
+from rnnserve.models.graphed_decode import GraphedDecode
 from rnnserve.models.graphs import GraphedStep
 from rnnserve.models.lm import RNNLanguageModel, State, concat_rows, select_rows
 from rnnserve.tokenizer import CharTokenizer
@@ -124,7 +125,7 @@ class LMEngine:
                  max_tokens_limit: int = 2048, max_prompt_chars: int = 8192,
                  device: torch.device | str = "cpu", mkldnn_min_batch: int | None = None,
                  folded_step: bool = True, int8: bool = False, cuda_graphs: bool = False,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, tokens_per_replay: int | None = None) -> None:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
             raise ValueError("prefill_chunk must be a non-negative integer or None")
         self.model = model.eval()
@@ -139,6 +140,11 @@ class LMEngine:
         self.device = torch.device(device)
         # one kernel launch per decode step on a GPU (models/graphs.py); ignored elsewhere
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available()
+        # with CUDA graphs and `tokens_per_replay`: a step of that many tokens is one replay of a graph holding
+        # sampling, logprobs and the model step for each of them (models/graphed_decode.py)
+        self._graphed_decode: GraphedDecode | None = None
+        if self.cuda_graphs and tokens_per_replay:
+            self._graphed_decode = GraphedDecode(self._step, max_batch_size, tokens_per_replay, MAX_LOGPROBS)
         if self.cuda_graphs:
             self._step = GraphedStep(self._step, max_batch_size)
             dtype = self.model.embed.weight.dtype
@@ -471,6 +477,18 @@ class LMEngine:
         steps: list[torch.Tensor] = []
         chosen, top_values, top_ids = [], [], []
         states: list[State] = []  # per token, the return_state rows' state before it was read
+        graphed = self._graphed_decode
+        if graphed is not None and num_tokens == graphed.n and not state_rows:
+            with mkldnn_enabled(self._use_mkldnn(len(seqs))):
+                out = graphed(self._logits, temperature, top_k, top_p, seeds, positions, self._state)
+            self._logits, self._state = out.logits, out.state
+            steps = list(out.tokens.unbind(1))
+            if lp_rows:
+                chosen = list(out.chosen.index_select(0, lp_index).unbind(1))
+                if top_n:
+                    top_values = list(out.top_values.index_select(0, lp_index)[:, :, :top_n].unbind(1))
+                    top_ids = list(out.top_ids.index_select(0, lp_index)[:, :, :top_n].unbind(1))
+            num_tokens = 0  # decoded
         for j in range(num_tokens):
             tokens = sample_rows(self._logits, temperature, top_k, top_p, seeds, positions + j)
             if lp_rows:

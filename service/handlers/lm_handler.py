@@ -45,6 +45,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             cuda_graphs=bool(cfg.get("cuda_graphs", False)),  # used on a GPU only
             # tokens of each prompt read per step (0: no limit): a long prompt is read across steps
             prefill_chunk=int(cfg.get("prefill_chunk_tokens") or 0),
+            # with CUDA graphs, a full step's tokens (sampling included) are one graph replay
+            tokens_per_replay=int(cfg.get("max_tokens_per_step", 32)),
         )
         self.target_step_s = float(cfg.get("target_step_ms", 60)) / 1000
         self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
