@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tests_rc = None
     if not args.skip_tests:
-        tests_rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS]).returncode
+        tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
+        tests_rc = subprocess.run(tests).returncode
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "python": platform.python_version(), "commit": _commit(),
               "tests_exit_status": tests_rc, "lm": bench_lm(args.tokens, args.repeat),

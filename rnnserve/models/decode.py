@@ -137,7 +137,8 @@ class Int8LSTMStep(LSTMStep):
         else:
             self.q0 = Int8Linear(self.w_hh0, torch.zeros(4 * H), 1.0)
         # layer i >= 1 reads [x, h]: x is layer i-1's output, plus i-1 earlier ones with residual connections
-        self.q = [Int8Linear(w, b, float(i) if self.residual else 1.0) for i, (w, b) in enumerate(zip(self.w, self.b), 1)]
+        self.q = [Int8Linear(w, b, float(i) if self.residual else 1.0)
+                  for i, (w, b) in enumerate(zip(self.w, self.b), 1)]
         top = float(len(self.w) + 1) if self.residual and self.w else 1.0
         self.q_head = Int8Linear(self.head_w, self.head_b, top)
         if self.table is not None:  # fp32 even for a half-precision model: added to fp32 products

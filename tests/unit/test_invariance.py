@@ -44,7 +44,7 @@ def _alone(model, tokenizer, req: dict) -> dict:
 
 
 @pytest.mark.parametrize("model_name", ["tiny", "shakespeare"])
-def test_seeded_requests_are_bit_identical_alone_and_in_random_batches(model_name, tiny_lm, request):
+def test_seeded_requests_are_bit_identical_alone_and_in_random_batches(model_name, tiny_lm):
     torch.set_num_threads(1)  # what the handlers run (several threads split element-wise loops by batch size)
     if model_name == "tiny":
         lm = tiny_lm
