@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test setup archive java prometheus clean wheelhouse base-image compose-tool docker-smoke
+.PHONY: serve test setup archive java prometheus clean wheelhouse base-image compose-tool docker-smoke gpu-check
 
 serve: java archive
 	$(BIN)/rnnserve serve
@@ -57,3 +57,13 @@ compose-tool:
 # builds the CPU image offline, runs the compose stack, checks it and removes it again
 docker-smoke:
 	deploy/docker_smoke.sh
+
+# --- GPU (README, "GPU") ---
+# the GPU tests and engine benchmarks, written to gpu-check/gpu-check.{json,md}; on a machine without CUDA it
+# says so and fails. Runs without the venv (a GPU machine may have only python3 and torch): the checkout on
+# PYTHONPATH, with the links that pyproject's package-dir makes for rnnserve.service and rnnserve.training.
+GPU_PYTHON ?= python3
+gpu-check:
+	@made=""; for p in service training; do test -e rnnserve/$$p || { ln -s ../$$p rnnserve/$$p; made="$$made rnnserve/$$p"; }; done; \
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m rnnserve.gpu_check --out gpu-check; \
+	status=$$?; for p in $$made; do rm -f $$p; done; exit $$status

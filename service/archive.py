@@ -136,7 +136,10 @@ MODEL_CONFIGS: dict[str, dict] = {
 GPU_SETTINGS: dict[str, dict] = {
     "lm": {"batchSize": 1024,
            "handler": {"max_batch_size": 1024, "cuda_graphs": True, "half_precision": True,
-                       "prefill_chunk_tokens": 2048}},
+                       "prefill_chunk_tokens": 2048,
+                       # the exact int8 step runs on a GPU too (torch._int_mm), but its speed there is
+                       # unmeasured: `make gpu-check` measures it; RNNSERVE_INT8=1 turns it on
+                       "int8": False}},
     "translation": {"batchSize": 256, "handler": {"max_rows": 1024, "half_precision": True}},
 }
 PROFILES = ("cpu", "gpu")
@@ -173,7 +176,7 @@ def model_config(task: str, config: dict, profile: str = "cpu") -> dict:
         for key, setting in limits.items():
             if setting in handler:
                 handler[setting] = min(handler[setting], lowered[key])
-    if "int8" in handler:
+    if "int8" in handler and "int8" not in gpu.get("handler", {}):
         handler["int8"] = config.get("int8") is True
     return out
 

@@ -32,14 +32,19 @@ def evaluate_text(folder: Path, text_file: Path, int8: bool = False) -> dict:
     result = {"model": lm.meta.get("name", folder.name), "characters": len(text), "loss": loss,
               "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2)}
     if int8:
-        fp32 = step_loss(decode_step(lm.model), lm.model, ids, batch)
-        q = step_loss(decode_step(lm.model, int8=True), lm.model, ids, batch)
-        result.update({"loss_decode_step": fp32, "loss_int8": q, "int8_delta": q - fp32,
-                       "int8_keeps_quality": q - fp32 <= INT8_MAX_DELTA})
+        result.update(int8_check(lm.model, ids, batch))
     return result
 
 
 INT8_MAX_DELTA = 0.01  # nats per character: what int8 may cost before it stays off
+
+
+def int8_check(model, ids: torch.Tensor, streams: int) -> dict:
+    """The loss of `ids` through the fp32 and the int8 decode steps, and whether int8 keeps quality."""
+    fp32 = step_loss(decode_step(model), model, ids, streams)
+    q = step_loss(decode_step(model, int8=True), model, ids, streams)
+    return {"loss_decode_step": fp32, "loss_int8": q, "int8_delta": q - fp32,
+            "int8_keeps_quality": q - fp32 <= INT8_MAX_DELTA}
 
 
 @torch.inference_mode()

@@ -204,6 +204,8 @@ def train_lm(cfg: LMTrainConfig) -> dict:
                "best_val_bits_per_char": bits_per_char, "tokenizer": cfg.tokenizer, "parameters": n_params,
                "train_minutes": minutes, "history": tracker.history, "train_config": asdict(cfg)}
     save_lm(out, model, tokenizer, meta={"name": name})
+    if cfg.cell == "lstm":  # served in int8 (exact and faster) where it keeps the quality
+        metrics["int8"] = mark_int8(out, val_ids)
     write_metrics(out, metrics)
     unit = "character" if cfg.tokenizer == "char" else "token"
     write_card(out, name=name, task="lm",
@@ -220,3 +222,24 @@ def train_lm(cfg: LMTrainConfig) -> dict:
     if not out_of_time:  # a run stopped by --max-minutes keeps its checkpoint for --resume
         ckpt_path.unlink(missing_ok=True)
     return metrics
+
+
+INT8_CHECK_TOKENS = 32_768  # validation tokens read step by step for the int8 check (a few seconds)
+
+
+def mark_int8(folder: Path, val_ids: torch.Tensor) -> dict:
+    """Read the validation text through the saved model's fp32 and int8 decode steps (what serving loads)
+    and write `"int8": true` into its config.json when int8 costs at most INT8_MAX_DELTA nats per token."""
+    import json
+
+    from rnnserve.models.folder import CONFIG_FILE, load_lm
+    from rnnserve.training.evaluate import int8_check
+
+    ids = val_ids[:INT8_CHECK_TOKENS]
+    result = int8_check(load_lm(folder).model, ids, max(1, min(32, (len(ids) - 1) // 256)))
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["int8"] = result["int8_keeps_quality"]
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False))
+    log.info("int8 decode step: %+.5f nats per token against fp32: %s", result["int8_delta"],
+             "served in int8" if config["int8"] else "served in fp32")
+    return result

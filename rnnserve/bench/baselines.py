@@ -263,9 +263,13 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = Fal
     for name in names:
         copy_model_folder(MODELS_DIR / name, models / name)
     variants = {b: {"serving": b} for b in (NAIVE if naive else ())}  # the LM under the naive handler's archives
-    if int8:
-        variants[INT8_LM] = {"int8": True}
+    if int8:  # the committed model in fp32 beside a copy in int8
+        variants |= {"lm-shakespeare": {"int8": False}, INT8_LM: {"int8": True}}
     for name, change in variants.items():
+        if name in names:  # a model already copied: its config changed in place
+            cfg = json.loads((models / name / "config.json").read_text())
+            (models / name / "config.json").write_text(json.dumps({**cfg, **change}))
+            continue
         copy_model_folder(MODELS_DIR / "lm-shakespeare", models / name, **change)
     return models
 
@@ -285,7 +289,8 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
         try:
             # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
             # JVM compiles its hot paths over the first few thousand frames (its CPU per frame falls ~3x)
-            served_int8 = loaded.meta.get("int8") is True  # the raw engine runs the step the served model runs
+            # the raw engine runs the step the served model runs (fp32 with --int8, which adds int8 beside it)
+            served_int8 = loaded.meta.get("int8") is True and not int8
             raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
             for baseline in NAIVE:
                 asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16))
@@ -407,7 +412,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
     return rows
 
 
-def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict]:
+def bench_engine(batches: list[int], tokens: int, out: Path | None, repeat: int = 3) -> list[dict]:
     """Decode tokens/s of the engine alone, per batch size: the modules' step on oneDNN (mkldnn) and on
     torch's native kernels, and the folded step (models/decode.py) on native kernels, in fp32 and int8."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
@@ -416,9 +421,9 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict
     rows = []
     for b in batches:
         row = {"batch": b}
-        for name, (threshold, folded, int8) in variants.items():
-            runs = []
-            for _ in range(3):
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeat):  # the variants alternate, so a slow moment of the machine hits them alike
+            for name, (threshold, folded, int8) in variants.items():
                 engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=b, mkldnn_min_batch=threshold,
                                   folded_step=folded, int8=int8)
                 for i in range(b):
@@ -428,15 +433,17 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None) -> list[dict
                 n = 0
                 while engine.has_work():
                     n += sum(len(o.text) for o in engine.step(16))
-                runs.append(n / (time.perf_counter() - t0))
-            row[name] = round(_median(runs), 1)
+                runs[name].append(n / (time.perf_counter() - t0))
+        for name in variants:
+            row[name] = round(_median(runs[name]), 1)
         row["native_vs_onednn"] = round(row["native_modules"] / row["onednn_modules"], 2)
         row["folded_vs_modules"] = round(row["native_folded"] / row["native_modules"], 2)
         row["int8_vs_folded"] = round(row["native_folded_int8"] / row["native_folded"], 2)
         rows.append(row)
         print(row, flush=True)
     sampling = bench_sampling(batches, loaded.tokenizer.vocab_size)
-    _write(out, {"engine": rows, "sampling": sampling, "tokens": tokens, "threads": torch.get_num_threads()})
+    _write(out, {"engine": rows, "sampling": sampling, "tokens": tokens, "threads": torch.get_num_threads(),
+                 "repeat": repeat})
     return rows
 
 
@@ -489,7 +496,7 @@ def main(args) -> int:
     if args.task == "engine":
         if args.worker_threads:
             torch.set_num_threads(args.worker_threads)
-        bench_engine(levels, args.tokens, out)
+        bench_engine(levels, args.tokens, out, args.repeat)
     elif args.task == "cpu":
         bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat)
     elif args.task == "lm":

@@ -24,7 +24,8 @@ import torch
 
 from rnnserve.engine.sampling import SamplingParams, random_seed, sample_rows
 from rnnserve.engine.state import LMState
-from rnnserve.models.decode import decode_step, module_step
+from rnnserve.models.decode import Int8LSTMStep, decode_step, module_step
+from rnnserve.models.graphed_decode import GraphedDecode
 from rnnserve.models.graphs import GraphedStep
 from rnnserve.models.lm import RNNLanguageModel, State, concat_rows, select_rows
 from rnnserve.tokenizer import CharTokenizer
@@ -138,12 +139,14 @@ class LMEngine:
                  max_tokens_limit: int = 2048, max_prompt_chars: int = 8192,
                  device: torch.device | str = "cpu", mkldnn_min_batch: int | None = None,
                  folded_step: bool = True, int8: bool = False, cuda_graphs: bool = False,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, tokens_per_replay: int | None = None) -> None:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
             raise ValueError("prefill_chunk must be a non-negative integer or None")
         self.model = model.eval()
         # folded weights make a decode step a few GEMMs (models/decode.py); False steps the modules
         self._step = decode_step(self.model, int8) if folded_step else module_step(self.model)
+        # an exact step (int8 at fixed scales) also reads prompts, so every row is independent of its batch
+        self.exact = isinstance(self._step, Int8LSTMStep)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_tokens_limit = max_tokens_limit
@@ -151,6 +154,11 @@ class LMEngine:
         self.device = torch.device(device)
         # one kernel launch per decode step on a GPU (models/graphs.py); ignored elsewhere
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and torch.cuda.is_available()
+        # with CUDA graphs and `tokens_per_replay`: a step of that many tokens is one replay of a graph holding
+        # sampling, logprobs and the model step for each of them (models/graphed_decode.py)
+        self._graphed_decode: GraphedDecode | None = None
+        if self.cuda_graphs and tokens_per_replay:
+            self._graphed_decode = GraphedDecode(self._step, max_batch_size, tokens_per_replay, MAX_LOGPROBS)
         if self.cuda_graphs:
             self._step = GraphedStep(self._step, max_batch_size)
             dtype = self.model.embed.weight.dtype
@@ -350,11 +358,41 @@ class LMEngine:
             initial = _cat_states([i if i is not None else self.model.init_state(1, self.device, dtype)
                                    for i in inits])
         with mkldnn_enabled(self._use_mkldnn(len(prompts))):
-            logits, state = self.model.prefill(prompts, initial)
+            if self.exact:
+                logits, state = self._read_by_steps(prompts, initial)
+            else:
+                logits, state = self.model.prefill(prompts, initial)
         if len(prompts) != len(reads):
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             logits, state = logits.index_select(0, index), select_rows(state, index)
         return logits, state
+
+    def _read_by_steps(self, prompts: list[list[int]], initial: State | None) -> tuple[torch.Tensor, State]:
+        """Prompts read through the decode step, one token per call, so that a row's state is the same bits
+        whichever prompts are read beside it (a packed fp32 prefill's GEMMs round by the batch's shape).
+        Longest first, so that the rows still reading are always a prefix of the batch."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        lengths = [len(prompts[i]) for i in order]
+        dtype = self.model.embed.weight.dtype
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        state = (select_rows(initial, index) if initial is not None
+                 else self.model.init_state(len(prompts), self.device, dtype))
+        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for r, i in enumerate(order):
+            tokens[r, : lengths[r]] = torch.tensor(prompts[i])
+        tokens = tokens.to(self.device)
+        logits: torch.Tensor | None = None
+        for t in range(max(lengths)):
+            n = sum(1 for length in lengths if length > t)  # rows whose prompt has a token t
+            out, new = self._step(tokens[:n, t], [tuple(x[:, :n] for x in layer) for layer in state])
+            if n == len(prompts):
+                state, logits = new, out
+            else:  # the rows past n keep the state and logits of their last token
+                state = [tuple(torch.cat([a, b[:, n:]], 1) for a, b in zip(la, lb)) for la, lb in zip(new, state)]
+                logits = torch.cat([out, logits[n:]], 0)
+        back = torch.empty_like(index)
+        back[index] = torch.arange(len(order), device=self.device)
+        return logits.index_select(0, back), select_rows(state, back)
 
     def _append(self, seqs: list[_Sequence], logits: torch.Tensor, state: State) -> None:
         if self._state is None:
@@ -483,6 +521,18 @@ class LMEngine:
         steps: list[torch.Tensor] = []
         chosen, top_values, top_ids = [], [], []
         states: list[State] = []  # per token, the return_state rows' state before it was read
+        graphed = self._graphed_decode
+        if graphed is not None and num_tokens == graphed.n and not state_rows:
+            with mkldnn_enabled(self._use_mkldnn(len(seqs))):
+                out = graphed(self._logits, temperature, top_k, top_p, seeds, positions, self._state)
+            self._logits, self._state = out.logits, out.state
+            steps = list(out.tokens.unbind(1))
+            if lp_rows:
+                chosen = list(out.chosen.index_select(0, lp_index).unbind(1))
+                if top_n:
+                    top_values = list(out.top_values.index_select(0, lp_index)[:, :, :top_n].unbind(1))
+                    top_ids = list(out.top_ids.index_select(0, lp_index)[:, :, :top_n].unbind(1))
+            num_tokens = 0  # decoded
         for j in range(num_tokens):
             tokens = sample_rows(self._logits, temperature, top_k, top_p, seeds, positions + j)
             if lp_rows:
@@ -528,7 +578,8 @@ class LMEngine:
                     break
 
     def _use_mkldnn(self, batch: int) -> bool:
-        return self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch
+        # the exact step's integer GEMMs run on oneDNN (without it torch._int_mm takes a slow reference path)
+        return self.exact or (self.mkldnn_min_batch is not None and batch >= self.mkldnn_min_batch)
 
     def _check_stop(self, s: _Sequence, added: int) -> None:
         for stop in s.params.stop:

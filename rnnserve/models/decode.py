@@ -12,7 +12,6 @@ the weights when built: rebuild it after changing them. Other cells step through
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -73,45 +72,120 @@ class LSTMStep:
         return torch.addmm(self.head_b, x, self.head_w), new_state
 
 
-def _int8(w_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """A (in, out) fp32 weight and its bias, quantized per output channel to int8 and packed for
-    fbgemm's dynamic linear (activations are quantized per call, accumulation is int32)."""
-    w = w_t.t().contiguous().float()
-    scale = (w.abs().amax(1) / 127.0).clamp(min=1e-8).double()
-    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; their kernels are what run
-        warnings.simplefilter("ignore", UserWarning)
-        q = torch.quantize_per_channel(w, scale, torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, bias.float().contiguous())
+def _pad_to(n: int, multiple: int = 8) -> int:
+    """A GEMM dimension for cuBLAS's int8 kernels: a multiple of 8, and at least 32 (tiny models)."""
+    return max(-(-n // multiple) * multiple, 32)
+
+
+SMALL_BATCH = 8  # up to this many rows the CPU multiplies by the column-major copy of the weights
+
+
+class Int8Linear:
+    """x @ w + b with int8 weights (symmetric, per output channel) and an int8 activation whose scale is
+    FIXED: `bound / 127`, where `bound` is what |x| cannot exceed (1 for an LSTM's hidden state, a known
+    sum of them after residual connections, an embedding's largest entry). The product accumulates in
+    int32 through `torch._int_mm` (exact: no rounding, no order to depend on), and the dequantization is
+    element-wise, so a row's result depends on that row alone: the same bits whatever else is in the
+    batch, and on any device. K and N are padded with zeros to multiples of 8 (cuBLAS's int8 GEMM needs
+    them)."""
+
+    def __init__(self, w_t: torch.Tensor, bias: torch.Tensor, bound: float) -> None:
+        K, N = w_t.shape
+        w = w_t.float()
+        w_scale = (w.abs().amax(0) / 127.0).clamp(min=1e-12)  # (N,)
+        q = torch.round(w / w_scale).to(torch.int8)
+        self.k, self.n = K, N
+        self.w = torch.nn.functional.pad(q, (0, _pad_to(N) - N, 0, _pad_to(K) - K)).contiguous()  # (Kp, Np)
+        # the same weights column-major, (Np, Kp) stored: oneDNN's small-batch GEMM is 2-3x faster on them
+        # (each output a dot product over a contiguous row), cuBLAS's int8 GEMM takes them as torchao does
+        self.w_cols = self.w.t().contiguous().t()
+        self.in_scale = 127.0 / bound
+        self.out_scale = (w_scale * (bound / 127.0)).float()  # (N,): per column, activation x weight scale
+        self.bias = bias.detach().float().contiguous()
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, K) float with |x| <= bound -> (B, Kp) int8 (one rounding per element, so exact anywhere)."""
+        q = torch.round(x.float() * self.in_scale).to(torch.int8)  # |x| <= bound: no clamp needed
+        return q if self.k == self.w.size(0) else torch.nn.functional.pad(q, (0, self.w.size(0) - self.k))
+
+    def acc(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, Kp) int8 -> (B, N) int32, exact."""
+        B = q.size(0)
+        if q.is_cuda and B <= 16:  # cuBLAS's int8 GEMM wants more than 16 rows: zero rows, cut after
+            q = torch.nn.functional.pad(q, (0, 0, 0, 17 - B))
+        # either layout gives the same integers; the choice only moves time
+        out = torch._int_mm(q, self.w_cols if q.is_cuda or B <= SMALL_BATCH else self.w)
+        return out[:B, : self.n]
+
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w + (add if given, else the bias); `add` (B, N) replaces the bias (a table row holding it)."""
+        # addcmul with a broadcast (N,) operand iterates row by row: the same operations for every row
+        # (the int32 products convert to float inside it, exactly: |products| < 2^24)
+        return torch.addcmul(self.bias if add is None else add, self.acc(self.quantize(x)), self.out_scale)
+
+    def to(self, device: torch.device) -> "Int8Linear":
+        self.w, self.out_scale, self.bias = (t.to(device) for t in (self.w, self.out_scale, self.bias))
+        self.w_cols = self.w.t().contiguous().t()
+        return self
 
 
 class Int8LSTMStep(LSTMStep):
-    """The folded step with its GEMMs in int8 (weights per output channel, activations per call):
-    fbgemm's int8 kernels have about twice the arithmetic peak of fp32 on AVX2. Layer 0's input part
-    stays a table lookup in fp32. CPU only. Quality is checked per model (`rnnserve evaluate --int8`)."""
+    """The folded step with its GEMMs in int8 at fixed activation scales (`Int8Linear`): exact integer
+    products, so a row's logits and state are the same bits alone or in any batch (with one intra-op
+    thread: several threads split element-wise loops at points that move with the batch size). Weights
+    per output channel. Layer 0's input part stays a table lookup in fp32 while the table is small.
+    The activation bounds come from the model's shape and weights at load: a hidden state is in [-1, 1]; a
+    residual stack's input to layer i sums i of them; the embedding's rows are bounded by its largest
+    entry. Quality is checked per model (`rnnserve evaluate --int8`)."""
 
     def __init__(self, model: RNNLanguageModel, max_table_bytes: int = MAX_TABLE_BYTES) -> None:
         super().__init__(model, max_table_bytes)
         H = self.hidden
-        zero = torch.zeros(4 * H)
-        self.q_hh0 = _int8(self.w_hh0, zero)
-        self.q_ih0 = _int8(self.w_ih0, self.bias0) if self.table is None else None
-        self.q = [_int8(w, b) for w, b in zip(self.w, self.b)]
-        self.q_head = _int8(self.head_w, self.head_b)
+        if self.table is None:  # layer 0 as one GEMM over [embedding, h]
+            bound = max(1.0, float(self.embed.abs().max()))
+            self.q0 = Int8Linear(torch.cat([self.w_ih0, self.w_hh0], 0), self.bias0, bound)
+        else:
+            self.q0 = Int8Linear(self.w_hh0, torch.zeros(4 * H), 1.0)
+        # layer i >= 1 reads [x, h]: x is layer i-1's output, plus i-1 earlier ones with residual connections
+        self.q = [Int8Linear(w, b, float(i) if self.residual else 1.0)
+                  for i, (w, b) in enumerate(zip(self.w, self.b), 1)]
+        top = float(len(self.w) + 1) if self.residual and self.w else 1.0
+        self.q_head = Int8Linear(self.head_w, self.head_b, top)
+        if self.table is not None:  # fp32 even for a half-precision model: added to fp32 products
+            self.table = self.table.float()
+        device = self.embed.device
+        for lin in [self.q0, *self.q, self.q_head]:
+            lin.to(device)
+        # the fp32 weights are not used by this step
+        self.w_ih0 = self.w_hh0 = self.head_w = None  # type: ignore[assignment]
+        self.w = []
+
+    def _cell8(self, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_cell`, with the new cell state written over the gates' first H columns: every element-wise op
+        then runs on row-strided views, which torch iterates row by row, so no row's result depends on
+        where the batch's vectorised loop ends."""
+        H = self.hidden
+        s = gates[:, : 3 * H].sigmoid()
+        g = gates[:, 3 * H:].tanh()
+        c_new = gates[:, :H]
+        torch.addcmul(s[:, H: 2 * H] * c, s[:, :H], g, out=c_new)
+        return s[:, 2 * H:] * c_new.tanh(), c_new
 
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        linear = torch.ops.quantized.linear_dynamic
         (h, c) = state[0]
+        h0 = h[0].float()
         if self.table is not None:
-            x_part = self.table.index_select(0, tokens)
+            gates = self.q0(h0, self.table.index_select(0, tokens))
         else:
-            x_part = linear(self.embed.index_select(0, tokens), self.q_ih0, True)
-        x, c = self._cell(x_part + linear(h[0].contiguous(), self.q_hh0, True), c[0])
-        new_state: State = [(x.unsqueeze(0), c.unsqueeze(0))]
-        for (h, c), q in zip(state[1:], self.q, strict=True):
-            out, c = self._cell(linear(torch.cat([x, h[0]], 1), q, True), c[0])
-            new_state.append((out.unsqueeze(0), c.unsqueeze(0)))
+            gates = self.q0(torch.cat([self.embed.index_select(0, tokens).float(), h0], 1))
+        x, c = self._cell8(gates, c[0].float())
+        dtype = h.dtype
+        new_state: State = [(x.unsqueeze(0).to(dtype), c.unsqueeze(0).to(dtype))]
+        for (h, c), lin in zip(state[1:], self.q, strict=True):
+            out, c = self._cell8(lin(torch.cat([x, h[0].float()], 1)), c[0].float())
+            new_state.append((out.unsqueeze(0).to(dtype), c.unsqueeze(0).to(dtype)))
             x = out + x if self.residual else out
-        return linear(x.contiguous(), self.q_head, True), new_state
+        return self.q_head(x), new_state
 
 
 def module_step(model: RNNLanguageModel) -> StepFn:
@@ -124,9 +198,8 @@ def module_step(model: RNNLanguageModel) -> StepFn:
 
 
 def decode_step(model: RNNLanguageModel, int8: bool = False) -> StepFn:
-    """The fastest decode step this model has: folded weights for LSTM (in int8 when asked, on CPU), the
-    modules otherwise."""
+    """The fastest decode step this model has: folded weights for LSTM (in int8 when asked), the modules
+    otherwise."""
     if model.config.cell != "lstm":
         return module_step(model)
-    on_cpu = model.embed.weight.device.type == "cpu"
-    return Int8LSTMStep(model) if int8 and on_cpu else LSTMStep(model)
+    return Int8LSTMStep(model) if int8 else LSTMStep(model)

@@ -66,6 +66,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             cuda_graphs=bool(cfg.get("cuda_graphs", False)),  # used on a GPU only
             # tokens of each prompt read per step (0: no limit): a long prompt is read across steps
             prefill_chunk=int(cfg.get("prefill_chunk_tokens") or 0),
+            # with CUDA graphs, a full step's tokens (sampling included) are one graph replay
+            tokens_per_replay=int(cfg.get("max_tokens_per_step", 32)),
         )
 
     def engine_ids(self) -> list[str]:

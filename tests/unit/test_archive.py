@@ -96,3 +96,9 @@ def test_served_names_come_from_config_and_must_be_unique_and_valid(tmp_path, ti
                                                             "name": "no spaces"}))
     with pytest.raises(SystemExit, match="the served name 'no spaces' must be letters, digits"):
         model_folders(models)
+
+
+def test_int8_follows_the_models_check_on_cpu_and_stays_off_in_the_gpu_profile():
+    assert model_config("lm", {"task": "lm", "int8": True})["handler"]["int8"] is True
+    assert model_config("lm", {"task": "lm", "int8": False})["handler"]["int8"] is False
+    assert model_config("lm", {"task": "lm", "int8": True}, "gpu")["handler"]["int8"] is False

@@ -39,6 +39,6 @@ def test_bench_lm_int8_serves_a_second_copy_of_the_model_with_the_int8_step(tmp_
     models = _bench_models_dir(tmp_path, ["lm-shakespeare"], naive=False, int8=True)
     assert sorted(p.name for p in models.iterdir()) == ["lm-shakespeare", INT8_LM]
     fp32, int8 = (json.loads((models / n / "config.json").read_text()) for n in ("lm-shakespeare", INT8_LM))
-    assert int8 == {**fp32, "int8": True, "name": INT8_LM}  # served beside it under its own name
+    assert int8 == {**fp32, "int8": True, "name": INT8_LM} and fp32["int8"] is False  # served beside it
     assert model_config("lm", int8)["handler"]["int8"] is True
     assert model_config("lm", fp32)["handler"]["int8"] is False

@@ -54,16 +54,41 @@ def test_other_cells_step_through_the_modules(cell):
     torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_int8_step_stays_close_to_fp32():
+@pytest.mark.parametrize("layers,residual,table", [(2, False, True), (3, True, False)])
+def test_int8_step_stays_close_to_fp32(layers, residual, table):
     from rnnserve.models.decode import Int8LSTMStep
 
-    m = _model("lstm", num_layers=2)
+    m = _model("lstm", num_layers=layers, residual=residual)
     assert isinstance(decode_step(m, int8=True), Int8LSTMStep)
     assert not isinstance(decode_step(m), Int8LSTMStep)
     tokens = torch.randint(0, 13, (6, 12))
+    limit = 10**9 if table else 0
     with torch.inference_mode():
-        want, _ = _roll(LSTMStep(m), m, tokens)
-        got, _ = _roll(Int8LSTMStep(m), m, tokens)
-    # per-channel int8 weights and per-call int8 activations: close, not equal
+        want, _ = _roll(LSTMStep(m, limit), m, tokens)
+        got, _ = _roll(Int8LSTMStep(m, limit), m, tokens)
+    # per-channel int8 weights and int8 activations at fixed scales: close, not equal
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("residual,table", [(False, True), (True, False)])
+def test_int8_step_gives_every_row_the_same_bits_in_any_batch(residual, table):
+    """Integer products at fixed activation scales: a row's logits and state do not depend on its batch
+    (hidden size 16 and vocabulary 13 also put rows where vectorised loops end: a batch's tail)."""
+    from rnnserve.models.decode import Int8LSTMStep
+
+    torch.set_num_threads(1)
+    m = _model("lstm", num_layers=3, residual=residual)
+    step = Int8LSTMStep(m, 10**9 if table else 0)
+    torch.manual_seed(1)
+    B = 37
+    state = [(torch.rand(1, B, 16) * 2 - 1, torch.randn(1, B, 16)) for _ in range(3)]
+    tokens = torch.randint(0, 13, (B,))
+    with torch.inference_mode():
+        logits, new = step(tokens, state)
+        for rows in ([5], [0, 5], list(range(3, 20)), [36, 5, 2]):
+            index = torch.tensor(rows)
+            got, got_state = step(tokens[index], [(h[:, index], c[:, index]) for h, c in state])
+            assert torch.equal(got, logits[index])
+            for (gh, gc), (h, c) in zip(got_state, new, strict=True):
+                assert torch.equal(gh, h[:, index]) and torch.equal(gc, c[:, index])

@@ -189,3 +189,72 @@ def test_the_engine_with_cuda_graphs_generates_as_without(tiny_lm_folder):
                 texts[o.request_id] = texts.get(o.request_id, "") + o.text
         out[graphs] = texts
     assert out[True] == out[False]
+
+
+def _bounded_state(m: RNNLanguageModel, batch: int, device="cpu", dtype=torch.float32):
+    """A state as an LSTM makes it: h in [-1, 1] (the int8 step's fixed scale relies on it)."""
+    return [(torch.rand_like(h) * 2 - 1, torch.randn_like(c)) for h, c in m.init_state(batch, device, dtype)]
+
+
+def test_padded_buckets_of_the_int8_step_equal_the_plain_step_bit_for_bit():
+    from rnnserve.models.decode import Int8LSTMStep
+
+    torch.set_num_threads(1)
+    m = _model(num_layers=3)
+    step = Int8LSTMStep(m)
+    graphed = GraphedStep(step, max_batch=16, capture=False)
+    with torch.inference_mode():
+        for B in (8, 5, 1, 3, 7, 16, 2):
+            tokens = torch.randint(0, 13, (B,))
+            state = _bounded_state(m, B)
+            (gl, gs), (wl, ws) = graphed(tokens, state), step(tokens, state)
+            assert torch.equal(gl, wl)
+            assert all(torch.equal(g, w) for g, w in zip(_tensors(gs), _tensors(ws), strict=True))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graphed_int8_step_equals_eager_on_the_gpu_bit_for_bit(dtype):
+    from rnnserve.models.decode import Int8LSTMStep
+
+    m = _model(num_layers=3).to("cuda", dtype)
+    step = Int8LSTMStep(m)
+    graphed = GraphedStep(step, max_batch=64)
+    with torch.inference_mode():
+        graphed.warm(lambda b: m.init_state(b, "cuda", dtype), torch.device("cuda"))
+        assert all(b.graph is not None for b in graphed._buckets.values()) and not graphed._failed
+        for B in (64, 5, 1, 33, 8):
+            tokens = torch.randint(0, 13, (B,), device="cuda")
+            state = _bounded_state(m, B, "cuda", dtype)
+            (gl, gs), (wl, ws) = graphed(tokens, state), step(tokens, state)
+            assert torch.equal(gl, wl)
+            assert all(torch.equal(g, w) for g, w in zip(_tensors(gs), _tensors(ws), strict=True))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_int8_engine_on_the_gpu_is_bit_identical_alone_and_among_255_and_1023_others(dtype):
+    from rnnserve.models.folder import load_lm
+    from tests.conftest import LM_FOLDER
+
+    loaded = load_lm(LM_FOLDER, device=torch.device("cuda"), dtype=dtype)
+    engine = LMEngine(loaded.model, loaded.tokenizer, max_batch_size=1024, device="cuda", cuda_graphs=True,
+                      int8=True)
+
+    def run(others: int):
+        engine.add("probe", "ROMEO:", SamplingParams(max_tokens=200, temperature=0.9, top_p=0.95, seed=42),
+                   logprobs=2)
+        for i in range(others):
+            engine.add(f"o{i}", ["", "KING:", "To be"][i % 3], SamplingParams(max_tokens=50 + i % 200, seed=i))
+        text, lps = "", []
+        while engine.has_work():
+            for o in engine.step(32):
+                if o.request_id == "probe":
+                    text += o.text
+                    lps += [(e.token, e.logprob, e.top) for e in o.logprobs or []]
+        return text, lps
+
+    alone = run(0)
+    assert len(alone[0]) == 200
+    assert run(255) == alone
+    assert run(1023) == alone

@@ -30,6 +30,10 @@ def test_train_lm_writes_a_servable_folder_and_learns(tmp_path, capsys):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     lm = load_lm(out)
     assert lm.model.config.hidden_size == 32 and lm.tokenizer.vocab_size == 65
+    # the int8 check ran on the saved weights, and config.json says whether it is served in int8
+    check = metrics["int8"]
+    assert check["int8_keeps_quality"] == (check["int8_delta"] <= 0.01)
+    assert lm.meta["int8"] is check["int8_keeps_quality"]
     card = (out / "README.md").read_text()
     assert f"rnnserve train lm --out {out} --epochs 2 --train-file {SHAKESPEARE} --limit-chars 20000" in card
     assert "| validation loss (nats per character) |" in card and "| tokenizer | characters (65) |" in card
