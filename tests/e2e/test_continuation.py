@@ -2,10 +2,8 @@
 the one error shape and change nothing, sessions are listed, forked, deleted and counted in metrics."""
 from __future__ import annotations
 
-import base64
 
 import numpy as np
-import pytest
 
 from rnnserve.engine.state import HEADER
 from rnnserve.service.gateway.states import StateSigner, _b64, _unb64

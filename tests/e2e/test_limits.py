@@ -4,7 +4,6 @@ The stack's streams are paced (waits.PACED): a long generation cannot finish bef
 any machine, and every test waits on states (metrics, events), not on durations.
 """
 import json
-import socket
 import threading
 import time
 
@@ -12,7 +11,8 @@ import httpx
 import pytest
 
 from rnnserve.service.stack import start_stack, stop_stack
-from tests.e2e.waits import HANG_S, PACED, metric, wait_for
+from tests.e2e.waits import PACED, metric, wait_for
+from tests.rawsockets import connect, read_to_end
 
 pytestmark = pytest.mark.e2e
 
@@ -193,34 +193,13 @@ def test_a_session_serves_one_request_at_a_time(tight):
         c.delete("/v1/sessions/busy")
 
 
-def _raw(stack, rcvbuf: int | None = None) -> socket.socket:
-    host, port = stack.url.removeprefix("http://").split(":")
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.connect((host, int(port)))
-    s.settimeout(HANG_S)
-    return s
-
-
-def _read_to_end(s: socket.socket) -> bytes:
-    """What arrives until the server closes the connection (EOF, or a reset when it dropped it)."""
-    data = b""
-    try:
-        while chunk := s.recv(1 << 20):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def test_idle_and_slow_connections_are_closed(tight):
-    with _raw(tight) as idle, _raw(tight) as headers, _raw(tight) as body:
+    with connect(tight.url) as idle, connect(tight.url) as headers, connect(tight.url) as body:
         headers.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: t\r\n")  # and no end of headers
         body.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                      b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"mo")
         for s in (idle, headers, body):
-            assert _read_to_end(s) == b""
+            assert read_to_end(s) == b""
 
 
 def test_a_chunked_body_over_the_limit_gets_413(tight):

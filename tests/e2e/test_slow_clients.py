@@ -7,13 +7,13 @@ buffers then hold, so its writes block however fast the machine, and it cannot e
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import pytest
 
 from rnnserve.service.stack import start_stack, stop_stack
-from tests.e2e.waits import HANG_S, metric, wait_for
+from tests.e2e.waits import metric, wait_for
+from tests.rawsockets import connect, read_to_end
 
 pytestmark = pytest.mark.e2e
 
@@ -27,27 +27,6 @@ def slow(tmp_path_factory):
         "RNNSERVE_WRITE_TIMEOUT_S": "600", "RNNSERVE_SEND_BUFFER_BYTES": "65536"})
     yield s
     stop_stack(s)
-
-
-def raw(stack, rcvbuf: int | None = None) -> socket.socket:
-    host, port = stack.url.removeprefix("http://").split(":")
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.connect((host, int(port)))
-    s.settimeout(HANG_S)
-    return s
-
-
-def read_to_end(s: socket.socket) -> bytes:
-    """What arrives until the server closes the connection (EOF, or a reset when it dropped it)."""
-    data = b""
-    try:
-        while chunk := s.recv(1 << 20):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
 
 
 def timeouts(c: httpx.Client) -> float:
@@ -64,7 +43,7 @@ def test_a_client_that_stops_reading_gets_its_slots_freed_at_the_deadline(slow):
                        "stream": True}).encode()
     with slow.client() as c:
         before = timeouts(c)
-        with raw(slow, rcvbuf=4096) as s:
+        with connect(slow.url, rcvbuf=4096) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             assert s.recv(12) == b"HTTP/1.1 200"  # the stream started; from here on nobody reads

@@ -4,7 +4,6 @@ the connection's end with a bound only a hang reaches, so they do not depend on 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import uvicorn
 
 from rnnserve.service.gateway.connections import ConnectionBounds, protocol_factory
 from rnnserve.service.stack import free_ports
+from tests.rawsockets import connect, read_to_end
 
 HANG_S = 30.0
 ended: list[str] = []  # what the app saw end: "stream" when a stream's body generator was closed
@@ -71,28 +71,8 @@ def server():
     thread.join(HANG_S)
 
 
-def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.connect(("127.0.0.1", port))
-    s.settimeout(HANG_S)
-    return s
-
-
-def read_to_end(s: socket.socket) -> bytes:
-    """Everything until the server closes (EOF, or a reset after an abort)."""
-    data = b""
-    try:
-        while chunk := s.recv(1 << 20):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def test_a_prompt_client_is_served_and_kept_alive(server):
-    with connect(server) as s:
+    with connect(f"http://127.0.0.1:{server}") as s:
         for _ in range(2):
             s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
             reply = s.recv(4096)
@@ -100,18 +80,18 @@ def test_a_prompt_client_is_served_and_kept_alive(server):
 
 
 def test_an_idle_connection_is_closed(server):
-    with connect(server) as s:
+    with connect(f"http://127.0.0.1:{server}") as s:
         assert read_to_end(s) == b""
 
 
 def test_headers_that_never_end_are_cut(server):
-    with connect(server) as s:
+    with connect(f"http://127.0.0.1:{server}") as s:
         s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\n")  # and nothing more
         assert read_to_end(s) == b""
 
 
 def test_a_body_that_never_ends_is_cut(server):
-    with connect(server) as s:
+    with connect(f"http://127.0.0.1:{server}") as s:
         s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
         assert read_to_end(s) == b""
     deadline = time.monotonic() + HANG_S
@@ -121,7 +101,7 @@ def test_a_body_that_never_ends_is_cut(server):
 
 
 def test_a_client_that_stops_reading_is_dropped(server):
-    with connect(server, rcvbuf=4096) as s:
+    with connect(f"http://127.0.0.1:{server}", rcvbuf=4096) as s:
         s.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
         deadline = time.monotonic() + HANG_S
         while "stream" not in ended:  # the app's write failed: the connection is gone
