@@ -28,11 +28,14 @@ local function busy(k)
   return h[1] and h[1] ~= '' and tonumber(h[2]) > now - ttl
 end
 
+-- 'all' orders by time of last use, for expiry; the others by a counter of uses, for least recently used
+-- first (times can tie)
 local function use(member, owner, model)
+  local seq = redis.call('INCR', P .. 'seq')
   redis.call('ZADD', P .. 'all', now, member)
-  redis.call('ZADD', mkey(model), now, member)
-  redis.call('ZADD', gkey(owner, model), now, member)
-  redis.call('ZADD', okey(owner), now, member)
+  redis.call('ZADD', mkey(model), seq, member)
+  redis.call('ZADD', gkey(owner, model), seq, member)
+  redis.call('ZADD', okey(owner), seq, member)
 end
 
 local function add(member, owner, model, id, state, tokens)
