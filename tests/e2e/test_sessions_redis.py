@@ -40,7 +40,8 @@ def gateways(tmp_path_factory, redis_srv):
     stack = start_stack(tmp, extra_env=shared)
     (port,) = free_ports(1)
     env = {**stack.env, **shared, "RNNSERVE_RUN_DIR": str(tmp / "run2"), "RNNSERVE_TS_URL": stack.ts_inference_url,
-           "RNNSERVE_TS_MANAGEMENT_URL": stack.ts_management_url}
+           "RNNSERVE_TS_MANAGEMENT_URL": stack.ts_management_url,
+           "RNNSERVE_TS_KEY_FILE": str(stack.run_dir / "key_file.json")}
     log = open(tmp / "gateway2.log", "wb")
     second = subprocess.Popen([sys.executable, "-m", "rnnserve.cli", "gateway", "--port", str(port)], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
