@@ -157,7 +157,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.session_store is not None:  # one store for every process and replica
         app.state.sessions = RedisSessionStore(metrics, settings.session_store, settings.max_sessions_per_model,
                                                settings.max_session_bytes_per_model, settings.session_ttl_s,
-                                               *settings.session_quota, timeout_s=settings.session_store_timeout_s)
+                                               *settings.session_quota, timeout_s=settings.session_store_timeout_s,
+                                               # a request lives request_timeout_s at most, then ends its lease
+                                               lease_s=settings.request_timeout_s + 10)
     elif counts is None:
         app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model,
                                           settings.max_session_bytes_per_model, settings.session_ttl_s,

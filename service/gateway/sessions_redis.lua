@@ -4,13 +4,14 @@
 --
 -- ARGV[1] key prefix, ARGV[2] now (the caller's wall clock, seconds), ARGV[3] ttl (seconds),
 -- ARGV[4..7] max sessions per model, max bytes per model, sessions per owner, bytes per owner,
--- ARGV[8] bookkeeping bytes per session; the operation's own arguments follow from ARGV[9].
+-- ARGV[8] bookkeeping bytes per session, ARGV[9] the longest a lease is held (seconds); the operation's own
+-- arguments follow from ARGV[10].
 -- A member is "<owner>/<id>": an owner is hex (or empty), so the first "/" splits it.
 local P = ARGV[1]
 local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_sessions, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 local owner_sessions, owner_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
-local overhead = tonumber(ARGV[8])
+local overhead, lease_s = tonumber(ARGV[8]), tonumber(ARGV[9])
 local evictions = {}  -- model, reason pairs, for the caller's counter
 local touched = {}  -- models whose totals changed, for the caller's gauges
 
@@ -22,10 +23,10 @@ local function okey(owner) return P .. 'o/' .. owner end
 local function ckey(model) return P .. 'c/' .. model end  -- hash: count, bytes
 local function gbkey(owner, model) return P .. 'gb/' .. owner .. '/' .. model end
 
--- a lease held longer than the ttl belongs to a process that died holding it
+-- a lease held longer than lease_s belongs to a request that could not end it (its process died)
 local function busy(k)
   local h = redis.call('HMGET', k, 'lease', 'leased_at')
-  return h[1] and h[1] ~= '' and tonumber(h[2]) > now - ttl
+  return h[1] and h[1] ~= '' and tonumber(h[2]) > now - lease_s
 end
 
 -- 'all' orders by time of last use, for expiry; the others by a counter of uses, for least recently used

@@ -5,7 +5,8 @@ The same interface and semantics as `SessionStore` (sessions.py): per-model and 
 delete (409 while busy), list. Each operation is one Lua script (sessions_redis.lua), atomic in Redis, so a
 session is never half written and two processes never both hold one. States are stored as Redis strings.
 When Redis is down or slower than the socket timeout, a session call answers 503 within that bound.
-A lease held longer than `ttl_s` is taken to belong to a process that died holding it.
+A lease held longer than `lease_s` (a request's longest life) is taken to belong to a request that can no
+longer end it: its process died, or Redis was unreachable when it ended.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ log = logging.getLogger(__name__)
 
 _HELPERS = (Path(__file__).with_name("sessions_redis.lua")).read_text()
 
-# each operation's body; its own arguments start at ARGV[9]
+# each operation's body; its own arguments start at ARGV[10]
 _OPS = {
     "acquire": """
-local owner, id, model, token = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+local owner, id, model, token = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 local member = owner .. '/' .. id
 expire()
 local k = skey(member)
@@ -47,7 +48,7 @@ use(member, owner, model)
 return answer('ok', redis.call('HGET', k, 'state') or '')
 """,
     "commit": """
-local owner, id, token, state, tokens = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local owner, id, token, state, tokens = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
 local member = owner .. '/' .. id
 local k = skey(member)
 local h = redis.call('HMGET', k, 'lease', 'model', 'nbytes')
@@ -63,7 +64,7 @@ bound(owner, model)
 return answer('ok')
 """,
     "release": """
-local owner, id, token = ARGV[9], ARGV[10], ARGV[11]
+local owner, id, token = ARGV[10], ARGV[11], ARGV[12]
 local member = owner .. '/' .. id
 local k = skey(member)
 if redis.call('HGET', k, 'lease') ~= token then return answer('gone') end
@@ -75,13 +76,13 @@ end
 return answer('ok')
 """,
     "get": """
-local member = ARGV[9] .. '/' .. ARGV[10]
+local member = ARGV[10] .. '/' .. ARGV[11]
 expire()
 if not exists_with_state(member) then return answer('missing') end
 return answer('ok', info(member))
 """,
     "list": """
-local owner = ARGV[9]
+local owner = ARGV[10]
 expire()
 local out = {}
 for _, m in ipairs(redis.call('ZRANGE', okey(owner), 0, -1)) do
@@ -90,7 +91,7 @@ end
 return answer('ok', out)
 """,
     "delete": """
-local member = ARGV[9] .. '/' .. ARGV[10]
+local member = ARGV[10] .. '/' .. ARGV[11]
 expire()
 if not exists_with_state(member) then return answer('missing') end
 if busy(skey(member)) then return answer('busy') end
@@ -98,7 +99,7 @@ remove(member, nil)
 return answer('ok')
 """,
     "fork": """
-local owner, id, new_id = ARGV[9], ARGV[10], ARGV[11]
+local owner, id, new_id = ARGV[10], ARGV[11], ARGV[12]
 local member, new_member = owner .. '/' .. id, owner .. '/' .. new_id
 expire()
 if not exists_with_state(member) then return answer('missing') end
@@ -135,12 +136,16 @@ class RedisSessionStore:
 
     def __init__(self, metrics: Metrics, url: str, max_sessions: int, max_bytes: int, ttl_s: float,
                  owner_sessions: int | None = None, owner_bytes: int | None = None, *, timeout_s: float = 1.0,
-                 prefix: str = "rnnserve:sessions:", clock: Callable[[], float] = time.time) -> None:
+                 lease_s: float | None = None, prefix: str = "rnnserve:sessions:",
+                 clock: Callable[[], float] = time.time) -> None:
         self.metrics = metrics
         self.max_sessions, self.max_bytes, self.ttl_s = max_sessions, max_bytes, ttl_s
         self.owner_sessions = owner_sessions or max_sessions
         self.owner_bytes = owner_bytes or max_bytes
         self.prefix, self.clock = prefix, clock
+        # how long a lease may be held: past it, its request cannot still be running (its process died, or
+        # Redis was unreachable when it ended)
+        self.lease_s = lease_s or ttl_s
         # no retries: a call fails within one timeout, and a script is never run twice
         self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                           retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
@@ -167,7 +172,7 @@ class RedisSessionStore:
 
     def release(self, lease: Lease) -> None:
         """The request ended without a new state: the session keeps its old one. With Redis unreachable the
-        lease lapses after the ttl."""
+        lease lapses after `lease_s`."""
         try:
             self._run("release", *lease.key, lease.token)
         except APIError:
@@ -207,7 +212,7 @@ class RedisSessionStore:
     # -- the scripts ---------------------------------------------------------------------------
     def _run(self, op: str, *args) -> tuple[str, object]:
         argv = [self.prefix, repr(self.clock()), repr(self.ttl_s), self.max_sessions, self.max_bytes,
-                self.owner_sessions, self.owner_bytes, ENTRY_OVERHEAD, *args]
+                self.owner_sessions, self.owner_bytes, ENTRY_OVERHEAD, repr(self.lease_s), *args]
         try:
             status, value, evictions, totals = self._scripts[op](args=argv)
         except redis.RedisError as e:

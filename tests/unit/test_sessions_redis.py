@@ -166,11 +166,17 @@ def test_commit_and_release_act_on_their_own_lease_only(make):
     assert (state(s, "a"), s.get("", "a").tokens) == (b"second", 2)
 
 
-def test_a_lease_outlives_its_process_only_until_the_ttl(make):
-    s = make()
-    s.acquire("", "a", "m")  # its process dies holding it
-    make.clock.now += 61
-    s.release(s.acquire("", "a", "m"))
+def test_a_lease_outlives_its_request_only_until_lease_s(make):
+    s = make(lease_s=20.0)
+    put(s, "a", b"kept")
+    s.acquire("", "a", "m")  # its process dies holding it (or Redis was unreachable when it ended)
+    make.clock.now += 19
+    with pytest.raises(APIError) as e:
+        s.acquire("", "a", "m")
+    assert e.value.status == 409
+    make.clock.now += 2
+    lease = s.acquire("", "a", "m")
+    assert lease.state == b"kept"
 
 
 def test_a_key_past_its_quota_evicts_its_own_sessions_never_anothers(make):
@@ -226,3 +232,13 @@ def test_redis_gone_gives_503_within_the_timeout_and_no_half_written_session(mak
     assert s.list("") == []
     put(s, "a", b"again")
     assert state(s, "a") == b"again"
+
+
+def test_the_setting_names_a_redis_url():
+    from pydantic import ValidationError
+
+    from rnnserve.service.settings import Settings
+    assert Settings(session_store="redis://10.0.0.5:6379/2").session_store == "redis://10.0.0.5:6379/2"
+    assert Settings().session_store is None  # in-memory by default
+    with pytest.raises(ValidationError):
+        Settings(session_store="http://10.0.0.5:6379")
