@@ -26,7 +26,9 @@ def test_kubernetes_redis_is_valid_and_is_what_the_gateway_names():
         kv.validate(doc, kv.latest_version(), strict=True)
     gateway = next(d for d in yaml.safe_load_all((REPO_ROOT / "deploy/k8s/rnnserve.yaml").read_text())
                    if d["kind"] == "Deployment")
-    env = {e["name"]: e.get("value") for c in gateway["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+    env = {e["name"]: e.get("value") for c in gateway["spec"]["template"]["spec"]["containers"]
+           for e in c.get("env", [])}
     service = docs["Service"]
-    assert env["RNNSERVE_SESSION_STORE"] == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    name, port = service["metadata"]["name"], service["spec"]["ports"][0]["port"]
+    assert env["RNNSERVE_SESSION_STORE"] == f"redis://{name}:{port}/0"
     assert docs["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app": "rnnserve"}
