@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test setup archive java prometheus clean wheelhouse base-image compose-tool docker-smoke gpu-check
+.PHONY: serve test setup archive java prometheus redis clean wheelhouse base-image compose-tool docker-smoke gpu-check
 
 serve: java archive
 	$(BIN)/rnnserve serve
 
-test: java archive prometheus
+test: java archive prometheus redis
 	$(BIN)/pytest -q
 
 # stops at once, before installing anything, when Java 17 is missing
@@ -23,6 +23,14 @@ prometheus:
 	  $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
 	  || { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
 	  || echo "warning: could not install Debian's prometheus package: the Prometheus test will be skipped"; }
+
+# a real Redis server for the session store's tests (Debian's package; the tests start their own)
+redis:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  $$SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null 2>&1 \
+	  || { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null 2>&1; } \
+	  || echo "warning: could not install Debian's redis-server package: the Redis session tests will be skipped"; }
 
 setup: $(STAMP)
 

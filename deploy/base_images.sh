@@ -5,10 +5,12 @@
 #                                 air-gapped build needs (it cannot apt-get Java)
 #   rnnserve-prometheus:bookworm  Debian's prometheus laid out like prom/prometheus (entry point
 #                                 /bin/prometheus, user nobody, /prometheus, wget for the healthcheck)
+#   rnnserve-redis:bookworm       Debian's redis-server (and redis-cli for the healthcheck), user redis
 # DEBIAN_MIRROR defaults to the first Debian mirror in apt's sources (a local mirror works).
 set -euo pipefail
 BASE_IMAGE=${RNNSERVE_BASE_IMAGE:-rnnserve-base:bookworm}
 PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-rnnserve-prometheus:bookworm}
+REDIS_IMAGE=${REDIS_IMAGE:-rnnserve-redis:bookworm}
 mirror=${DEBIAN_MIRROR:-$( { grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null || true; } | head -1 | tr -d ' ')}
 mirror=${mirror:-http://deb.debian.org/debian}
 
@@ -36,3 +38,5 @@ build "$PROMETHEUS_IMAGE" prometheus,wget \
   --change 'ENTRYPOINT ["/bin/prometheus"]' \
   --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' \
   --change 'USER nobody' --change 'WORKDIR /prometheus' --change 'EXPOSE 9090'
+build "$REDIS_IMAGE" redis-server \
+  --change 'CMD ["redis-server"]' --change 'USER redis' --change 'WORKDIR /var/lib/redis' --change 'EXPOSE 6379'

@@ -8,7 +8,7 @@
 #
 # Settings (environment): SMOKE_READY_TIMEOUT_S (600), SMOKE_KEEP_DOCKERD=1 (leave a dockerd this
 # script started running), SMOKE_KEEP_IMAGE=1 (keep the built image), RNNSERVE_BASE_IMAGE and
-# PROMETHEUS_IMAGE (stand-ins to use; built when missing), GRAFANA_IMAGE.
+# PROMETHEUS_IMAGE and REDIS_IMAGE (stand-ins to use; built when missing), GRAFANA_IMAGE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,7 @@ PROJECT=rnnserve-smoke
 IMAGE=rnnserve-smoke:cpu
 export RNNSERVE_BASE_IMAGE=${RNNSERVE_BASE_IMAGE:-rnnserve-base:bookworm}
 export PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-rnnserve-prometheus:bookworm}
+export REDIS_IMAGE=${REDIS_IMAGE:-rnnserve-redis:bookworm}
 GRAFANA_IMAGE=${GRAFANA_IMAGE:-grafana/grafana:11.2.0}
 READY_TIMEOUT=${SMOKE_READY_TIMEOUT_S:-600}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
@@ -140,7 +141,7 @@ DOCKER_BUILDKIT=0 docker build --network none --build-arg BASE="$RNNSERVE_BASE_I
   -t "$IMAGE" . >"$STATE/build.log" 2>&1 || { tail -30 "$STATE/build.log" >&2; fail "docker build of ./Dockerfile failed (log: $STATE/build.log)"; }
 ok "built $IMAGE from ./Dockerfile with no network (--network none, wheelhouse/, BASE=$RNNSERVE_BASE_IMAGE) in $((SECONDS - t)) s, $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"
 
-services=(torchserve gateway prometheus)
+services=(torchserve redis gateway prometheus)
 if docker image inspect "$GRAFANA_IMAGE" >/dev/null 2>&1 || timeout 30 docker pull -q "$GRAFANA_IMAGE" >/dev/null 2>&1; then
   services+=(grafana)
   export GRAFANA_IMAGE GRAFANA_PORT
@@ -149,6 +150,7 @@ else
   skip "grafana: $GRAFANA_IMAGE is not on this machine and cannot be pulled (no registry reachable), and Grafana has no Debian package to stand in"
 fi
 if ! docker image inspect "$PROMETHEUS_IMAGE" >/dev/null 2>&1; then fail "no $PROMETHEUS_IMAGE image"; fi
+if ! docker image inspect "$REDIS_IMAGE" >/dev/null 2>&1; then fail "no $REDIS_IMAGE image"; fi
 
 # --- the stack -----------------------------------------------------------------------------------
 t=$SECONDS

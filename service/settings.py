@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # the shares of all keys must fit in the bounds, so that no key's sessions push out another's
     max_sessions_per_key: int | None = Field(None, ge=1)
     max_session_bytes_per_key: int | None = Field(None, ge=1024)
+    # where sessions live: unset, this process's memory; redis://host:port/db, one Redis that every gateway
+    # process and replica shares; a session call fails with 503 after the timeout when Redis does not answer
+    session_store: str | None = Field(None, pattern=r"^rediss?://")
+    session_store_timeout_s: float = Field(1.0, gt=0, le=30)
 
     # TorchServe (started by `rnnserve serve`, or reached at ts_url when run elsewhere)
     ts_host: str = "127.0.0.1"

@@ -40,6 +40,8 @@ class Stack:
     env: dict
     log: Path
     ts_metrics_url: str = ""
+    ts_inference_url: str = ""  # for a further gateway over the same TorchServe (RNNSERVE_TS_URL)
+    ts_management_url: str = ""
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
@@ -58,7 +60,8 @@ def start_stack(tmp: Path, extra_env: dict | None = None, models_dir: Path = MOD
            "--ts-grpc-management-port", str(gm), "--ts-worker-port", str(worker)]
     log = tmp / "serve.log"
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    stack = Stack(f"http://127.0.0.1:{gw}", proc, tmp / "run", env, log, f"http://127.0.0.1:{met}/metrics")
+    stack = Stack(f"http://127.0.0.1:{gw}", proc, tmp / "run", env, log, f"http://127.0.0.1:{met}/metrics",
+                  f"http://127.0.0.1:{inf}", f"http://127.0.0.1:{mgmt}")
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -23,6 +23,7 @@ from rnnserve.service.gateway.readiness import Readiness
 from rnnserve.service.gateway.registry import Registry
 from rnnserve.service.gateway.session_guard import SessionsUnavailable
 from rnnserve.service.gateway.sessions import SessionStore
+from rnnserve.service.gateway.sessions_redis import RedisSessionStore
 from rnnserve.service.gateway.slots import SharedCounts
 from rnnserve.service.gateway.states import StateSigner
 from rnnserve.service.gateway.upstream import Upstream
@@ -108,7 +109,7 @@ async def _send_json(send, err: APIError) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = Registry.from_settings(settings)
-    metrics = Metrics()
+    metrics = Metrics(shared_sessions=settings.session_store is not None)
     admissions: dict[str, Admission] = {}
     counts = None
     if settings.gateway_workers > 1:  # one of several gateway processes (launcher.py): bounds for the service
@@ -153,9 +154,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.admissions = admissions
     key = settings.state_key.get_secret_value().encode() if settings.state_key else None
     app.state.signer = StateSigner(key)
-    app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model, settings.max_session_bytes_per_model,
-                                      settings.session_ttl_s, *settings.session_quota)
-    if counts is not None:  # a session store per process would lose sessions between them
+    if settings.session_store is not None:  # one store for every process and replica
+        app.state.sessions = RedisSessionStore(metrics, settings.session_store, settings.max_sessions_per_model,
+                                               settings.max_session_bytes_per_model, settings.session_ttl_s,
+                                               *settings.session_quota, timeout_s=settings.session_store_timeout_s,
+                                               # a request lives request_timeout_s at most, then ends its lease
+                                               lease_s=settings.request_timeout_s + 10)
+    elif counts is None:
+        app.state.sessions = SessionStore(metrics, settings.max_sessions_per_model,
+                                          settings.max_session_bytes_per_model, settings.session_ttl_s,
+                                          *settings.session_quota)
+    else:  # a session store per process would lose sessions between them
         app.state.sessions = SessionsUnavailable(settings.gateway_workers)
     install_error_handlers(app)
 

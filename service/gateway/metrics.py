@@ -18,7 +18,7 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, shared_sessions: bool = False) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("rnnserve_requests", "Requests by route and outcome (finish reason or failure)",
                                 ["model", "route", "outcome"], registry=r)
@@ -46,10 +46,13 @@ class Metrics:
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.cancelled = Counter("rnnserve_client_disconnects", "Streams whose client went away before the end",
                                  ["model"], registry=r)
+        # each process holds its own sessions (their sum is the service's), or all share one Redis store
+        # whose totals any process reports (the latest report is the service's)
+        mode = "mostrecent" if shared_sessions else "livesum"
         self.sessions = Gauge("rnnserve_sessions", "Sessions the gateway holds", ["model"], registry=r,
-                              multiprocess_mode="livesum")
+                              multiprocess_mode=mode)
         self.session_bytes = Gauge("rnnserve_session_bytes", "Bytes the gateway holds for sessions (states and "
-                                   "bookkeeping)", ["model"], registry=r, multiprocess_mode="livesum")
+                                   "bookkeeping)", ["model"], registry=r, multiprocess_mode=mode)
         self.session_evictions = Counter("rnnserve_session_evictions", "Sessions dropped by the bounds: capacity "
                                          "(least recently used) or expired", ["model", "reason"], registry=r)
 

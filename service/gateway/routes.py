@@ -9,10 +9,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic_core import to_json
 
 from rnnserve.service.gateway.continuation import Continuation, begin
+from rnnserve.service.gateway.protocol import ContinuationFields
 from rnnserve.service.gateway.cost import generation_cost, score_cost, translation_cost, translation_score_cost
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, owner,
                                          require_api_key)
@@ -94,6 +96,13 @@ async def _released(events: AsyncIterator[str], cont: Continuation | None) -> As
                 cont.release()
 
 
+async def _begin(request: Request, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
+    """`begin` off the event loop when it takes a session: a store in Redis may wait up to its timeout."""
+    if fields.session is None:
+        return begin(request, model, fields, body)
+    return await run_in_threadpool(begin, request, model, fields, body)
+
+
 async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None, costs: list[int]):
     try:
         return await start(ctx, bodies, costs)
@@ -112,7 +121,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
     registry.get(req.model, "lm").check_generate(req.max_tokens, [req.prompt])
     ctx = _context(request, req.model, "generate", request_id)
     body = req.upstream_body(req.prompt)
-    cont = begin(request, req.model, req, body)
+    cont = await _begin(request, req.model, req, body)
     started = await _start(ctx, [body], cont, [generation_cost(req.prompt, req.max_tokens)])
     if not req.stream:
         try:
@@ -169,7 +178,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
     registry.get(req.model, "lm").check_generate(req.max_tokens, req.prompts)
     ctx = _context(request, req.model, "completions", request_id)
     choices = req.choices()
-    cont = begin(request, req.model, req, choices[0][2])
+    cont = await _begin(request, req.model, req, choices[0][2])
     costs = [generation_cost(prompt, req.max_tokens, bool(body.get("echo"))) for _, prompt, body in choices]
     started = await _start(ctx, [body for _, _, body in choices], cont, costs)
     cid, created = f"cmpl-{request_id}", int(time.time())
@@ -323,24 +332,26 @@ def _info(s: Session) -> SessionInfo:
 @api.get("/v1/sessions", response_model=SessionList, tags=["sessions"])
 async def list_sessions(request: Request) -> SessionList:
     """The sessions of the caller's API key."""
-    return SessionList(data=[_info(s) for s in request.app.state.sessions.list(owner(request))])
+    sessions = await run_in_threadpool(request.app.state.sessions.list, owner(request))
+    return SessionList(data=[_info(s) for s in sessions])
 
 
 @api.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
 async def get_session(session_id: SessionPath, request: Request) -> SessionInfo:
-    return _info(request.app.state.sessions.get(owner(request), session_id))
+    return _info(await run_in_threadpool(request.app.state.sessions.get, owner(request), session_id))
 
 
 @api.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def delete_session(session_id: SessionPath, request: Request) -> Response:
-    request.app.state.sessions.delete(owner(request), session_id)
+    await run_in_threadpool(request.app.state.sessions.delete, owner(request), session_id)
     return Response(status_code=204)
 
 
 @api.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201, tags=["sessions"])
 async def fork_session(session_id: SessionPath, req: ForkRequest, request: Request) -> SessionInfo:
     """A new session that continues from this one's state; the two then go their own ways."""
-    return _info(request.app.state.sessions.fork(owner(request), session_id, req.id or uuid.uuid4().hex))
+    return _info(await run_in_threadpool(request.app.state.sessions.fork, owner(request), session_id,
+                                         req.id or uuid.uuid4().hex))
 
 
 router.include_router(api)

@@ -7,9 +7,10 @@ made them (all clients share one namespace when no keys are set). Each key has a
 sessions evicts its own least recently used ones, never another key's. Idle sessions expire after
 `ttl_s`. One request at a time may use a session: it holds a lease from `acquire` to `commit` or
 `release`, which act on that lease alone; a second request or a delete gets 409 meanwhile (a fork
-copies the state the session last ended with). A session lives in one gateway process: behind several replicas, route a
-conversation to one (affinity), or hold the state on the client (`return_state`), which any replica
-accepts.
+copies the state the session last ended with). A session lives in one gateway process: behind several
+replicas, route a conversation to one (affinity), keep sessions in Redis (sessions_redis.py, the same
+semantics for every process and replica), or hold the state on the client (`return_state`), which any
+replica accepts.
 """
 from __future__ import annotations
 
