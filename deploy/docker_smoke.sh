@@ -220,6 +220,20 @@ line=$(check_stream /v1/translate '{"model": "translate-de-en", "text": "Zwei Hu
   || fail "streamed translation through the gateway"
 ok "streamed translation (POST /v1/translate, translate-de-en): $line"
 
+# a session held in the redis service: two turns, then its record
+for turn in 1 2; do
+  curl -fsS --max-time 120 -H 'Content-Type: application/json' -o "$STATE/session$turn.json" \
+    -d '{"model": "lm-shakespeare", "prompt": "ROMEO:", "max_tokens": 8, "seed": 1, "session": "smoke"}' \
+    "$url/v1/generate" || fail "POST /v1/generate with a session (turn $turn): $(cat "$STATE/session$turn.json" 2>/dev/null | head -c 300)"
+done
+line=$(curl -fsS --max-time 30 "$url/v1/sessions/smoke" | "$PYTHON" -c '
+import json, sys
+s = json.load(sys.stdin)
+# each turn is 14 tokens (6 read, 8 decoded): more than 14 means both turns went into the one session
+assert s["tokens"] > 14 and s["model"] == "lm-shakespeare", s
+print(f"{s[\"tokens\"]} tokens, {s[\"bytes\"]} bytes")') || fail "the session after two turns: $line"
+ok "session in redis (two turns through POST /v1/generate, then GET /v1/sessions/smoke): $line"
+
 # --- Prometheus, on the internal network only: asked from inside its container ---------------
 prom() { $DC exec -T prometheus wget -qO- "http://127.0.0.1:9090/api/v1/$1"; }
 t=$SECONDS
