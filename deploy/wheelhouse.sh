@@ -21,7 +21,8 @@ trap 'rm -f "$reqs"' EXIT
 "$PYTHON" - >"$reqs" <<'PY'
 import tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))
-print("\n".join(d for d in p["project"]["dependencies"] if not d.startswith("torch==")))
+# markers dropped: the wheels serve any CPython 3.11 (the image's 3.11.2 needs what this one may not)
+print("\n".join(d.split(";")[0].strip() for d in p["project"]["dependencies"] if not d.startswith("torch==")))
 print("\n".join(p["build-system"]["requires"] + ["wheel"]))
 PY
 torch_version=$(sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)
