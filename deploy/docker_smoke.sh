@@ -226,12 +226,14 @@ for turn in 1 2; do
     -d '{"model": "lm-shakespeare", "prompt": "ROMEO:", "max_tokens": 8, "seed": 1, "session": "smoke"}' \
     "$url/v1/generate" || fail "POST /v1/generate with a session (turn $turn): $(cat "$STATE/session$turn.json" 2>/dev/null | head -c 300)"
 done
-line=$(curl -fsS --max-time 30 "$url/v1/sessions/smoke" | "$PYTHON" -c '
+curl -sS --max-time 30 -o "$STATE/session.json" "$url/v1/sessions/smoke" || fail "GET /v1/sessions/smoke"
+line=$("$PYTHON" -c '
 import json, sys
-s = json.load(sys.stdin)
+s = json.load(open(sys.argv[1]))
 # each turn is 14 tokens (6 read, 8 decoded): more than 14 means both turns went into the one session
 assert s["tokens"] > 14 and s["model"] == "lm-shakespeare", s
-print(f"{s[\"tokens\"]} tokens, {s[\"bytes\"]} bytes")') || fail "the session after two turns: $line"
+print(s["tokens"], "tokens,", s["bytes"], "bytes")' "$STATE/session.json") \
+  || fail "the session after two turns: $(head -c 300 "$STATE/session.json")"
 ok "session in redis (two turns through POST /v1/generate, then GET /v1/sessions/smoke): $line"
 
 # --- Prometheus, on the internal network only: asked from inside its container ---------------
