@@ -134,6 +134,18 @@ class _Sequence:
     partial: State | None = None  # the state after them, while the rest waits
 
 
+def check_generation(ids: set[str], request_id: str, prompt: object, params: SamplingParams,
+                     max_prompt_chars: int, max_tokens_limit: int) -> None:
+    """The checks every engine makes of a generation request before it queues anything (ValueError)."""
+    if request_id in ids:
+        raise ValueError(f"duplicate request id {request_id!r}")
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    if len(prompt) > max_prompt_chars:
+        raise ValueError(f"prompt must be at most {max_prompt_chars} characters")
+    params.validate(max_tokens_limit)
+
+
 class LMEngine:
     def __init__(self, model: RNNLanguageModel, tokenizer: CharTokenizer, max_batch_size: int = 64,
                  max_tokens_limit: int = 2048, max_prompt_chars: int = 8192,
@@ -184,13 +196,7 @@ class LMEngine:
         `state` continues a text the model read before (a session, or a state a client returned): the
         prompt is read after it, an empty prompt continues where the text stopped.
         """
-        if request_id in self._ids:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string")
-        if len(prompt) > self.max_prompt_chars:
-            raise ValueError(f"prompt must be at most {self.max_prompt_chars} characters")
-        params.validate(self.max_tokens_limit)
+        check_generation(self._ids, request_id, prompt, params, self.max_prompt_chars, self.max_tokens_limit)
         if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
         if state is not None:

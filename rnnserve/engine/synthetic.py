@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from rnnserve.engine.lm_engine import StepOutput
+from rnnserve.engine.lm_engine import StepOutput, check_generation
 from rnnserve.engine.sampling import SamplingParams
 
 PASSAGE = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
@@ -49,13 +49,7 @@ class SyntheticEngine:
     def add(self, request_id: str, prompt: str, params: SamplingParams, *, logprobs: int | None = None,
             echo: bool = False, state=None, return_state: bool = False) -> None:
         """Queue a request; ValueError for what this engine cannot do or the caller got wrong."""
-        if request_id in self._ids:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string")
-        if len(prompt) > self.max_prompt_chars:
-            raise ValueError(f"prompt must be at most {self.max_prompt_chars} characters")
-        params.validate(self.max_tokens_limit)
+        check_generation(self._ids, request_id, prompt, params, self.max_prompt_chars, self.max_tokens_limit)
         if logprobs is not None or echo or state is not None or return_state:
             raise ValueError("the synthetic engine has no logprobs, echo or states")
         offset = (params.seed or 0) % len(PASSAGE)

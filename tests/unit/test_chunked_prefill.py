@@ -76,7 +76,7 @@ def test_generation_and_echo_from_chunked_prompts_equal_unchunked(lm):
               state=state)
         e.add("stepped", "", SamplingParams(max_tokens=40, temperature=0.0), logprobs=0, echo=True, state=state)
         echoes = {}
-        texts, finals = {}, {}
+        texts = {}
         while e.has_work():
             for o in e.step(4):
                 texts[o.request_id] = texts.get(o.request_id, "") + o.text
