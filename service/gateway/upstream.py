@@ -108,6 +108,8 @@ class Upstream:
         # inference streams go through aiohttp: it costs the gateway about 40% less CPU per request than
         # httpx (BENCHMARKS.md); httpx stays for the rare management calls
         self.session: aiohttp.ClientSession | None = None
+        # when each model last sent a frame (monotonic): readiness tells a busy model from a stuck one by it
+        self.last_frame: dict[str, float] = {}
 
     def _session(self) -> aiohttp.ClientSession:
         """The streaming client, made on first use: an aiohttp session belongs to the running event loop."""
@@ -143,6 +145,7 @@ class Upstream:
                         frame = json.loads(line)
                     except ValueError:
                         raise UpstreamError(502, "model server sent a malformed frame") from None
+                    self.last_frame[model] = time.monotonic()
                     if "error" in frame or frame.get("finish_reason"):
                         await _drain(resp)
                         yield frame

@@ -171,6 +171,7 @@ ENV_OVERRIDES = {
     "RNNSERVE_MIN_STEP_MS": ("min_step_ms", float),
     "RNNSERVE_FRAME_INTERVAL_MS": ("frame_interval_ms", float),
     "RNNSERVE_PREFILL_CHUNK_TOKENS": ("prefill_chunk_tokens", int),
+    "RNNSERVE_MAX_BATCH_SIZE": ("max_batch_size", int),  # rows decoded at once; more requests wait for a row
 }
 
 

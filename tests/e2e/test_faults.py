@@ -145,3 +145,31 @@ def test_a_client_that_never_reads_is_bounded_and_frees_its_slot(fresh):
         wait_for(lambda: metric(c, "rnnserve_requests_running", model="lm-shakespeare") == 0, "the slot to be freed")
         ok = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "b", "max_tokens": 4})
         assert ok.status_code == 200
+
+
+def test_a_probe_queued_behind_answered_requests_keeps_the_model_ready(tmp_path):
+    """Two rows, both held by paced streams: the readiness probe waits for a row longer than its timeout, but
+    the model keeps answering, so it is busy, not stuck, and /readyz stays 200. (A model that answers
+    nothing is reported: test_killed_worker_ends_every_stream_with_an_error_then_recovers.)"""
+    s = start_stack(tmp_path, extra_env={"RNNSERVE_MAX_BATCH_SIZE": "2", "RNNSERVE_READY_PROBE_TIMEOUT_S": "1",
+                                         **PACED})
+    try:
+        results: list = []
+        started: list = []
+        threads = [threading.Thread(target=read_events, args=(s.url, {**LONG, "seed": i}, results, started))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(started) == 2, "both streams' first events")  # paced: they run for over 40 s
+        waiting = "lm-shakespeare: the readiness probe waits behind other requests"
+        seen = len(s.log.read_text())  # what startup logged does not count
+        wait_for(lambda: s.log.read_text()[seen:].count(waiting) >= 2, "a probe waiting past its timeout twice")
+        with s.client() as c:
+            r = c.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["models"]["lm-shakespeare"] == "ready"
+        assert not results  # both streams still running: the probe did wait behind them
+    finally:
+        stop_stack(s)
+    for t in threads:
+        t.join(timeout=60)
