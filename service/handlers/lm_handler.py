@@ -114,8 +114,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             # A fast engine fills the frame interval with more steps: every stream's next frame carries all it
             # made meanwhile, so frames do not multiply with the engine's speed (each costs TorchServe, the
             # gateway and the client the same, whatever it carries). A first frame never waits: short steps.
-            # A call that brings new requests cuts the interval short (`newcomers`, streaming.py): their first
-            # token does not wait for it.
+            # A call that brings new requests cuts the interval short (`newcomers`, streaming.py): they were
+            # queued in TorchServe during the previous call's step and wait for no second one.
             interval = frame_interval(self.frame_interval_s, self.frame_interval_per_stream_s,
                                       self.max_frame_interval_s, len(self.engine.request_ids()))
             end = t0 + scale * interval

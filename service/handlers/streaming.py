@@ -42,7 +42,8 @@ class ContinuousBatchingHandler:
         self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._running: Future | None = None  # the step started at the end of the previous call
         # set by a call that brings new requests while the background step runs: a step that keeps stepping to
-        # fill a frame interval (lm_handler.py) stops at once, so that they are admitted without waiting for it
+        # fill a frame interval (lm_handler.py) stops at once. TorchServe sends the next call as soon as a call
+        # returns, so new requests queue during one step and, without this, would wait for the next one too
         self.newcomers = threading.Event()
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
