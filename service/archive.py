@@ -64,6 +64,12 @@ MODEL_CONFIGS: dict[str, dict] = {
             # of them (every frame costs TorchServe's frontend, the gateway and the client the same CPU).
             # Equal to the step budget, it changes nothing where the engine fills the budget itself.
             "frame_interval_ms": 60,
+            # ... grown with the streams in flight: 2 ms per stream past 30 (64 streams: 128 ms), so that all
+            # streams together send about 500 frames/s, up to 250 ms between two frames of a stream. A new request
+            # waits for the running interval: a call that brings new requests ends the one after it at once, so
+            # that they wait for one interval at most (streaming.py)
+            "frame_interval_per_stream_ms": 2,
+            "max_frame_interval_ms": 250,
             # a floor on each step's duration (0: none); the test suite sets it with max_tokens_per_step 1
             # (RNNSERVE_MIN_STEP_MS, RNNSERVE_MAX_TOKENS_PER_STEP) for streams slow on any machine
             "min_step_ms": 0,

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # refuses (429 with Retry-After), never TorchServe (503). Set it to the sum of max_running_per_model
     # over every gateway replica that shares one TorchServe.
     ts_job_queue_size: int | None = Field(None, ge=1)
+    # TorchServe's JVM compiles its hot paths with the quick compiler (C1) only, unless this is set: the optimizing
+    # compiler (C2) took most of the frontend's CPU over the first minutes of streaming (BENCHMARKS.md)
+    ts_optimizing_jit: bool = False
     run_dir: Path = REPO_ROOT / "run"  # TorchServe's working directory: logs, key file, config
     model_store: Path = MODEL_STORE
     models_dir: Path = MODELS_DIR

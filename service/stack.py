@@ -51,10 +51,10 @@ def start_stack(tmp: Path, extra_env: dict | None = None, models_dir: Path = MOD
     store = tmp / "model_store"
     build_archives(models_dir, store)
     gw, inf, mgmt, met, gi, gm, worker = free_ports(7)
-    env = dict(os.environ, RNNSERVE_RUN_DIR=str(tmp / "run"), RNNSERVE_MODEL_STORE=str(store),
-               RNNSERVE_MODELS_DIR=str(models_dir), RNNSERVE_READY_PROBE_INTERVAL_S="1",
-               RNNSERVE_PARENT_PID=str(os.getpid()),  # the stack stops if this process dies without stopping it
-               **(extra_env or {}))
+    env = {**os.environ, "RNNSERVE_RUN_DIR": str(tmp / "run"), "RNNSERVE_MODEL_STORE": str(store),
+           "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_READY_PROBE_INTERVAL_S": "1",
+           "RNNSERVE_PARENT_PID": str(os.getpid()),  # the stack stops if this process dies without stopping it
+           **(extra_env or {})}  # extra_env may set any of these
     cmd = [sys.executable, "-m", "rnnserve.cli", "serve", "--port", str(gw), "--ts-inference-port", str(inf),
            "--ts-management-port", str(mgmt), "--ts-metrics-port", str(met), "--ts-grpc-inference-port", str(gi),
            "--ts-grpc-management-port", str(gm), "--ts-worker-port", str(worker)]

@@ -80,7 +80,10 @@ def write_config(settings: Settings, models: list[str]) -> Path:
         # this is the default for a model that sets none
         "default_response_timeout": 120,
         "python": sys.executable,  # workers import rnnserve from this environment
-        "vmargs": "-Xmx1g -XX:+ExitOnOutOfMemoryError",
+        # the quick compiler only unless asked (settings.ts_optimizing_jit): C2's compiling cost the frontend more CPU
+        # than relaying the frames (BENCHMARKS.md)
+        "vmargs": "-Xmx1g -XX:+ExitOnOutOfMemoryError" + ("" if settings.ts_optimizing_jit
+                                                          else " -XX:TieredStopAtLevel=1"),
     }
     path = run_dir / "config.properties"
     path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))

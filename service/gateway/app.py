@@ -147,8 +147,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 counts.close()
 
     # the documentation routes are the gateway's own (docs.py): behind the API key, and offline
+    # FastAPI's own OpenTelemetry hooks are off: the gateway's metrics are Prometheus's (metrics.py), and the
+    # hooks look up the global providers on every request, a few percent of the gateway's CPU under load
     app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None,
+                  openapi_url=None, telemetry={"tracing": False, "metrics": False, "logs": False},
                   description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.state.admissions = admissions
@@ -168,8 +170,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = SessionsUnavailable(settings.gateway_workers)
     install_error_handlers(app)
 
-    from rnnserve.service.gateway.routes import router
+    from rnnserve.service.gateway.routes import api, router
 
+    # side by side, the API's routes first, rather than one router inside the other: FastAPI matches a request
+    # against every level of included routers, twice, and the streamed routes are the gateway's hot path
+    app.include_router(api)
     app.include_router(router)
     install_docs(app)
     if settings.cors_origins:

@@ -10,13 +10,13 @@ upstream streams, TorchServe drops the jobs and the handler frees their rows at 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
+from pydantic_core import to_json
 from starlette.responses import StreamingResponse
 
 from rnnserve.service.gateway.admission import Admission
@@ -67,6 +67,7 @@ class Run:
     def __init__(self, ctx: Context, body: dict, index: int = 0, cost: int = 0) -> None:
         self.ctx, self.index, self.cost = ctx, index, cost  # cost: its tokens held in admission (cost.py)
         self._frames = ctx.upstream.frames(ctx.model, body, ctx.request_id)
+        self._metrics = ctx.metrics.stream(ctx.model)
         self.t0 = time.monotonic()
         self._last_text_at: float | None = None
         self.outcome = "internal"
@@ -106,22 +107,23 @@ class Run:
         return frame
 
     def _record(self, frame: dict) -> None:
-        m, model = self.ctx.metrics, self.ctx.model
         now = time.monotonic()
         text = frame_text(frame)
         self.logprobs += frame.get("logprobs") or []
         self.prompt_logprobs += frame.get("prompt_logprobs") or []
         for part in frame.get("score_logprobs") or []:
             self.score_logprobs.setdefault(part["index"], []).extend(part["logprobs"])
+        per_frame = self._metrics
         if "batch" in frame:
-            m.batch_size.labels(model=model).observe(frame["batch"])
+            per_frame.batch_size.observe(frame["batch"])
         if text:
             if self._last_text_at is None:
-                m.ttft.labels(model=model).observe(now - self.t0)
+                per_frame.ttft.observe(now - self.t0)
             else:
-                m.itl.labels(model=model).observe((now - self._last_text_at) / len(text))
+                per_frame.itl.observe((now - self._last_text_at) / len(text))
             self._last_text_at = now
         if frame.get("finish_reason"):
+            m, model = self.ctx.metrics, self.ctx.model
             self.final = frame
             self.outcome = frame["finish_reason"]
             usage = frame.get("usage") or {}
@@ -219,8 +221,12 @@ async def collect_unless_disconnected(request, started: list[tuple[Run, dict]]) 
     return None
 
 
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(data: dict) -> bytes:
+    """One Server-Sent Event (pydantic-core's encoder: UTF-8, several times faster than the json module)."""
+    return b"data: " + to_json(data) + b"\n\n"
 
 
 async def merged_frames(started: list[tuple[Run, dict]]) -> AsyncIterator[tuple[Run, dict]]:
@@ -266,7 +272,7 @@ class EventStream(StreamingResponse):
     write, the events are closed (their runs' slots freed, the generations stopped upstream) and the
     connection is dropped."""
 
-    def __init__(self, events: AsyncIterator[str], deadline: float, headers: dict[str, str]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], deadline: float, headers: dict[str, str]) -> None:
         super().__init__(events, media_type="text/event-stream", headers=headers)
         self.deadline = deadline
         self._scope: dict = {}
@@ -304,21 +310,28 @@ class _WriteTimedOut(Exception):
 
 
 async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dict], list[dict]],
-                     trailer: Callable[[], list[dict]] | None = None) -> AsyncIterator[str]:
-    """SSE body: the events `render` makes of each frame, `trailer`'s events, then [DONE]."""
+                     trailer: Callable[[], list[dict]] | None = None,
+                     on_close: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+    """SSE body: the events `render` makes of each frame, `trailer`'s events, then [DONE]. The events of one
+    frame go out as one write, and the last frame's with the trailer and [DONE]: each write costs the gateway
+    about the same, whatever it carries. `on_close` runs once the runs are closed, however the stream ends."""
     disconnected = True
     frames = merged_frames(started)
+    runs = [run for run, _ in started]
     try:
+        held = b""  # the last frame's events, sent with the end
         try:
             async for run, frame in frames:
-                for event in render(run, frame):
-                    yield sse(event)
-            for event in (trailer() if trailer else []):
-                yield sse(event)
+                events = b"".join([sse(event) for event in render(run, frame)])
+                if run.final is not None and all(r.final is not None for r in runs):
+                    held = events
+                elif events:
+                    yield events
+            held += b"".join([sse(event) for event in (trailer() if trailer else [])])
         except APIError as e:
             log.warning("request %s failed mid-stream: %s", started[0][0].ctx.request_id, e.message)
-            yield sse(e.body())
-        yield sse("[DONE]")
+            held += sse(e.body())
+        yield held + DONE
         disconnected = False
     finally:
         # a client that left cancels this generator (Starlette's cancel scope): shield the clean-up. Ended
@@ -326,7 +339,11 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
         timed_out = disconnected and time.monotonic() >= started[0][0].ctx.deadline
         with anyio.CancelScope(shield=True):
             await frames.aclose()  # its pumps first: they may be reading the runs' upstream streams
-            for run, _ in started:
-                if timed_out:  # its answer did not reach the client, however far it got upstream
-                    run.outcome = "timeout"
-                await run.close(disconnected=disconnected and not timed_out)
+            try:
+                for run, _ in started:
+                    if timed_out:  # its answer did not reach the client, however far it got upstream
+                        run.outcome = "timeout"
+                    await run.close(disconnected=disconnected and not timed_out)
+            finally:
+                if on_close is not None:
+                    on_close()

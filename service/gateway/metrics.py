@@ -8,6 +8,7 @@ all (`exposition`), so it reports the whole service. Gauges then add up the live
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -15,6 +16,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 # latency buckets from 5 ms (one decode step) to 2 min (the default request deadline)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class StreamMetrics:
+    """One model's children of the metrics a stream updates per frame, looked up once: `labels()` takes a lock
+    and a dict lookup each time, and a stream's frames are the gateway's most frequent work."""
+    ttft: Histogram
+    itl: Histogram
+    batch_size: Histogram
 
 
 class Metrics:
@@ -55,6 +65,14 @@ class Metrics:
                                    "bookkeeping)", ["model"], registry=r, multiprocess_mode=mode)
         self.session_evictions = Counter("rnnserve_session_evictions", "Sessions dropped by the bounds: capacity "
                                          "(least recently used) or expired", ["model", "reason"], registry=r)
+        self._streams: dict[str, StreamMetrics] = {}
+
+    def stream(self, model: str) -> StreamMetrics:
+        found = self._streams.get(model)
+        if found is None:
+            found = self._streams[model] = StreamMetrics(self.ttft.labels(model=model), self.itl.labels(model=model),
+                                                         self.batch_size.labels(model=model))
+        return found
 
     def init_model(self, model: str) -> None:
         """Create the label sets at start so dashboards see zeros instead of missing series."""

@@ -79,21 +79,8 @@ def _json(body: dict) -> Response:
     return Response(to_json(body), media_type="application/json")
 
 
-def _stream(events: AsyncIterator[str], ctx: Context) -> EventStream:
+def _stream(events: AsyncIterator[bytes], ctx: Context) -> EventStream:
     return EventStream(events, ctx.deadline, SSE_HEADERS)
-
-
-async def _released(events: AsyncIterator[str], cont: Continuation | None) -> AsyncIterator[str]:
-    """An SSE body that releases the request's session when it ends, however it ends."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        try:
-            await events.aclose()  # type: ignore[attr-defined]  # its runs end before the session is free
-        finally:
-            if cont is not None:
-                cont.release()
 
 
 async def _begin(request: Request, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
@@ -147,7 +134,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
                               usage=_usage([run]), session=req.session,
                               state=cont.state if cont else None).model_dump(exclude_none=True)]
 
-    return _stream(_released(sse_stream(started, render), cont), ctx)
+    return _stream(sse_stream(started, render, on_close=cont.release if cont else None), ctx)
 
 
 def _completion_logprobs(entries: list[dict], offset: int, top: bool) -> tuple[CompletionLogprobs, int]:
@@ -245,7 +232,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
             return [chunk(None, _usage([r for r, _ in started]))]
         return []
 
-    return _stream(_released(sse_stream(started, render, trailer), cont), ctx)
+    return _stream(sse_stream(started, render, trailer, on_close=cont.release if cont else None), ctx)
 
 
 @api.post("/v1/translate", response_model=TranslateResponse, tags=["translation"], responses=SSE)
@@ -353,5 +340,3 @@ async def fork_session(session_id: SessionPath, req: ForkRequest, request: Reque
     return _info(await run_in_threadpool(request.app.state.sessions.fork, owner(request), session_id,
                                          req.id or uuid.uuid4().hex))
 
-
-router.include_router(api)

@@ -16,6 +16,7 @@ from datetime import datetime
 
 import aiohttp
 import httpx
+from pydantic_core import from_json
 
 from rnnserve.service.settings import Settings
 from rnnserve.service.torchserve import MAX_RESPONSE_BYTES
@@ -142,7 +143,7 @@ class Upstream:
                     if line == b"\n":
                         continue
                     try:
-                        frame = json.loads(line)
+                        frame = from_json(line)  # pydantic-core's parser: about 10x the json module's speed
                     except ValueError:
                         raise UpstreamError(502, "model server sent a malformed frame") from None
                     self.last_frame[model] = time.monotonic()

@@ -170,6 +170,8 @@ ENV_OVERRIDES = {
     "RNNSERVE_MAX_TOKENS_PER_STEP": ("max_tokens_per_step", int),
     "RNNSERVE_MIN_STEP_MS": ("min_step_ms", float),
     "RNNSERVE_FRAME_INTERVAL_MS": ("frame_interval_ms", float),
+    "RNNSERVE_FRAME_INTERVAL_PER_STREAM_MS": ("frame_interval_per_stream_ms", float),
+    "RNNSERVE_MAX_FRAME_INTERVAL_MS": ("max_frame_interval_ms", float),
     "RNNSERVE_PREFILL_CHUNK_TOKENS": ("prefill_chunk_tokens", int),
     "RNNSERVE_MAX_BATCH_SIZE": ("max_batch_size", int),  # rows decoded at once; more requests wait for a row
 }

@@ -17,6 +17,7 @@ from rnnserve.engine.lm_engine import LMEngine, StepOutput, merge_outputs
 from rnnserve.engine.synthetic import SyntheticEngine
 from rnnserve.engine.state import StateError, fingerprint, from_bytes
 from rnnserve.models.folder import WEIGHTS_FILE, load_lm
+from rnnserve.service.handlers.frame_interval import frame_interval
 from rnnserve.service.handlers.frames import (decode_body, output_frame, parse_generate_body, parse_score_body)
 from rnnserve.service.handlers.streaming import ContinuousBatchingHandler
 
@@ -46,6 +47,11 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 32))
         # the least time between two frames of a stream, its first frame excepted (0: one frame per step)
         self.frame_interval_s = float(cfg.get("frame_interval_ms", 0)) / 1000
+        # ... and with many streams, this much per stream in flight, up to the most below: every frame costs
+        # TorchServe's frontend and the gateway the same, so the frames of all streams together stay at about
+        # 1 / frame_interval_per_stream_ms per second whatever their number (frame_interval.py)
+        self.frame_interval_per_stream_s = float(cfg.get("frame_interval_per_stream_ms", 0)) / 1000
+        self.max_frame_interval_s = float(cfg.get("max_frame_interval_ms", 0)) / 1000
         # a floor on a step's duration: with max_tokens_per_step 1 it paces every stream to at most
         # 1000 / min_step_ms tokens/s whatever the machine's speed (the test suite's slow streams)
         self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
@@ -108,8 +114,13 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             # A fast engine fills the frame interval with more steps: every stream's next frame carries all it
             # made meanwhile, so frames do not multiply with the engine's speed (each costs TorchServe, the
             # gateway and the client the same, whatever it carries). A first frame never waits: short steps.
-            end = t0 + scale * self.frame_interval_s
-            while self.engine.has_work() and (left := end - time.monotonic()) > 0:
+            # A call that brings new requests cuts the interval short (`newcomers`, streaming.py): they were
+            # queued in TorchServe during the previous call's step and wait for no second one.
+            interval = frame_interval(self.frame_interval_s, self.frame_interval_per_stream_s,
+                                      self.max_frame_interval_s, len(self.engine.request_ids()))
+            end = t0 + scale * interval
+            while (self.engine.has_work() and not self.newcomers.is_set()
+                   and (left := end - time.monotonic()) > 0):
                 for o in self.engine.step(self.max_tokens_per_step, budget_s=left):
                     earlier = outputs.get(o.request_id)
                     outputs[o.request_id] = o if earlier is None else merge_outputs(earlier, o)

@@ -20,6 +20,7 @@ touched by one thread at a time: every call waits for the background step before
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -40,6 +41,10 @@ class ContinuousBatchingHandler:
         self.step_on_admit = True  # a call that admits runs a short step itself (model-config `step_on_admit`)
         self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._running: Future | None = None  # the step started at the end of the previous call
+        # set by a call that brings new requests while the background step runs: a step that keeps stepping to
+        # fill a frame interval (lm_handler.py) stops at once. TorchServe sends the next call as soon as a call
+        # returns, so new requests queue during one step and, without this, would wait for the next one too
+        self.newcomers = threading.Event()
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """frames.handler_setup, and the overlap setting this class reads."""
@@ -108,7 +113,10 @@ class ContinuousBatchingHandler:
     def handle(self, data: list[dict], ctx) -> list[str]:
         ids = [ctx.request_ids[i] for i in range(len(data))]
         present = set(ids)
+        if any(rid not in self.started and rid not in self.pending for rid in ids):
+            self.newcomers.set()
         stepped = self.wait()  # from here on this thread alone touches the engine
+        self.newcomers.clear()
         for rid in [r for r in self.engine_ids() if r not in present]:
             self.abort(rid)
             self.aborted += 1

@@ -1,5 +1,7 @@
 """The TorchServe handler driven as the continuous-batching frontend drives it (ContinuousBatching.java):
 each call re-sends the requests still in flight with an empty payload and adds new ones."""
+import json
+
 from rnnserve.service.handlers.lm_handler import LanguageModelHandler
 from tests.unit.fakes import FakeContext, Frontend
 
@@ -237,3 +239,28 @@ def test_a_frame_interval_gathers_a_fast_engines_steps_into_bigger_frames(tiny_l
     for r in "ab":
         assert "".join(texts[0][r]) == "".join(texts[600_000][r])
     assert "".join(texts[0]["b"]) == "Now is the winter of our discontent made glorious "
+
+
+def test_a_call_with_a_new_request_cuts_the_running_frame_interval_short(tiny_lm_folder, tmp_path):
+    """The background step keeps stepping to fill the frame interval (here longer than the whole stream), but a
+    call that brings a new request ends it: the running stream's frame comes with that call, unfinished, and the
+    new request is admitted in it, instead of both waiting for the interval to pass."""
+    folder = _synthetic_folder(tiny_lm_folder, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "synthetic_token_ms": 20}))  # 500 tokens: 10 s
+    ctx = FakeContext(folder, {"max_batch_size": 8, "target_step_ms": 5, "max_tokens_per_step": 1,
+                               "frame_interval_ms": 600_000})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    fe.submit("a", {"prompt": "x", "max_tokens": 500, "seed": 0})
+    fe.step()  # a's first frame; the step after it is one engine step (all of the batch is new)
+    ctx.request_ids = {0: "a"}
+    (second,) = h.handle([{"body": {}}], ctx)  # no newcomer: the step it starts would run until `a` ends
+    assert "finish_reason" not in json.loads(second)
+    ctx.request_ids = {0: "a", 1: "b"}
+    third, first_b = (json.loads(f) for f in h.handle([{"body": {}}, {"body": {"prompt": "x", "max_tokens": 4}}], ctx))
+    assert third["text"] and "finish_reason" not in third
+    assert first_b["text"] == "Now "[:len(first_b["text"])] and first_b["text"]
+    h.newcomers.set()  # end the step this call started (it too would run until `a` ends)
+    h.settle()

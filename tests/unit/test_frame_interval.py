@@ -1,0 +1,18 @@
+from rnnserve.service.handlers.frame_interval import frame_interval
+
+
+def test_the_frame_interval_grows_with_the_streams_between_its_floor_and_its_most():
+    # 60 ms floor, 4 ms per stream, at most 250 ms (the archive's defaults)
+    assert [frame_interval(0.06, 0.004, 0.25, n) for n in (1, 15, 16, 32, 62, 63, 64, 1024)] == \
+        [0.06, 0.06, 0.064, 0.128, 0.248, 0.25, 0.25, 0.25]
+
+
+def test_a_floor_of_zero_sends_a_frame_per_step_whatever_the_streams():
+    assert frame_interval(0.0, 0.004, 0.25, 1024) == 0.0
+
+
+def test_no_growth_without_a_per_stream_share_or_a_most():
+    assert frame_interval(0.06, 0.0, 0.25, 1024) == 0.06
+    assert frame_interval(0.06, 0.004, 0.0, 1024) == 0.06
+    # a most below the floor leaves the floor
+    assert frame_interval(0.3, 0.004, 0.25, 1024) == 0.3
