@@ -13,7 +13,7 @@ from fastapi import Request
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.protocol import ContinuationFields
 from rnnserve.service.gateway.deps import owner
-from rnnserve.service.gateway.sessions import Lease
+from rnnserve.service.gateway.sessions import Lease, call
 
 # a session keeps the exact state (float32); a state sent to the client is compact (float16, or float32
 # where a number is past float16's range: rnnserve/engine/state.py)
@@ -29,8 +29,8 @@ class Continuation:
     state: str | None = None  # the signed state for the client, once the generation ended
     ended: bool = False
 
-    def end(self, final: dict) -> None:
-        """The generation's last frame arrived: keep its state."""
+    async def end(self, final: dict) -> None:
+        """The generation's last frame arrived: keep its state (before the answer that names it goes out)."""
         if self.ended:
             return
         self.ended = True
@@ -41,18 +41,18 @@ class Continuation:
         blob = base64.b64decode(final["state"])
         app = self.request.app.state
         if self.lease is not None:
-            app.sessions.commit(self.lease, blob, int(final.get("state_tokens", 0)))
+            await call(app.sessions, "commit", self.lease, blob, int(final.get("state_tokens", 0)))
             self.lease = None
         if self.return_state:
             self.state = app.signer.sign(self.model, blob, owner(self.request))
 
-    def release(self) -> None:
+    async def release(self) -> None:
         if self.lease is not None:
-            self.request.app.state.sessions.release(self.lease)
-            self.lease = None
+            lease, self.lease = self.lease, None
+            await call(self.request.app.state.sessions, "release", lease)
 
 
-def begin(request: Request, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
+async def begin(request: Request, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
     """None for a request that continues nothing; else the continuation, with `body` completed."""
     if not fields.continues:
         return None
@@ -61,7 +61,7 @@ def begin(request: Request, model: str, fields: ContinuationFields, body: dict) 
     if fields.state is not None:
         body["state"] = base64.b64encode(app.signer.verify(model, fields.state, owner(request))).decode("ascii")
     if fields.session is not None:
-        cont.lease = app.sessions.acquire(owner(request), fields.session, model)
+        cont.lease = await call(app.sessions, "acquire", owner(request), fields.session, model)
         if cont.lease.state is not None:
             body["state"] = base64.b64encode(cont.lease.state).decode("ascii")
     body["return_state"] = SESSION_DTYPE if fields.session is not None else CLIENT_DTYPE

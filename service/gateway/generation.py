@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -311,10 +311,13 @@ class _WriteTimedOut(Exception):
 
 async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dict], list[dict]],
                      trailer: Callable[[], list[dict]] | None = None,
-                     on_close: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+                     on_final: Callable[[dict], Awaitable[None]] | None = None,
+                     on_close: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
     """SSE body: the events `render` makes of each frame, `trailer`'s events, then [DONE]. The events of one
     frame go out as one write, and the last frame's with the trailer and [DONE]: each write costs the gateway
-    about the same, whatever it carries. `on_close` runs once the runs are closed, however the stream ends."""
+    about the same, whatever it carries. `on_final` runs before a run's finishing frame is rendered (a session
+    stores its state before the answer that names it goes out); `on_close` once the runs are closed, however
+    the stream ends."""
     disconnected = True
     frames = merged_frames(started)
     runs = [run for run, _ in started]
@@ -322,6 +325,8 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
         held = b""  # the last frame's events, sent with the end
         try:
             async for run, frame in frames:
+                if on_final is not None and frame.get("finish_reason"):
+                    await on_final(frame)
                 events = b"".join([sse(event) for event in render(run, frame)])
                 if run.final is not None and all(r.final is not None for r in runs):
                     held = events
@@ -346,4 +351,4 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
                     await run.close(disconnected=disconnected and not timed_out)
             finally:
                 if on_close is not None:
-                    on_close()
+                    await on_close()

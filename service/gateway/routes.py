@@ -9,12 +9,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic_core import to_json
 
 from rnnserve.service.gateway.continuation import Continuation, begin
-from rnnserve.service.gateway.protocol import ContinuationFields
 from rnnserve.service.gateway.cost import generation_cost, score_cost, translation_cost, translation_score_cost
 from rnnserve.service.gateway.deps import (MetricsDep, ReadinessDep, RegistryDep, RequestIdDep, owner,
                                          require_api_key)
@@ -27,7 +25,7 @@ from rnnserve.service.gateway.protocol import (CONTINUATION, SESSION_PATTERN, Co
                                                ScoreRequest, ScoreResponse, SessionInfo, SessionList,
                                                TranslateChunk, TranslateRequest, TranslateResponse, Translation,
                                                Usage)
-from rnnserve.service.gateway.sessions import Session
+from rnnserve.service.gateway.sessions import Session, call
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 502, 503, 504)}
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}}
@@ -83,19 +81,12 @@ def _stream(events: AsyncIterator[bytes], ctx: Context) -> EventStream:
     return EventStream(events, ctx.deadline, SSE_HEADERS)
 
 
-async def _begin(request: Request, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
-    """`begin` off the event loop when it takes a session: a store in Redis may wait up to its timeout."""
-    if fields.session is None:
-        return begin(request, model, fields, body)
-    return await run_in_threadpool(begin, request, model, fields, body)
-
-
 async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None, costs: list[int]):
     try:
         return await start(ctx, bodies, costs)
     except BaseException:
         if cont is not None:
-            cont.release()
+            await cont.release()
         raise
 
 
@@ -108,7 +99,7 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
     registry.get(req.model, "lm").check_generate(req.max_tokens, [req.prompt])
     ctx = _context(request, req.model, "generate", request_id)
     body = req.upstream_body(req.prompt)
-    cont = await _begin(request, req.model, req, body)
+    cont = await begin(request, req.model, req, body)
     started = await _start(ctx, [body], cont, [generation_cost(req.prompt, req.max_tokens)])
     if not req.stream:
         try:
@@ -117,10 +108,10 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
                 return Response(status_code=499)  # nobody is listening
             ((run, text),) = done
             if cont is not None:
-                cont.end(run.final)
+                await cont.end(run.final)
         finally:
             if cont is not None:
-                cont.release()
+                await cont.release()
         return GenerateResponse(id=request_id, model=req.model, text=text, finish_reason=run.finish_reason,
                                 usage=_usage([run]), session=req.session, state=cont.state if cont else None)
 
@@ -128,13 +119,11 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
         text = frame_text(frame)
         if not frame.get("finish_reason"):
             return [GenerateChunk.text_event(request_id, req.model, text)] if text else []
-        if cont is not None:
-            cont.end(frame)
         return [GenerateChunk(id=request_id, model=req.model, text=text, finish_reason=frame["finish_reason"],
                               usage=_usage([run]), session=req.session,
                               state=cont.state if cont else None).model_dump(exclude_none=True)]
 
-    return _stream(sse_stream(started, render, on_close=cont.release if cont else None), ctx)
+    return _stream(sse_stream(started, render, on_final=cont.end if cont else None, on_close=cont.release if cont else None), ctx)
 
 
 def _completion_logprobs(entries: list[dict], offset: int, top: bool) -> tuple[CompletionLogprobs, int]:
@@ -165,7 +154,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
     registry.get(req.model, "lm").check_generate(req.max_tokens, req.prompts)
     ctx = _context(request, req.model, "completions", request_id)
     choices = req.choices()
-    cont = await _begin(request, req.model, req, choices[0][2])
+    cont = await begin(request, req.model, req, choices[0][2])
     costs = [generation_cost(prompt, req.max_tokens, bool(body.get("echo"))) for _, prompt, body in choices]
     started = await _start(ctx, [body for _, _, body in choices], cont, costs)
     cid, created = f"cmpl-{request_id}", int(time.time())
@@ -176,10 +165,10 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
             if done is None:
                 return Response(status_code=499)  # nobody is listening
             if cont is not None:
-                cont.end(done[0][0].final)
+                await cont.end(done[0][0].final)
         finally:
             if cont is not None:
-                cont.release()
+                await cont.release()
         per_prompt = req.candidates_per_prompt
         out = []
         for p_i, prompt in enumerate(req.prompts):
@@ -222,8 +211,6 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
             if logprobs is None:
                 return [CompletionResponse.text_event(cid, created, req.model, run.index, text)]
             return [chunk(CompletionChoice(text=text, index=run.index, logprobs=logprobs))]
-        if cont is not None:
-            cont.end(frame)
         return [chunk(CompletionChoice(text=text, index=run.index, logprobs=logprobs,
                                        finish_reason=frame["finish_reason"]), final=True)]
 
@@ -232,7 +219,7 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
             return [chunk(None, _usage([r for r, _ in started]))]
         return []
 
-    return _stream(sse_stream(started, render, trailer, on_close=cont.release if cont else None), ctx)
+    return _stream(sse_stream(started, render, trailer, on_final=cont.end if cont else None, on_close=cont.release if cont else None), ctx)
 
 
 @api.post("/v1/translate", response_model=TranslateResponse, tags=["translation"], responses=SSE)
@@ -319,24 +306,24 @@ def _info(s: Session) -> SessionInfo:
 @api.get("/v1/sessions", response_model=SessionList, tags=["sessions"])
 async def list_sessions(request: Request) -> SessionList:
     """The sessions of the caller's API key."""
-    sessions = await run_in_threadpool(request.app.state.sessions.list, owner(request))
+    sessions = await call(request.app.state.sessions, "list", owner(request))
     return SessionList(data=[_info(s) for s in sessions])
 
 
 @api.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
 async def get_session(session_id: SessionPath, request: Request) -> SessionInfo:
-    return _info(await run_in_threadpool(request.app.state.sessions.get, owner(request), session_id))
+    return _info(await call(request.app.state.sessions, "get", owner(request), session_id))
 
 
 @api.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
 async def delete_session(session_id: SessionPath, request: Request) -> Response:
-    await run_in_threadpool(request.app.state.sessions.delete, owner(request), session_id)
+    await call(request.app.state.sessions, "delete", owner(request), session_id)
     return Response(status_code=204)
 
 
 @api.post("/v1/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201, tags=["sessions"])
 async def fork_session(session_id: SessionPath, req: ForkRequest, request: Request) -> SessionInfo:
     """A new session that continues from this one's state; the two then go their own ways."""
-    return _info(await run_in_threadpool(request.app.state.sessions.fork, owner(request), session_id,
+    return _info(await call(request.app.state.sessions, "fork", owner(request), session_id,
                                          req.id or uuid.uuid4().hex))
 

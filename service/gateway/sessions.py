@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from starlette.concurrency import run_in_threadpool
+
 from rnnserve.service.gateway.errors import APIError, invalid
 from rnnserve.service.gateway.metrics import Metrics
 
@@ -57,6 +59,13 @@ class Lease:
     token: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
+async def call(store, method: str, *args):
+    """A session store's method, run off the event loop when the store may wait (Redis, up to its timeout):
+    a slow store then delays only the session requests, never the other streams of the gateway process."""
+    fn = getattr(store, method)
+    return await run_in_threadpool(fn, *args) if store.blocking else fn(*args)
+
+
 def key_owner(api_key: str) -> str:
     """The owner of the sessions and states made with an API key: a digest of the key itself ("" without keys)."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ""
@@ -65,6 +74,9 @@ def key_owner(api_key: str) -> str:
 class SessionStore:
     """Sessions by (owner, id). `max_sessions`/`max_bytes` bound each model; `owner_sessions`/`owner_bytes`
     (by default the same) bound each owner's sessions of a model."""
+
+    # its calls never wait, so they run on the event loop (and never in two threads at once: no lock needed)
+    blocking = False
 
     def __init__(self, metrics: Metrics, max_sessions: int, max_bytes: int, ttl_s: float,
                  owner_sessions: int | None = None, owner_bytes: int | None = None,

@@ -134,6 +134,8 @@ def _session(fields: list) -> StoredSession:
 class RedisSessionStore:
     """Sessions by (owner, id) in one Redis database; the bounds as `SessionStore`'s."""
 
+    blocking = True  # each call waits on Redis, up to the timeout: the gateway runs it off its event loop
+
     def __init__(self, metrics: Metrics, url: str, max_sessions: int, max_bytes: int, ttl_s: float,
                  owner_sessions: int | None = None, owner_bytes: int | None = None, *, timeout_s: float = 1.0,
                  lease_s: float | None = None, prefix: str = "rnnserve:sessions:",

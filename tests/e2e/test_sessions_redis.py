@@ -6,7 +6,6 @@ requests get 503 while the others still work.
 The two gateways are separate process trees on separate ports, so which process serves a request is certain.
 Streams are paced (waits.PACED): a 2,048-token stream holds its session for over 40 s on any machine.
 """
-import os
 import subprocess
 import sys
 import threading
