@@ -31,6 +31,7 @@ from rnnserve.paths import DATA_DIR, MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.bench.soak import cpu_seconds
+from rnnserve.bench.sse import read_stream
 from rnnserve.training.corpus import read_lines
 
 WARMUP_ROUNDS = 3
@@ -149,31 +150,19 @@ def raw_translation(engine: TranslationEngine, clients: int, sentences: list[lis
 # -- through HTTP ------------------------------------------------------------------------------------
 async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, res: Result) -> None:
     t0 = time.perf_counter()
-    last = None
     async with session.post(url, json=body) as r:
         if r.status != 200:
             res.errors += 1
             await r.read()
             return
-        async for line in r.content:  # SSE: "data: {...}\n" then a blank line
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            res.events += 1
-            if "error" in event:
-                res.errors += 1
-                return
-            text = event.get("text", "")
-            now = time.perf_counter()
-            if text:
-                if last is None:
-                    res.ttft.append(now - t0)
-                else:
-                    res.itl.extend([(now - last) / len(text)] * len(text))
-                last = now
-            if event.get("finish_reason"):
-                res.tokens += event["usage"]["completion_tokens"]
-                res.units += 1
+        got = await read_stream(r, t0)
+    res.events += got.events
+    res.ttft += [] if got.ttft is None else [got.ttft]
+    res.itl += got.itl
+    res.errors += got.error
+    if got.finished:
+        res.tokens += got.completion_tokens
+        res.units += 1
 
 
 async def http_lm(url: str, model: str, name: str, clients: int, tokens: int) -> Result:

@@ -27,6 +27,7 @@ import aiohttp
 import psutil
 
 from rnnserve.bench.baselines import PROMPTS, _median, _ms, _pct, _write, print_table
+from rnnserve.bench.sse import read_stream
 from rnnserve.paths import MODELS_DIR
 from rnnserve.service.stack import Stack, start_stack, stop_stack
 
@@ -60,34 +61,24 @@ class Run:
 
 async def _stream(session: aiohttp.ClientSession, url: str, body: dict, run: Run) -> None:
     t0 = time.perf_counter()
-    last = None
     try:
         async with session.post(url, json=body) as r:
             if r.status != 200:
                 run.errors[str(r.status)] += 1
                 await r.read()
                 return
-            async for line in r.content:  # SSE: "data: {...}\n" then a blank line
-                if not line.startswith(b"data: {"):
-                    continue
-                event = json.loads(line[6:])
-                run.events += 1
-                if "error" in event:
-                    run.errors["stream"] += 1
-                    return
-                text = event.get("text", "")
-                now = time.perf_counter()
-                if text:
-                    if last is None:
-                        run.ttft.append(now - t0)
-                    else:
-                        run.itl.extend([(now - last) / len(text)] * len(text))
-                    last = now
-                if event.get("finish_reason"):
-                    run.tokens += event["usage"]["completion_tokens"]
-                    run.completed += 1
+            got = await read_stream(r, t0)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         run.errors[type(e).__name__] += 1
+        return
+    run.events += got.events
+    run.ttft += [] if got.ttft is None else [got.ttft]
+    run.itl += got.itl
+    if got.error:
+        run.errors["stream"] += 1
+    elif got.finished:
+        run.tokens += got.completion_tokens
+        run.completed += 1
 
 
 async def streams(url: str, model: str, n: int, tokens: int, bursts: int = 1) -> Run:
