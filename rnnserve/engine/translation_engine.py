@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from rnnserve.engine.lm_engine import mkldnn_enabled
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq
-from rnnserve.models.seq2seq_decode import SOURCE_MULTIPLE, Int8GRUDecoderStep, int8_decoder_supported
+from rnnserve.models.seq2seq_decode import Int8GRUDecoderStep, int8_decoder_supported
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,6 @@ class TranslationEngine:
             log.warning("int8 decoding needs a GRU decoder on CPU: decoding in %s instead",
                         next(model.parameters()).dtype)
         self._decode = Int8GRUDecoderStep(model.decoder) if self.int8 else model.decoder.step
-        self._source_multiple = SOURCE_MULTIPLE if self.int8 else 1  # source positions padded to a multiple
         self._requests: dict[str, _Request] = {}
         self._queue: list[_Sentence] = []  # sentences waiting for rows, in arrival order
         self._running: list[_Sentence] = []  # each owns K consecutive rows, in this order
@@ -459,7 +458,7 @@ class TranslationEngine:
             new.append(s)
         if not new:
             return
-        S = self._padded(max(len(s.src) for s in new))
+        S = max(len(s.src) for s in new)
         src = torch.full((len(new), S), PAD, dtype=torch.long, device=self.device)
         for i, s in enumerate(new):
             src[i, : len(s.src)] = torch.tensor(s.src, device=self.device)
@@ -488,9 +487,6 @@ class TranslationEngine:
         self._running += new
         self._groups = None
 
-    def _padded(self, S: int) -> int:
-        return -(-S // self._source_multiple) * self._source_multiple
-
     def _retire(self, gone) -> None:
         keep_rows, keep = [], []
         row = 0
@@ -507,8 +503,7 @@ class TranslationEngine:
             self._hist, self._attn = [], []
             return
         index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
-        # drop padding columns no remaining row needs (read on the host)
-        S = self._padded(max(len(s.src) for s in keep))
+        S = max(len(s.src) for s in keep)  # drop padding columns no remaining row needs (read on the host)
         self._enc = self._enc[index, :S]
         self._keys = self._keys[index, :S]
         self._mask = self._mask[index, :S]

@@ -14,8 +14,7 @@ int8 activations at a scale fixed by construction, products exact in int32. The 
 Parts with the same scale share one GEMM: [W_hh | W_attn] over the old state, [W_ih,context | W_pre,context]
 over the context. The gate arithmetic, the attention's tanh, softmax and weighted sum stay in fp32:
 element-wise or reductions along one row of one row's data, the same bits in any batch
-(tests/unit/test_seq2seq_int8.py) and with any padding of the source (the score's product with v is
-a sum along each row, not a GEMM). It holds with one intra-op
+(tests/unit/test_seq2seq_int8.py) and with any padding of the source (`_attend`). It holds with one intra-op
 thread (the served setting). Encoder outputs must be the same bits too: the engine encodes each
 sentence alone when it runs this step.
 """
@@ -27,9 +26,11 @@ from rnnserve.models.decode import MAX_TABLE_BYTES, Int8Linear
 from rnnserve.models.seq2seq import Decoder, Seq2Seq
 
 
-# the engine pads its source positions to a multiple of this for the int8 step: no vectorised loop along them
-# then ends in a scalar tail whose place depends on the batch's longest source (32: two AVX-512 vectors of fp32)
-SOURCE_MULTIPLE = 32
+TAIL = 32  # elements per iteration of torch's vectorised CPU loops (two AVX-512 vectors of fp32); the rest is scalar
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class Int8GRUDecoderStep:
@@ -76,18 +77,23 @@ class Int8GRUDecoderStep:
 
     def _attend(self, query: torch.Tensor, keys: torch.Tensor, enc: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """AdditiveAttention with the query W s already computed (in int8). The source positions are padded to
-        a multiple of SOURCE_MULTIPLE (the engine stores them so), so every element-wise loop along them is
-        vectorised to its end, whatever the batch's longest source; the score's dot product with v is a sum
-        along each (row, position), not a GEMM over rows x positions (which would round by their count); the
-        softmax's sum and the context's run position by position, so padding adds exact zeros at their end."""
-        scores = torch.tanh(keys + query.unsqueeze(1)).mul_(self.v).sum(-1).masked_fill_(~mask, float("-inf"))
-        weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
-        weights = weights.div_(weights.cumsum(-1)[:, -1:])
-        # the weighted sum of the encoder outputs position by position, in order: a padded position adds an
-        # exact zero at the end (bmm's order over positions moves with their count, measured)
+        """AdditiveAttention with the query W s already computed (in int8), in an arithmetic where a row's
+        numbers depend neither on the other rows nor on how far the batch's longest source pads it:
+        - tanh(keys + query) runs row by row along the attention's width (a padded row stride when that
+          width is not a multiple of TAIL, so no row's elements fall in a vectorised loop's scalar tail);
+        - the score's dot product with v is a sum along each (row, position), not a GEMM over rows x
+          positions (which would round by their count);
+        - the softmax's exp runs over positions padded to a multiple of TAIL (padding: -inf, exp 0), its
+          sum and the context's weighted sum run position by position, so padding adds exact zeros last."""
+        B, S, A = keys.shape
+        t = torch.empty(B, S, _padded(A, TAIL))[..., :A] if A % TAIL else torch.empty(B, S, A)
+        torch.add(keys, query.unsqueeze(1), out=t).tanh_()
+        scores = torch.full((B, _padded(S, TAIL)), float("-inf"))
+        scores[:, :S] = t.mul_(self.v).sum(-1).masked_fill_(~mask, float("-inf"))
+        scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+        weights = scores.div_(scores.cumsum(-1)[:, -1:])[:, :S]
         context = weights[:, :1] * enc[:, 0]
-        for j in range(1, enc.size(1)):
+        for j in range(1, S):
             context.addcmul_(weights[:, j: j + 1], enc[:, j])
         return context, weights
 

@@ -9,7 +9,7 @@ import torch
 from rnnserve.engine.lm_engine import mkldnn_enabled
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
 from rnnserve.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from rnnserve.models.seq2seq_decode import SOURCE_MULTIPLE, Int8GRUDecoderStep
+from rnnserve.models.seq2seq_decode import Int8GRUDecoderStep
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,10 +40,10 @@ def _encoded(model: Seq2Seq, src: list[int]):
 
 
 def _batch(model: Seq2Seq, sentences: list[list[int]], prevs: list[int]):
-    """The rows of several sentences as the int8 engine holds them: encoder tensors right-padded to the longest,
-    rounded up to a multiple of SOURCE_MULTIPLE."""
+    """The rows of several sentences as the int8 engine holds them: each encoded alone, right-padded to the
+    longest."""
     parts = [_encoded(model, s) for s in sentences]
-    S = -(-max(len(s) for s in sentences) // SOURCE_MULTIPLE) * SOURCE_MULTIPLE
+    S = max(len(s) for s in sentences)
     pad = [S - len(s) for s in sentences]
     enc = torch.cat([torch.nn.functional.pad(p[0], (0, 0, 0, n)) for p, n in zip(parts, pad)])
     keys = torch.cat([torch.nn.functional.pad(p[1], (0, 0, 0, n)) for p, n in zip(parts, pad)])
@@ -69,7 +69,7 @@ def test_a_rows_logits_state_and_attention_are_the_same_bits_alone_and_among_ran
         want2 = step(torch.tensor([prev]), want[1], *_batch(model, [probe], [prev])[2:])
         for trial in range(12):
             n = rng.choice([1, 2, 5, 9, 16, 33, 70])
-            longest = rng.choice([7, 30, 40, 70])  # sources padded to 32, 64 or 96 positions
+            longest = rng.choice([7, 30, 40, 70])
             others = [[rng.randrange(4, src_vocab) for _ in range(rng.randint(1, longest))] for _ in range(n)]
             at = rng.randint(0, n)
             sentences = others[:at] + [probe] + others[at:]
@@ -122,26 +122,26 @@ def test_translations_through_the_int8_engine_are_the_same_bits_alone_and_in_ran
     rng = random.Random(9)
 
     def probe():
-        src = [rng.randrange(4, src_vocab) for _ in range(rng.randint(1, 20))]
+        src = [rng.randrange(4, src_vocab) for _ in range(rng.randint(1, 12))]
         K = rng.choice([1, 2, 4, 5])
-        return src, TranslationParams(beam_size=K, n_best=rng.randint(1, K), max_tokens=rng.choice([None, 6, 15]),
+        return src, TranslationParams(beam_size=K, n_best=rng.randint(1, K), max_tokens=rng.choice([None, 4, 9]),
                                       return_attention=rng.random() < 0.3), (
             [[rng.randrange(4, V) for _ in range(rng.randint(1, 3))]] if rng.random() < 0.2 else None)
 
-    probes = [probe() for _ in range(8)]
+    probes = [probe() for _ in range(6 if name == "tiny" else 3)]
     alone = {}
     for i, (src, params, prefix) in enumerate(probes):
         engine = TranslationEngine(model, max_rows=64, int8=True)
         assert engine.int8
         engine.add(f"p{i}", [src], params, prefix)
         alone.update(_translate(engine))
-    for trial in range(2):
+    for trial in range(2 if name == "tiny" else 1):
         engine = TranslationEngine(model, max_rows=64, int8=True)
         pending = [(f"p{i}", p) for i, p in enumerate(probes)]
         rng.shuffle(pending)
         out, companions = {}, 0
         while pending or engine.has_work():
-            for _ in range(rng.randint(0, 4)):  # random companions, random arrivals, past the rows (queued)
+            for _ in range(rng.randint(0, 4) if companions < 40 else 0):  # random companions, random arrivals, past the rows (queued)
                 src, params, prefix = probe()
                 texts = [src, src[::-1]] if rng.random() < 0.3 else [src]
                 engine.add(f"c{companions}", texts, params, prefix * len(texts) if prefix else None)
