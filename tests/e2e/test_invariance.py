@@ -70,8 +70,8 @@ async def _translate_among_companions(url: str, probes: list[dict], texts: list[
 def test_translations_are_bit_identical_alone_and_among_random_companions(stack):
     """translate-de-en is served with its exact int8 decoder step: a sentence's translation, logprob and n-best
     list are the same alone and decoded beside random others (other sources, lengths and beam widths)."""
-    from rnnserve.training.corpus import read_lines
     from rnnserve.paths import DATA_DIR
+    from rnnserve.training.corpus import read_lines
 
     assert json.loads((MODELS_DIR / "translate-de-en" / "config.json").read_text())["int8"] is True
     texts = read_lines(DATA_DIR / "multi30k" / "raw" / "test_2016_flickr.de.gz")[:200]
