@@ -42,13 +42,14 @@ CLEAR_LINE = "\r\033[K"
 
 def translate_ids(model: Seq2Seq, src_ids: list[list[int]], beam_size: int = 1, batch_size: int = 128,
                   alpha: float = 0.6, max_tokens: int | None = None, max_len: int = 256,
-                  on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+                  on_done: Callable[[int], None] | None = None, int8: bool = False) -> list[list[int]]:
     """Decode many sentences with the serving engine, `batch_size` sentences in flight, input order kept;
-    `on_done(count)` after each engine step that finished sentences. `max_len` bounds source and output tokens."""
+    `on_done(count)` after each engine step that finished sentences. `max_len` bounds source and output tokens;
+    `int8`: the exact int8 decoder step, as a model with `"int8": true` in its config.json is served on CPU."""
     params = TranslationParams(beam_size=beam_size, length_penalty=alpha, max_tokens=max_tokens)
     params.validate(max_tokens_limit=max_len)
     engine = TranslationEngine(model, max_rows=batch_size * beam_size, max_tokens_limit=max_len,
-                               max_source_tokens=max_len)
+                               max_source_tokens=max_len, int8=int8)
     for i, src in enumerate(src_ids):  # one request per sentence: rows free up as sentences end
         engine.add(str(i), [src], params)
     out: list[list[int]] = [[] for _ in src_ids]
@@ -70,7 +71,8 @@ def translate_lines(folder: Path, lines: Iterable[str], out: TextIO, beam_size: 
     for start in range(0, len(lines), 1024):  # bounded memory for any input; the engine batches within
         chunk = lines[start:start + 1024]
         ids = translate_ids(tr.model, [tr.src.encode(line) for line in chunk], beam_size, batch_size,
-                            length_penalty, max_tokens, max_len=1024, on_done=meter)
+                            length_penalty, max_tokens, max_len=1024, on_done=meter,
+                            int8=tr.meta.get("int8") is True)  # as served
         meter.clear()
         for tokens in ids:
             out.write(tr.tgt.decode(tokens) + "\n")

@@ -120,6 +120,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             # new sentences are encoded by the background step, not inside the call that admits them:
             # the call returns at once, so TorchServe's round trip overlaps their prefill
             "step_on_admit": False,
+            # the decoder step in exact int8 (CPU only, GRU decoders): on where the model's config.json says its
+            # quality check passed ("int8": true, from `rnnserve evaluate --int8`)
+            "int8": False,
             "torch_threads": 1,
             "half_precision": True,
         },
@@ -146,7 +149,8 @@ GPU_SETTINGS: dict[str, dict] = {
                        # the exact int8 step runs on a GPU too (torch._int_mm), but its speed there is
                        # unmeasured: `make gpu-check` measures it; RNNSERVE_INT8=1 turns it on
                        "int8": False}},
-    "translation": {"batchSize": 256, "handler": {"max_rows": 1024, "half_precision": True}},
+    # the int8 decoder step is a CPU path (the engine ignores it on a GPU)
+    "translation": {"batchSize": 256, "handler": {"max_rows": 1024, "half_precision": True, "int8": False}},
 }
 PROFILES = ("cpu", "gpu")
 PROFILE_ENV = "RNNSERVE_ARCHIVE_PROFILE"

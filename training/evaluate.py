@@ -64,25 +64,49 @@ def step_loss(step, model, ids: torch.Tensor, streams: int) -> float:
 
 
 def evaluate_translation(folder: Path, src_file: Path, ref_file: Path, beam_size: int, alpha: float,
-                         progress: TextIO | None = None) -> dict:
+                         progress: TextIO | None = None, int8: bool = False) -> dict:
     """sacreBLEU's default BLEU (cased, 13a, on detokenized output) with its signature, and chrF; then BLEU on
-    lowercased Moses tokens (hypotheses and references alike), comparable with published Multi30k results."""
+    lowercased Moses tokens (hypotheses and references alike), comparable with published Multi30k results.
+    The decoder step is the served one (int8 where config.json says `"int8": true`); with `int8`, the same
+    figures through the fp32 and the int8 decoder steps, and whether int8 keeps quality (at most
+    INT8_MAX_BLEU_DROP sacreBLEU below fp32)."""
     tr = load_translation(folder)
     src, refs = read_lines(src_file), read_lines(ref_file)
     if len(src) != len(refs):
         raise DataError(f"{src_file} has {len(src)} lines but {ref_file} has {len(refs)}")
+    served_int8 = tr.meta.get("int8") is True
+    result: dict = {"model": tr.meta.get("name", folder.name)}
+    for step_int8 in ([False, True] if int8 else [served_int8]):
+        figures = _translation_figures(tr, src, refs, beam_size, alpha, step_int8, progress)
+        if not int8:
+            result.update(figures)
+            result["int8"] = step_int8
+        else:
+            result["int8" if step_int8 else "fp32"] = figures
+    if int8:
+        drop = result["fp32"]["bleu"] - result["int8"]["bleu"]
+        result.update({"int8_bleu_drop": round(drop, 2), "int8_keeps_quality": drop <= INT8_MAX_BLEU_DROP,
+                       "served_int8": served_int8})
+    result.update({"sentences": len(src), "beam_size": beam_size, "length_penalty": alpha})
+    return result
+
+
+INT8_MAX_BLEU_DROP = 0.3  # sacreBLEU points the int8 decoder step may cost before it stays off
+
+
+def _translation_figures(tr, src: list[str], refs: list[str], beam_size: int, alpha: float, int8: bool,
+                         progress: TextIO | None) -> dict:
     t0 = time.perf_counter()
     meter = LineProgress(len(src), progress)  # on a terminal only, erased before the result is printed
-    out = translate_ids(tr.model, [tr.src.encode(s) for s in src], beam_size=beam_size, alpha=alpha, on_done=meter)
+    out = translate_ids(tr.model, [tr.src.encode(s) for s in src], beam_size=beam_size, alpha=alpha, on_done=meter,
+                        int8=int8)
     meter.clear()
     seconds = time.perf_counter() - t0
     hyps = [tr.tgt.decode(h) for h in out]
     lang = (tr.meta.get("languages") or {}).get("target", "en")
     lc_bleu, lc_chrf = corpus_bleu([lowercase_tokenized(h, lang) for h in hyps],
                                    [lowercase_tokenized(r, lang) for r in refs])
-    return {"model": tr.meta.get("name", folder.name), **sacre_bleu(hyps, refs),
-            "bleu_lowercased_tokenized": lc_bleu, "sentences": len(src), "seconds": seconds,
-            "beam_size": beam_size, "length_penalty": alpha}
+    return {**sacre_bleu(hyps, refs), "bleu_lowercased_tokenized": lc_bleu, "seconds": seconds}
 
 
 def main(args) -> int:
@@ -98,7 +122,7 @@ def _evaluate(args, folder: Path) -> int:
         result = evaluate_text(folder, Path(args.text_file), int8=getattr(args, "int8", False))
     elif args.src_file and args.ref_file:
         result = evaluate_translation(folder, Path(args.src_file), Path(args.ref_file), args.beam_size,
-                                      args.length_penalty, progress=sys.stderr)
+                                      args.length_penalty, progress=sys.stderr, int8=getattr(args, "int8", False))
     else:
         raise SystemExit("give --text-file (language models) or --src-file and --ref-file (translation)")
     print(json.dumps(result, indent=1))

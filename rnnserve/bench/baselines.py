@@ -3,6 +3,7 @@
     rnnserve bench lm            # raw engine (the ceiling) vs naive handlers vs full stack
     rnnserve bench engine        # the engine alone: oneDNN vs native kernels, module vs folded decode step
     rnnserve bench translation   # raw engine vs full stack, greedy and beam 4
+    rnnserve bench translation --int8   # the raw engine's fp32 decoder step vs the int8 one
     rnnserve bench cpu           # CPU per request and per streamed event of each process of the stack
 
 Every figure of a table comes from the same run on the same model, prompts and machine; quote the
@@ -319,20 +320,38 @@ def _env(worker_threads: int) -> dict:
 
 
 def bench_translation(concurrency: list[int], beams: list[int], per_client: int, out: Path | None,
-                      worker_threads: int = 0, repeat: int = 3) -> list[dict]:
+                      worker_threads: int = 0, repeat: int = 3, int8: bool = False) -> list[dict]:
+    """Raw engine (as served) against the full stack; with `int8`, the raw engine with the fp32 decoder step
+    against the int8 one instead (no stack)."""
     tr = load_translation(MODELS_DIR / "translate-de-en")
     texts = read_lines(DATA_DIR / "multi30k" / "raw" / "test_2016_flickr.de.gz")  # raw, cased, as clients send
     ids = [tr.src.encode(t) for t in texts]
+    served_int8 = tr.meta.get("int8") is True
     rows = []
+    if int8:
+        if worker_threads:
+            torch.set_num_threads(worker_threads)
+        raw_translation(TranslationEngine(tr.model, int8=True), 4, ids, 4, 2)  # warm-up
+        for beam in beams:
+            for c in concurrency:
+                setups = [lambda c=c, b=beam, q=q: _named(raw_translation(TranslationEngine(tr.model, int8=q), c, ids,
+                                                                          b, per_client), "int8" if q else "fp32")
+                          for q in (False, True)]
+                runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
+                rows += summarize(runs, "units_per_s", {"vs_fp32": 0})
+        _write(out, {"translation_int8": rows, "per_client": per_client, "repeat": repeat,
+                     "threads": torch.get_num_threads()})
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["translate-de-en"], naive=False),
                             extra_env=_env(worker_threads))
         try:
-            raw_translation(TranslationEngine(tr.model), 4, ids, 4, 2)  # warm-up
+            raw_translation(TranslationEngine(tr.model, int8=served_int8), 4, ids, 4, 2)  # warm-up
             asyncio.run(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
             for beam in beams:
                 for c in concurrency:
-                    setups = [lambda c=c, b=beam: raw_translation(TranslationEngine(tr.model), c, ids, b, per_client),
+                    setups = [lambda c=c, b=beam: raw_translation(TranslationEngine(tr.model, int8=served_int8), c,
+                                                                  ids, b, per_client),
                               lambda c=c, b=beam: asyncio.run(http_translation(stack.url, "translate-de-en", c, texts,
                                                                                b, per_client))]
                     runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
@@ -341,6 +360,11 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
             stop_stack(stack)
     _write(out, {"translation": rows, "per_client": per_client, "repeat": repeat})
     return rows
+
+
+def _named(res: Result, precision: str) -> Result:
+    res.name = f"{res.name}, {precision}"
+    return res
 
 
 def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
@@ -492,5 +516,5 @@ def main(args) -> int:
         bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat, args.int8)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads,
-                          args.repeat)
+                          args.repeat, args.int8)
     return 0

@@ -16,13 +16,19 @@ step copies nothing from the host either.
 """
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from rnnserve.engine.lm_engine import mkldnn_enabled
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq
+from rnnserve.models.seq2seq_decode import Int8GRUDecoderStep, int8_decoder_supported
+
+log = logging.getLogger(__name__)
 
 MAX_BEAM = 8
 SCORE_STEP_VALUES = 2**25  # logits of one step's forced decoding (rows x positions x vocabulary)
@@ -128,12 +134,19 @@ class _Score:
 
 class TranslationEngine:
     def __init__(self, model: Seq2Seq, max_rows: int = 256, max_tokens_limit: int = 256,
-                 max_source_tokens: int = 256, device: torch.device | str = "cpu") -> None:
+                 max_source_tokens: int = 256, device: torch.device | str = "cpu", int8: bool = False) -> None:
         self.model = model.eval()
         self.max_rows = max_rows
         self.max_tokens_limit = max_tokens_limit
         self.max_source_tokens = max_source_tokens
         self.device = torch.device(device)
+        # int8: the decoder step in exact int8 (models/seq2seq_decode.py), on CPU, for a GRU decoder; each
+        # sentence is then encoded alone, so a row's numbers are the same bits in any batch
+        self.int8 = int8 and self.device.type == "cpu" and int8_decoder_supported(model)
+        if int8 and not self.int8:
+            log.warning("int8 decoding needs a GRU decoder on CPU: decoding in %s instead",
+                        next(model.parameters()).dtype)
+        self._decode = Int8GRUDecoderStep(model.decoder) if self.int8 else model.decoder.step
         self._requests: dict[str, _Request] = {}
         self._queue: list[_Sentence] = []  # sentences waiting for rows, in arrival order
         self._running: list[_Sentence] = []  # each owns K consecutive rows, in this order
@@ -239,7 +252,9 @@ class TranslationEngine:
             return scored + [self._output(self._requests[rid], {}) for rid in ready]
         touched = list(dict.fromkeys(s.request_id for s in self._running)) + list(ready)
         self._last_rows = len(self._hist)
-        logits, state, weights = self.model.decoder.step(self._prev, self._state, self._keys, self._enc, self._mask)
+        # torch._int_mm needs oneDNN (without it, a reference path several times slower)
+        with mkldnn_enabled(True) if self.int8 else nullcontext():
+            logits, state, weights = self._decode(self._prev, self._state, self._keys, self._enc, self._mask)
         logp = F.log_softmax(logits.float(), dim=-1)
         logp[:, PAD] = logp[:, BOS] = float("-inf")  # never words of the output
         # a finished beam only extends with padding, at no cost. On the CPU a boolean index writes just
@@ -448,7 +463,12 @@ class TranslationEngine:
         for i, s in enumerate(new):
             src[i, : len(s.src)] = torch.tensor(s.src, device=self.device)
         lengths = torch.tensor([len(s.src) for s in new], device=self.device)
-        enc, keys, mask, state = self.model.encode(src, lengths)
+        if self.int8:  # one sentence per call: its encoder outputs do not depend on what arrived with it
+            parts = [self.model.encode(src[i: i + 1, : len(s.src)], lengths[i: i + 1]) for i, s in enumerate(new)]
+            enc, keys, mask = (torch.cat([_pad_to(p[k], S) for p in parts]) for k in range(3))
+            state = torch.cat([p[3] for p in parts])
+        else:
+            enc, keys, mask, state = self.model.encode(src, lengths)
         rows = torch.tensor([i for i, s in enumerate(new) for _ in range(s.K)], device=self.device)
         first = torch.tensor([j == 0 for s in new for j in range(s.K)], device=self.device)
         parts = {

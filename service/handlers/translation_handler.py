@@ -38,7 +38,8 @@ class TranslationHandler(ContinuousBatchingHandler):
         self.max_chars = int(cfg.get("max_text_chars", 1000))
         self.engine = TranslationEngine(loaded.model, max_rows=int(cfg.get("max_rows", 256)),
                                         max_tokens_limit=int(cfg.get("max_tokens_limit", 256)),
-                                        max_source_tokens=int(cfg.get("max_source_tokens", 256)), device=device)
+                                        max_source_tokens=int(cfg.get("max_source_tokens", 256)), device=device,
+                                        int8=bool(cfg.get("int8", False)))  # CPU only: the engine ignores it elsewhere
         # the longest token of each vocabulary in JSON: what bounds an answer's size (answer_size.py)
         self.src_token_bytes = token_bytes(self.src.pieces(list(range(self.src.vocab_size))))
         self.tgt_token_bytes = token_bytes(self.tgt.pieces(list(range(self.tgt.vocab_size))))

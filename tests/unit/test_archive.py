@@ -102,3 +102,7 @@ def test_int8_follows_the_models_check_on_cpu_and_stays_off_in_the_gpu_profile()
     assert model_config("lm", {"task": "lm", "int8": True})["handler"]["int8"] is True
     assert model_config("lm", {"task": "lm", "int8": False})["handler"]["int8"] is False
     assert model_config("lm", {"task": "lm", "int8": True}, "gpu")["handler"]["int8"] is False
+    tr = {"task": "translation", "model": {}}
+    assert model_config("translation", {**tr, "int8": True})["handler"]["int8"] is True
+    assert model_config("translation", tr)["handler"]["int8"] is False
+    assert model_config("translation", {**tr, "int8": True}, "gpu")["handler"]["int8"] is False

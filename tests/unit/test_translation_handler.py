@@ -92,3 +92,16 @@ def test_without_step_on_admit_the_call_returns_and_the_background_step_prefills
             assert first_call and all(t.startswith("engine-step") for t in first_call)
             assert fe.frames["a"][0] == {"text": ""}  # the call answered before any decoding
     assert results[True] == results[False]
+
+
+def test_the_int8_setting_and_RNNSERVE_INT8_choose_the_decoder_step(tiny_translation_folder, monkeypatch):
+    def engine(cfg):
+        h = TranslationHandler()
+        h.initialize(FakeContext(tiny_translation_folder, cfg))
+        return h.engine
+
+    assert engine({"int8": True}).int8 and not engine({}).int8
+    monkeypatch.setenv("RNNSERVE_INT8", "0")
+    assert not engine({"int8": True}).int8
+    monkeypatch.setenv("RNNSERVE_INT8", "1")
+    assert engine({}).int8
