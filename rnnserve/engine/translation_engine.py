@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from rnnserve.engine.lm_engine import mkldnn_enabled
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq
-from rnnserve.models.seq2seq_decode import Int8GRUDecoderStep, int8_decoder_supported
+from rnnserve.models.seq2seq_decode import (Int8GRUDecoderStep, Int8GRUEncoder, int8_decoder_supported,
+                                             int8_encoder_supported)
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,15 @@ class TranslationEngine:
         self.max_tokens_limit = max_tokens_limit
         self.max_source_tokens = max_source_tokens
         self.device = torch.device(device)
-        # int8: the decoder step in exact int8 (models/seq2seq_decode.py), on CPU, for a GRU decoder; each
-        # sentence is then encoded alone, so a row's numbers are the same bits in any batch
-        self.int8 = int8 and self.device.type == "cpu" and int8_decoder_supported(model)
+        # int8: the encoder and the decoder step in exact int8 (models/seq2seq_decode.py), on CPU, for a GRU
+        # model with a bidirectional encoder, so a row's numbers are the same bits in any batch
+        self.int8 = (int8 and self.device.type == "cpu" and int8_decoder_supported(model)
+                     and int8_encoder_supported(model))
         if int8 and not self.int8:
             log.warning("int8 decoding needs a GRU decoder on CPU: decoding in %s instead",
                         next(model.parameters()).dtype)
         self._decode = Int8GRUDecoderStep(model.decoder) if self.int8 else model.decoder.step
+        self._encode = Int8GRUEncoder(model) if self.int8 else model.encode
         self._requests: dict[str, _Request] = {}
         self._queue: list[_Sentence] = []  # sentences waiting for rows, in arrival order
         self._running: list[_Sentence] = []  # each owns K consecutive rows, in this order
@@ -463,12 +466,8 @@ class TranslationEngine:
         for i, s in enumerate(new):
             src[i, : len(s.src)] = torch.tensor(s.src, device=self.device)
         lengths = torch.tensor([len(s.src) for s in new], device=self.device)
-        if self.int8:  # one sentence per call: its encoder outputs do not depend on what arrived with it
-            parts = [self.model.encode(src[i: i + 1, : len(s.src)], lengths[i: i + 1]) for i, s in enumerate(new)]
-            enc, keys, mask = (torch.cat([_pad_to(p[k], S) for p in parts]) for k in range(3))
-            state = torch.cat([p[3] for p in parts])
-        else:
-            enc, keys, mask, state = self.model.encode(src, lengths)
+        with mkldnn_enabled(True) if self.int8 else nullcontext():
+            enc, keys, mask, state = self._encode(src, lengths)
         rows = torch.tensor([i for i, s in enumerate(new) for _ in range(s.K)], device=self.device)
         first = torch.tensor([j == 0 for s in new for j in range(s.K)], device=self.device)
         parts = {

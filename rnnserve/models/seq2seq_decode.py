@@ -15,15 +15,15 @@ Parts with the same scale share one GEMM: [W_hh | W_attn] over the old state, [W
 over the context. The gate arithmetic, the attention's tanh, softmax and weighted sum stay in fp32:
 element-wise or reductions along one row of one row's data, the same bits in any batch
 (tests/unit/test_seq2seq_int8.py) and with any padding of the source (`_attend`). It holds with one intra-op
-thread (the served setting). Encoder outputs must be the same bits too: the engine encodes each
-sentence alone when it runs this step.
+thread (the served setting). Encoder outputs must be the same bits too: `Int8GRUEncoder` encodes in the
+same arithmetic, all of a step's new sentences in one call.
 """
 from __future__ import annotations
 
 import torch
 
 from rnnserve.models.decode import MAX_TABLE_BYTES, Int8Linear
-from rnnserve.models.seq2seq import Decoder, Seq2Seq
+from rnnserve.models.seq2seq import PAD, Decoder, Seq2Seq
 
 
 TAIL = 32  # elements per iteration of torch's vectorised CPU loops (two AVX-512 vectors of fp32); the rest is scalar
@@ -119,3 +119,99 @@ class Int8GRUDecoderStep:
 
 def int8_decoder_supported(model: Seq2Seq) -> bool:
     return model.config.cell == "gru"
+
+
+class Int8GRUEncoder:
+    """`Seq2Seq.encode` of a bidirectional GRU encoder with its GEMMs in int8 at fixed activation scales:
+    (src (B, S) right-padded, lengths (B,)) -> (annotations (B, S, 2H), keys (B, S, A), mask (B, S), decoder
+    start state (B, Hd)), each row's numbers the same bits alone or with any other sentences and padding, so
+    the engine encodes every step's new sentences in one call. The GRU runs step by step over the positions:
+    - layer 0's input gates are a table over the vocabulary (the embedding's projection, its bias folded in)
+      where it fits (`MAX_TABLE_BYTES`), else int8 at the embedding's largest entry;
+    - later layers' inputs, the hidden states and so the annotations are GRU states, in [-1, 1] (1/127), as
+      are the attention keys' and the bridge's inputs;
+    - a position past a sentence's end keeps its state (forward) or its zero start (backward) and gives zeros,
+      as packed sequences do."""
+
+    def __init__(self, model: Seq2Seq, max_table_bytes: int = MAX_TABLE_BYTES) -> None:
+        e = model.encoder
+        if not isinstance(e.rnn, torch.nn.GRU) or not e.rnn.bidirectional:
+            raise ValueError("the int8 encoder needs a bidirectional GRU encoder")
+        self.hidden = H = e.rnn.hidden_size
+        w = {k: v.detach().float() for k, v in e.rnn.state_dict().items()}
+        embed = e.embed.weight.detach().float()
+        self.layers: list[list[tuple[torch.Tensor | Int8Linear, Int8Linear]]] = []
+        for layer in range(e.rnn.num_layers):
+            directions = []
+            for sfx in ("", "_reverse"):
+                w_ih, b_ih = w[f"weight_ih_l{layer}{sfx}"], w[f"bias_ih_l{layer}{sfx}"]
+                if layer > 0:
+                    inp: torch.Tensor | Int8Linear = Int8Linear(w_ih.t(), b_ih, 1.0)
+                elif embed.size(0) * 3 * H * 4 <= max_table_bytes:
+                    inp = torch.addmm(b_ih, embed, w_ih.t()).contiguous()
+                else:
+                    inp = Int8Linear(w_ih.t(), b_ih, max(1e-6, float(embed.abs().max())))
+                hh = Int8Linear(w[f"weight_hh_l{layer}{sfx}"].t(), w[f"bias_hh_l{layer}{sfx}"], 1.0)
+                directions.append((inp, hh))
+            self.layers.append(directions)
+        self.embed = embed
+        u = model.decoder.attn.U
+        self.keys = Int8Linear(u.weight.detach().float().t(), u.bias.detach().float(), 1.0)
+        b = e.bridge
+        self.bridge = Int8Linear(b.weight.detach().float().t(), b.bias.detach().float(), 1.0)
+        self.init_state = model.decoder.init_state
+
+    def _inputs(self, inp: torch.Tensor | Int8Linear, src: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """(B, S, 3H): every position's input gates, biases included."""
+        B, S = src.shape
+        if x is not None:
+            return inp(x.reshape(B * S, -1)).view(B, S, -1)
+        if isinstance(inp, torch.Tensor):
+            return inp.index_select(0, src.reshape(-1)).view(B, S, -1)
+        return inp(self.embed.index_select(0, src.reshape(-1))).view(B, S, -1)
+
+    def _run(self, gi: torch.Tensor, hh: Int8Linear, mask: torch.Tensor, backward: bool) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        B, S, _ = gi.shape
+        H = self.hidden
+        h = torch.zeros(B, H)
+        out = torch.zeros(B, S, H)
+        for t in (range(S - 1, -1, -1) if backward else range(S)):
+            gh = hh(h)  # (B, 3H), b_hh included: r * (W_hn h + b_hn) needs it inside
+            # the gates on row-strided buffers (_rows): torch iterates them row by row
+            rz = torch.add(gi[:, t, : 2 * H], gh[:, : 2 * H], out=_rows(B, 2 * H)).sigmoid_()
+            n = torch.addcmul(gi[:, t, 2 * H:], rz[:, :H], gh[:, 2 * H:], out=_rows(B, H)).tanh_()
+            h_new = torch.addcmul(n, rz[:, H:], h - n, out=_rows(B, H))  # (1 - z) n + z h
+            keep = mask[:, t: t + 1]
+            h = torch.where(keep, h_new, h)
+            out[:, t] = torch.where(keep, h, 0.0)
+        return out, h
+
+    def __call__(self, src: torch.Tensor, lengths: torch.Tensor):
+        mask = src != PAD
+        x = None
+        finals: list[torch.Tensor] = []
+        for directions in self.layers:
+            outs = []
+            for d, (inp, hh) in enumerate(directions):
+                out, h = self._run(self._inputs(inp, src, x), hh, mask, backward=d == 1)
+                outs.append(out)
+                finals.append(h)
+            x = torch.cat(outs, -1)  # (B, S, 2H)
+        B, S, _ = x.shape
+        bridged = self.bridge(torch.cat(finals[-2:], -1))
+        start = torch.tanh(bridged, out=_rows(B, bridged.size(1))).contiguous()
+        keys = self.keys(x.reshape(B * S, -1)).view(B, S, -1)
+        return x, keys, mask, self.init_state(start)
+
+
+def _rows(B: int, W: int) -> torch.Tensor:
+    """An empty (B, W) buffer whose rows lie TAIL-aligned apart when W is not a multiple of TAIL: an element-wise
+    loop over it runs row by row, so no row's elements fall in a vectorised loop's scalar tail whose position
+    would depend on the batch's size."""
+    return torch.empty(B, _padded(W, TAIL))[:, :W] if W % TAIL else torch.empty(B, W)
+
+
+def int8_encoder_supported(model: Seq2Seq) -> bool:
+    rnn = model.encoder.rnn
+    return isinstance(rnn, torch.nn.GRU) and rnn.bidirectional

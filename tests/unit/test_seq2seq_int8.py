@@ -9,7 +9,7 @@ import torch
 from rnnserve.engine.lm_engine import mkldnn_enabled
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
 from rnnserve.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from rnnserve.models.seq2seq_decode import Int8GRUDecoderStep
+from rnnserve.models.seq2seq_decode import Int8GRUDecoderStep, Int8GRUEncoder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -156,6 +156,42 @@ def test_translations_through_the_int8_engine_are_the_same_bits_alone_and_in_ran
                                          for r in o.results]
         for i in range(len(probes)):
             assert out[f"p{i}"] == alone[f"p{i}"], (trial, i)
+
+
+def _encode_rows(enc8: Int8GRUEncoder, sentences: list[list[int]]):
+    S = max(len(x) for x in sentences)
+    src = torch.zeros(len(sentences), S, dtype=torch.long)
+    for i, x in enumerate(sentences):
+        src[i, : len(x)] = torch.tensor(x)
+    with mkldnn_enabled(True):
+        return enc8(src, torch.tensor([len(x) for x in sentences]))
+
+
+@pytest.mark.parametrize("name,layers,table", [("tiny", 1, True), ("tiny", 2, False), ("shipped", 2, True)])
+@torch.inference_mode()
+def test_a_sentence_encodes_to_the_same_bits_alone_and_among_random_companions(name, layers, table, shipped):
+    if name == "tiny":
+        torch.manual_seed(3)
+        model = Seq2Seq(Seq2SeqConfig(src_vocab=50, tgt_vocab=37, cell="gru", embed_dim=13, enc_hidden=11,
+                                      dec_hidden=21, attn_dim=9, enc_layers=layers, dropout=0.0)).eval()
+    else:
+        model = shipped
+    enc8 = Int8GRUEncoder(model, max_table_bytes=1 << 30 if table else 0)
+    rng = random.Random(7)
+    V = model.config.src_vocab
+    one = [rng.randrange(4, V) for _ in range(9)]
+    alone = _encode_rows(enc8, [one])
+    for _ in range(4):
+        others = [[rng.randrange(4, V) for _ in range(rng.randint(1, 17))] for _ in range(rng.randint(1, 40))]
+        at = rng.randrange(len(others) + 1)
+        batch = _encode_rows(enc8, others[:at] + [one] + others[at:])
+        enc, keys, mask, state = batch  # padding past the sentence aside
+        assert torch.equal(alone[0][0], enc[at, :9]) and torch.equal(alone[1][0], keys[at, :9])
+        assert torch.equal(alone[2][0], mask[at, :9]) and torch.equal(alone[3][0], state[at])
+        assert not batch[2][at, 9:].any() and not batch[0][at, 9:].any()  # padding: masked, zero annotations
+    src, lengths = torch.tensor([one]), torch.tensor([9])
+    ref = model.encode(src, lengths)
+    assert (ref[0] - alone[0]).abs().max() < 0.05 and (ref[3] - alone[3]).abs().max() < 0.05  # close to fp32
 
 
 def test_int8_is_a_cpu_gru_path_and_falls_back_elsewhere():
