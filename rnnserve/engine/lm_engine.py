@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rnnserve.engine.sampling import SamplingParams, random_seed, sample_rows
+from rnnserve.engine.sampling import RowSampler, SamplingParams, random_seed, uniforms
 from rnnserve.engine.state import LMState
 from rnnserve.models.decode import Int8LSTMStep, decode_step, module_step
 from rnnserve.models.graphed_decode import GraphedDecode
@@ -533,22 +533,32 @@ class LMEngine:
                     top_values = list(out.top_values.index_select(0, lp_index)[:, :, :top_n].unbind(1))
                     top_ids = list(out.top_ids.index_select(0, lp_index)[:, :, :top_n].unbind(1))
             num_tokens = 0  # decoded
-        for j in range(num_tokens):
-            tokens = sample_rows(self._logits, temperature, top_k, top_p, seeds, positions + j)
-            if lp_rows:
-                lp = torch.log_softmax(self._logits.index_select(0, lp_index).float(), -1)
-                chosen.append(lp.gather(1, tokens.index_select(0, lp_index).unsqueeze(1)).squeeze(1))
-                if top_n:
-                    values, ids = lp.topk(top_n, dim=-1)
-                    top_values.append(values)
-                    top_ids.append(ids)
-            if state_rows:
-                states.append(select_rows(self._state, state_index))
-            with mkldnn_enabled(self._use_mkldnn(len(seqs))):
+        # what the rows' parameters settle is settled once per step, and the rows' uniforms for all its tokens
+        # are drawn at once (when a row first samples), not token by token
+        sampler = RowSampler(temperature, top_k, top_p) if num_tokens else None
+        grid: list[torch.Tensor] = []
+
+        def draw(j: int) -> torch.Tensor:
+            if not grid:
+                grid.append(uniforms(seeds.unsqueeze(1), positions.unsqueeze(1) + torch.arange(num_tokens, device=dev)))
+            return grid[0][:, j]
+
+        with mkldnn_enabled(self._use_mkldnn(len(seqs))):
+            for j in range(num_tokens):
+                tokens = sampler(self._logits, functools.partial(draw, j))
+                if lp_rows:
+                    lp = torch.log_softmax(self._logits.index_select(0, lp_index).float(), -1)
+                    chosen.append(lp.gather(1, tokens.index_select(0, lp_index).unsqueeze(1)).squeeze(1))
+                    if top_n:
+                        values, ids = lp.topk(top_n, dim=-1)
+                        top_values.append(values)
+                        top_ids.append(ids)
+                if state_rows:
+                    states.append(select_rows(self._state, state_index))
                 self._logits, self._state = self._step(tokens, self._state)
-            steps.append(tokens)
-            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
-                break
+                steps.append(tokens)
+                if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+                    break
         toks = torch.stack(steps, 1).tolist()  # (B, n): the one sync
         lps = torch.stack(chosen, 1).tolist() if chosen else []
         tops = (torch.stack(top_values, 1).tolist(), torch.stack(top_ids, 1).tolist()) if top_values else None
