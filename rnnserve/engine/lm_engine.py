@@ -565,6 +565,19 @@ class LMEngine:
         lp_of = {i: r for r, i in enumerate(lp_rows)}
         state_of = {i: r for r, i in enumerate(state_rows)}
         for i, s in enumerate(seqs):
+            if i not in lp_of and not s.params.stop:
+                # no logprobs and no stop string: only max_tokens ends the row, so its tokens settle at once
+                row = toks[i][: s.params.max_tokens - len(s.token_ids)]
+                s.token_ids += row
+                new = "".join(map(s.decoder.add, row))
+                s.text += new
+                if new:
+                    s.at_line_start = new.endswith("\n")
+                if len(s.token_ids) >= s.params.max_tokens:
+                    s.finish_reason = "length"
+                    if s.return_state:
+                        s.final_state = self._final_state(s, states[len(row) - 1], state_of[i])
+                continue
             for j, tok in enumerate(toks[i]):
                 s.token_ids.append(tok)
                 new = s.decoder.add(tok)
@@ -581,11 +594,16 @@ class LMEngine:
                     s.entry_ends.append(len(s.text))
                 self._check_stop(s, len(new))
                 if s.finish_reason:
-                    if s.return_state:  # the state keeps its last token pending
-                        layers = select_rows(states[j], torch.tensor([state_of[i]], device=dev))
-                        s.final_state = LMState(layers, tok, (s.init.tokens if s.init else 0) + len(s.prompt_ids)
-                                                + len(s.token_ids) - 1, s.at_line_start)
+                    if s.return_state:
+                        s.final_state = self._final_state(s, states[j], state_of[i])
                     break
+
+    def _final_state(self, s: _Sequence, before: State, row: int) -> LMState:
+        """The state to continue `s` from: the state before its last token was read (`before`, row `row` of the
+        step's return_state rows), that token kept pending."""
+        layers = select_rows(before, torch.tensor([row], device=self.device))
+        return LMState(layers, s.token_ids[-1], (s.init.tokens if s.init else 0) + len(s.prompt_ids)
+                       + len(s.token_ids) - 1, s.at_line_start)
 
     def _use_mkldnn(self, batch: int) -> bool:
         # the exact step's integer GEMMs run on oneDNN (without it torch._int_mm takes a slow reference path)
