@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rnnserve.engine.sampling import SamplingParams, random_seed, sample_rows
+from rnnserve.engine.sampling import RowSampler, SamplingParams, random_seed, uniforms
 from rnnserve.engine.state import LMState
 from rnnserve.models.decode import Int8LSTMStep, decode_step, module_step
 from rnnserve.models.graphed_decode import GraphedDecode
@@ -539,28 +539,51 @@ class LMEngine:
                     top_values = list(out.top_values.index_select(0, lp_index)[:, :, :top_n].unbind(1))
                     top_ids = list(out.top_ids.index_select(0, lp_index)[:, :, :top_n].unbind(1))
             num_tokens = 0  # decoded
-        for j in range(num_tokens):
-            tokens = sample_rows(self._logits, temperature, top_k, top_p, seeds, positions + j)
-            if lp_rows:
-                lp = torch.log_softmax(self._logits.index_select(0, lp_index).float(), -1)
-                chosen.append(lp.gather(1, tokens.index_select(0, lp_index).unsqueeze(1)).squeeze(1))
-                if top_n:
-                    values, ids = lp.topk(top_n, dim=-1)
-                    top_values.append(values)
-                    top_ids.append(ids)
-            if state_rows:
-                states.append(select_rows(self._state, state_index))
-            with mkldnn_enabled(self._use_mkldnn(len(seqs))):
+        # what the rows' parameters settle is settled once per step, and the rows' uniforms for all its tokens
+        # are drawn at once (when a row first samples), not token by token
+        sampler = RowSampler(temperature, top_k, top_p) if num_tokens else None
+        grid: list[torch.Tensor] = []
+
+        def draw(j: int) -> torch.Tensor:
+            if not grid:
+                grid.append(uniforms(seeds.unsqueeze(1), positions.unsqueeze(1) + torch.arange(num_tokens, device=dev)))
+            return grid[0][:, j]
+
+        with mkldnn_enabled(self._use_mkldnn(len(seqs))):
+            for j in range(num_tokens):
+                tokens = sampler(self._logits, functools.partial(draw, j))
+                if lp_rows:
+                    lp = torch.log_softmax(self._logits.index_select(0, lp_index).float(), -1)
+                    chosen.append(lp.gather(1, tokens.index_select(0, lp_index).unsqueeze(1)).squeeze(1))
+                    if top_n:
+                        values, ids = lp.topk(top_n, dim=-1)
+                        top_values.append(values)
+                        top_ids.append(ids)
+                if state_rows:
+                    states.append(select_rows(self._state, state_index))
                 self._logits, self._state = self._step(tokens, self._state)
-            steps.append(tokens)
-            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
-                break
+                steps.append(tokens)
+                if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+                    break
         toks = torch.stack(steps, 1).tolist()  # (B, n): the one sync
         lps = torch.stack(chosen, 1).tolist() if chosen else []
         tops = (torch.stack(top_values, 1).tolist(), torch.stack(top_ids, 1).tolist()) if top_values else None
         lp_of = {i: r for r, i in enumerate(lp_rows)}
         state_of = {i: r for r, i in enumerate(state_rows)}
         for i, s in enumerate(seqs):
+            if i not in lp_of and not s.params.stop:
+                # no logprobs and no stop string: only max_tokens ends the row, so its tokens settle at once
+                row = toks[i][: s.params.max_tokens - len(s.token_ids)]
+                s.token_ids += row
+                new = "".join(map(s.decoder.add, row))
+                s.text += new
+                if new:
+                    s.at_line_start = new.endswith("\n")
+                if len(s.token_ids) >= s.params.max_tokens:
+                    s.finish_reason = "length"
+                    if s.return_state:
+                        s.final_state = self._final_state(s, states[len(row) - 1], state_of[i])
+                continue
             for j, tok in enumerate(toks[i]):
                 s.token_ids.append(tok)
                 new = s.decoder.add(tok)
@@ -577,11 +600,16 @@ class LMEngine:
                     s.entry_ends.append(len(s.text))
                 self._check_stop(s, len(new))
                 if s.finish_reason:
-                    if s.return_state:  # the state keeps its last token pending
-                        layers = select_rows(states[j], torch.tensor([state_of[i]], device=dev))
-                        s.final_state = LMState(layers, tok, (s.init.tokens if s.init else 0) + len(s.prompt_ids)
-                                                + len(s.token_ids) - 1, s.at_line_start)
+                    if s.return_state:
+                        s.final_state = self._final_state(s, states[j], state_of[i])
                     break
+
+    def _final_state(self, s: _Sequence, before: State, row: int) -> LMState:
+        """The state to continue `s` from: the state before its last token was read (`before`, row `row` of the
+        step's return_state rows), that token kept pending."""
+        layers = select_rows(before, torch.tensor([row], device=self.device))
+        return LMState(layers, s.token_ids[-1], (s.init.tokens if s.init else 0) + len(s.prompt_ids)
+                       + len(s.token_ids) - 1, s.at_line_start)
 
     def _use_mkldnn(self, batch: int) -> bool:
         # the exact step's integer GEMMs run on oneDNN (without it torch._int_mm takes a slow reference path)

@@ -161,15 +161,15 @@ class Int8LSTMStep(LSTMStep):
         self.w = []
 
     def _cell8(self, gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_cell`, with the new cell state written over the gates' first H columns: every element-wise op
-        then runs on row-strided views, which torch iterates row by row, so no row's result depends on
-        where the batch's vectorised loop ends."""
+        """`_cell`, in place over the gates (B, 4H), whose blocks (i, f, o, g) end as (c_new, tanh(c_new), o, h): no
+        other buffer per call. Every element-wise op runs on row-strided views, which torch iterates row by row,
+        so no row's result depends on where the batch's vectorised loop ends."""
         H = self.hidden
-        s = gates[:, : 3 * H].sigmoid()
-        g = gates[:, 3 * H:].tanh()
-        c_new = gates[:, :H]
-        torch.addcmul(s[:, H: 2 * H] * c, s[:, :H], g, out=c_new)
-        return s[:, 2 * H:] * c_new.tanh(), c_new
+        s = gates[:, : 3 * H].sigmoid_()
+        g = gates[:, 3 * H:].tanh_()
+        i, f, o = s[:, :H], s[:, H: 2 * H], s[:, 2 * H:]
+        c_new = torch.addcmul(f.mul_(c), i, g, out=i)
+        return torch.mul(o, torch.tanh(c_new, out=f), out=g), c_new
 
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         (h, c) = state[0]

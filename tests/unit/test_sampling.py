@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rnnserve.engine.sampling import SamplingParams, sample_rows, uniforms, uniforms_vectorised
+from rnnserve.engine.sampling import (RowSampler, SamplingParams, _pick, sample_rows, uniforms,
+                                      uniforms_vectorised)
 
 
 def _params(B, temperature=1.0, top_k=0, top_p=1.0):
@@ -79,11 +80,50 @@ def test_max_tokens_limit():
         SamplingParams(max_tokens=11).validate(max_tokens_limit=10)
 
 
-def test_the_device_path_equals_the_python_path():
-    """A GPU draws with tensor ops, the CPU in Python: a seeded request gives the same text on both."""
+def test_the_device_path_equals_the_cpu_path():
+    """A GPU draws with torch ops, the CPU with numpy: a seeded request gives the same text on both."""
     seeds = torch.tensor([0, 1, 7, 2**62 + 12345, 2**63 - 1] + list(range(1000, 1100)))
     positions = torch.tensor([0, 5, 100, 2**40, 7] + list(range(100)))
     assert torch.equal(uniforms(seeds, positions), uniforms_vectorised(seeds, positions))
+    grid = positions.unsqueeze(1) + torch.arange(16)  # a step's draws at once: (B, tokens)
+    assert torch.equal(uniforms(seeds.unsqueeze(1), grid), uniforms_vectorised(seeds.unsqueeze(1), grid))
+    assert torch.equal(uniforms(seeds.unsqueeze(1), grid)[:, 3], uniforms(seeds, positions + 3))
+
+
+def test_the_draws_are_pinned():
+    """Every seeded text depends on these numbers: a change to the hash changes them all."""
+    u = uniforms(torch.tensor([0, 1, 7, 2**62 + 12345, 2**63 - 1]), torch.tensor([0, 5, 100, 2**40, 7]))
+    assert [x.hex() for x in u.tolist()] == ["0x1.90bcc38200000p-2", "0x1.4d557e4c00000p-3", "0x1.976afb0400000p-3",
+                                             "0x1.75cc36c200000p-2", "0x1.463ee51000000p-5"]
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros", "uniform", "nan", "peaked"])
+def test_the_cpu_pick_equals_the_torch_pick(kind):
+    """The CPU samples through numpy (RowSampler._pick_cpu), a GPU through torch (_pick): the same token for every
+    row, including rows with equal probabilities (torch.sort orders them its own way) and NaN."""
+    g = torch.Generator().manual_seed(len(kind))
+    for trial in range(40):
+        B, V = int(torch.randint(1, 70, (1,), generator=g)), int(torch.randint(2, 120, (1,), generator=g))
+        logits = torch.randn(B, V, generator=g) * float(torch.rand(1, generator=g) * 20)
+        if kind == "ties":
+            logits = torch.randint(0, 3, (B, V), generator=g).float()
+        elif kind == "zeros":  # probabilities that underflow to 0, equal to each other
+            logits[:, ::2] = -1e30
+        elif kind == "uniform":
+            logits = torch.zeros(B, V)
+        elif kind == "nan":
+            logits[::3, 0] = float("nan")
+        elif kind == "peaked":
+            logits = logits * 1000
+        temperature = torch.randint(1, 6, (B,), generator=g).float() * 0.4
+        top_k = torch.randint(0, V + 3, (B,), generator=g) * (torch.rand(B, generator=g) < 0.4)
+        top_p = torch.where(torch.rand(B, generator=g) < 0.4, torch.rand(B, generator=g).clamp(min=1e-6),
+                            torch.ones(B))
+        u = uniforms(torch.randint(0, 2**62, (B,), generator=g), torch.randint(0, 5000, (B,), generator=g))
+        u[0] = 1 - 2**-33  # the largest draw: rounds to 1.0 in float32, the last token kept
+        probs = torch.softmax(logits / temperature.unsqueeze(1), -1)
+        sampler = RowSampler(temperature, top_k, top_p)
+        assert torch.equal(sampler._pick_cpu(probs, u), _pick(probs, top_k, top_p, u)), (kind, trial)
 
 
 def test_a_batch_of_1024_rows_samples_each_row_as_alone():
