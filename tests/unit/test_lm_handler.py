@@ -86,6 +86,48 @@ def test_a_call_that_admits_sends_first_tokens_and_long_steps_run_between_calls(
     assert [len(f["text"]) for f in fe.frames["c"]] == [1, 8]
 
 
+def test_new_requests_cut_the_running_long_step_and_get_their_first_token_in_that_call(tiny_lm_folder):
+    """Counted in tokens on a clock of the test's own, where each decoded token takes one minute: a long step
+    is ten minutes (600 tokens, more than max_tokens_per_step's 100). Three requests arriving while a's long
+    step runs are 3/4 of the batch: the step ends once it has run a quarter of its length (3 tokens), and the
+    call that brings them answers with their first tokens. A call without new requests leaves a step whole."""
+    import math
+    import threading
+
+    from tests.e2e.waits import wait_for
+
+    ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 600_000, "admit_step_ms": 0,
+                                       "max_tokens_per_step": 100, "frame_interval_ms": 0})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    now = [0.0]
+    h.clock = lambda: now[0]
+    held = threading.Event()  # set: the next decoded token waits until new requests have cut the step
+    real = h.engine._step
+
+    def token(tokens, state):
+        if held.is_set():
+            wait_for(lambda: h._cut != math.inf, "the new requests' call")
+            held.clear()
+        now[0] += 60.0
+        return real(tokens, state)
+
+    h.engine._step = token
+    fe = Frontend(h, ctx)
+    fe.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
+    fe.step()  # a's first token; all of the batch is new: a one-token long step follows
+    held.set()
+    fe.step(settle=False)  # the token of that step; a long step starts and waits for the next call
+    for rid in "bcd":
+        fe.submit(rid, {"prompt": rid, "max_tokens": 50, "seed": 2})
+    fe.step()
+    fe.step()  # nothing new: the long step after the admitting call (1/4 new: 3/4 of a step) runs whole
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1, 3 + 1, 100]
+    for rid in "bcd":
+        assert [len(f["text"]) for f in fe.frames[rid]] == [1, 50 - 1]
+        assert fe.frames[rid][-1]["finish_reason"] == "length"
+
+
 def test_without_overlap_a_call_returns_its_own_step(tiny_lm_folder):
     ctx = FakeContext(tiny_lm_folder, {"target_step_ms": 60_000, "admit_step_ms": 0, "max_tokens_per_step": 8,
                                        "overlap_steps": False})
