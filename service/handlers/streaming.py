@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -52,6 +53,7 @@ class ContinuousBatchingHandler:
         self.step_s = 0.0  # a long step's length at scale 1 (the model handler's)
         # the running long step: its start, length and rows, and the time new requests cut it at
         self._step_t0, self._step_len, self._step_rows, self._cut = 0.0, 0.0, 0, math.inf
+        self._joined: deque[tuple[float, int]] = deque()  # (when, how many) requests joined within a step
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """frames.handler_setup, and the overlap setting this class reads."""
@@ -152,13 +154,20 @@ class ContinuousBatchingHandler:
             if (n_admitted and self.step_on_admit) or not self.overlap:
                 outputs = self._merge(outputs, self._step(short=n_admitted > 0))
             scale = None
+            now = self.clock()
+            if n_admitted:
+                self._joined.append((now, n_admitted))
+            while self._joined and now - self._joined[0][0] >= self.step_s:
+                self._joined.popleft()
             if self.overlap and self.has_work():
-                # A call that admitted many requests, against the batch, is likely one of a burst whose other
-                # requests come with the next calls: the next step is cut shorter the larger the new share,
-                # so that they wait less. A steady trickle (a few new requests in a full batch) keeps
-                # nearly whole steps and their throughput.
+                # A batch whose rows joined within the last step is likely in a burst whose other requests come
+                # with the next calls: the next step is cut shorter the larger the young share of the batch (each
+                # row weighed by how recently it joined), so that they wait less for a call. A steady trickle (a
+                # few new requests in a full batch) keeps nearly whole steps and their throughput.
                 self._step_rows = len(self.engine_ids())
-                scale = 1.0 - n_admitted / max(1, self._step_rows)
+                young = (sum(n * (1.0 - (now - t) / self.step_s) for t, n in self._joined) if self.step_s
+                         else n_admitted)
+                scale = 1.0 - min(young, self._step_rows) / max(1, self._step_rows)
                 # set before the call can return: its next call may cut this step (_hurry)
                 self._step_t0, self._step_len, self._cut = self.clock(), scale * self.step_s, math.inf
         except BaseException as e:  # the call fails as a whole, as it would have in the calling thread
