@@ -18,6 +18,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -263,13 +264,15 @@ class LMEngine:
 
     # -- stepping ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, num_tokens: int = 1, budget_s: float | None = None) -> list[StepOutput]:
+    def step(self, num_tokens: int = 1, budget_s: float | None = None,
+             stop: Callable[[], bool] | None = None) -> list[StepOutput]:
         """Admit waiting requests, then decode up to `num_tokens` tokens for every running request.
 
         With `budget_s`, decoding also stops once the step (prefill included) has lasted that long,
         after at least one token. A clock, not a per-token estimate, because one token's cost moves
         with the batch size, and a step that prefilled new prompts should release their first tokens
-        without adding a full budget of decoding on top.
+        without adding a full budget of decoding on top. `stop`, asked after each token, ends the step
+        early too (after at least one token): a server cuts a step short when new requests arrive.
         """
         t0 = time.perf_counter()
         scored = self._score()
@@ -278,7 +281,7 @@ class LMEngine:
             return scored
         # no row runs past its max_tokens: the step ends where the longest remaining one does
         room = max(s.params.max_tokens - len(s.token_ids) for s in self._running)
-        self._decode(min(num_tokens, room), t0, budget_s)
+        self._decode(min(num_tokens, room), t0, budget_s, stop)
         outputs = [self._output(s) for s in self._running]
         alive = [i for i, s in enumerate(self._running) if not s.finish_reason]
         if len(alive) != len(self._running):
@@ -507,7 +510,8 @@ class LMEngine:
         self._scoring = waiting
         return outputs
 
-    def _decode(self, num_tokens: int, t0: float, budget_s: float | None) -> None:
+    def _decode(self, num_tokens: int, t0: float, budget_s: float | None,
+                stop: Callable[[], bool] | None = None) -> None:
         """Decode up to `num_tokens` tokens for every running row, all on the device, then read them back
         at once: the step's only host sync. Text, stop strings, logprobs and states are then settled on
         the host, token by token. A row that finished inside the step decodes on until the step ends
@@ -563,7 +567,7 @@ class LMEngine:
                     states.append(select_rows(self._state, state_index))
                 self._logits, self._state = self._step(tokens, self._state)
                 steps.append(tokens)
-                if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+                if (budget_s is not None and time.perf_counter() - t0 >= budget_s) or (stop is not None and stop()):
                     break
         toks = torch.stack(steps, 1).tolist()  # (B, n): the one sync
         lps = torch.stack(chosen, 1).tolist() if chosen else []

@@ -14,6 +14,7 @@ A model folder is served with this engine when its config.json says `"engine": "
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rnnserve.engine.lm_engine import StepOutput, check_generation
@@ -73,9 +74,11 @@ class SyntheticEngine:
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def step(self, num_tokens: int = 1, budget_s: float | None = None) -> list[StepOutput]:
+    def step(self, num_tokens: int = 1, budget_s: float | None = None,
+             stop: Callable[[], bool] | None = None) -> list[StepOutput]:
         """Admit waiting requests up to the batch size, then give each running one up to `num_tokens` tokens:
-        as many as `budget_s` holds at `token_ms` each (at least one)."""
+        as many as `budget_s` holds at `token_ms` each (at least one), fewer where `stop`, asked after each
+        token, says so (as LMEngine.step)."""
         room = self.max_batch_size - len(self._running)
         if room > 0 and self._waiting:
             self._running += self._waiting[:room]
@@ -86,7 +89,16 @@ class SyntheticEngine:
             if budget_s is not None:
                 num_tokens = max(1, min(num_tokens, int(budget_s / self.token_s)))
             num_tokens = min(num_tokens, max(s.params.max_tokens - s.tokens for s in self._running))
-            time.sleep(num_tokens * self.token_s)
+            if stop is None:
+                time.sleep(num_tokens * self.token_s)
+            else:  # token by token, on absolute times so that the checks add no drift
+                start, done = time.monotonic(), 0
+                while done < num_tokens:
+                    done += 1
+                    time.sleep(max(0.0, start + done * self.token_s - time.monotonic()))
+                    if stop():
+                        break
+                num_tokens = done
         outputs = []
         for s in self._running:
             self._extend(s, min(num_tokens, s.params.max_tokens - s.tokens))

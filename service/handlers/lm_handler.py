@@ -55,6 +55,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         # a floor on a step's duration: with max_tokens_per_step 1 it paces every stream to at most
         # 1000 / min_step_ms tokens/s whatever the machine's speed (the test suite's slow streams)
         self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
+        self.step_s = max(self.target_step_s, self.frame_interval_s)  # a long step's length, frames gathered
         self.initialized = True
         log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
 
@@ -108,20 +109,23 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         if not self.engine.has_work():
             return {}
         t0 = time.monotonic()
-        budget = self.admit_step_s if short else scale * self.target_step_s
-        outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget)}
-        if not short:
+        if short:
+            outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=self.admit_step_s)}
+        else:
+            start = self.clock()
+            # new requests arriving meanwhile cut the step short (cut_reached, streaming.py)
+            outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step,
+                                                                 budget_s=scale * self.target_step_s,
+                                                                 stop=self.cut_reached)}
             # A fast engine fills the frame interval with more steps: every stream's next frame carries all it
             # made meanwhile, so frames do not multiply with the engine's speed (each costs TorchServe, the
             # gateway and the client the same, whatever it carries). A first frame never waits: short steps.
-            # A call that brings new requests cuts the interval short (`newcomers`, streaming.py): they were
-            # queued in TorchServe during the previous call's step and wait for no second one.
+            # New requests cut the step short (`cut_reached`, streaming.py): they wait for no whole interval.
             interval = frame_interval(self.frame_interval_s, self.frame_interval_per_stream_s,
                                       self.max_frame_interval_s, len(self.engine.request_ids()))
-            end = t0 + scale * interval
-            while (self.engine.has_work() and not self.newcomers.is_set()
-                   and (left := end - time.monotonic()) > 0):
-                for o in self.engine.step(self.max_tokens_per_step, budget_s=left):
+            end = start + scale * interval
+            while self.engine.has_work() and not self.cut_reached() and (left := end - self.clock()) > 0:
+                for o in self.engine.step(self.max_tokens_per_step, budget_s=left, stop=self.cut_reached):
                     earlier = outputs.get(o.request_id)
                     outputs[o.request_id] = o if earlier is None else merge_outputs(earlier, o)
         if self.min_step_s:

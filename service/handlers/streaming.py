@@ -7,20 +7,26 @@ a call was dropped by the frontend because its client went away: its engine stat
 the next step. Subclasses say how to admit a request, run a step and abort; they hold no protocol.
 
 Overlap: TorchServe's round trip between two calls (frames out to the clients, the next batch in)
-costs ~10 ms at 32 streams, during which the worker would idle. So the long step of a call runs in a
-background thread after the call has returned, and the next call collects it. A call that admits
-requests first runs a short step (prefill, first token) itself, so that a new request's first tokens
-leave with the call that admitted it; the background step after it is cut by the share of new
-requests in the batch, because a burst brings more of them with the next calls. Where a first token
-is worth little (a translation is read whole, and its first piece is rarely agreed by every beam),
-`step_on_admit: false` leaves the new requests to the background step: the call returns at once and
-the round trip overlaps their prefill instead of waiting for it. The engine is
-touched by one thread at a time: every call waits for the background step before anything else.
+costs ~10 ms at 32 streams, during which the worker would idle. So all engine work runs on one engine
+thread: a call hands it the batch and waits only for that call's outputs; the engine thread drops the
+requests that left, admits the new ones, runs their short step (prefill, first token) so that their
+first tokens leave with the call that admitted them, publishes the outputs, and goes straight on with
+the next long step while the call renders its frames and TorchServe relays them; the next call
+collects that step. The engine thread never waits for the calling thread to wake up, which on a busy
+machine costs several milliseconds per call. The long step after an admitting call is cut by the share
+of new requests in the batch, because a burst brings more of them with the next calls; and a call that
+brings new requests cuts the running long step the same way (at once when they are most of the batch),
+so that a new request waits about one token for it, not a whole step. Where a first token is worth
+little (a translation is read whole, and its first piece is rarely agreed by every beam),
+`step_on_admit: false` leaves the new requests to the long step: the call returns at once and the
+round trip overlaps their prefill instead of waiting for it. The engine is touched by its thread only.
 """
 from __future__ import annotations
 
 import logging
-import threading
+import math
+import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -39,12 +45,15 @@ class ContinuousBatchingHandler:
         self.pending: dict[str, str] = {}  # last frames held back one step (see handle)
         self.overlap = True  # run steps in the background between calls (model-config `overlap_steps`)
         self.step_on_admit = True  # a call that admits runs a short step itself (model-config `step_on_admit`)
+        # the engine's one thread: every call's engine work runs there, then the long step after it
         self._stepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
-        self._running: Future | None = None  # the step started at the end of the previous call
-        # set by a call that brings new requests while the background step runs: a step that keeps stepping to
-        # fill a frame interval (lm_handler.py) stops at once. TorchServe sends the next call as soon as a call
-        # returns, so new requests queue during one step and, without this, would wait for the next one too
-        self.newcomers = threading.Event()
+        self._running: Future | None = None  # the engine thread's work for the last call, its long step included
+        self._carried: dict[str, Any] = {}  # outputs of the long step, for the next call
+        self.clock = time.monotonic  # the clock of steps and cuts (tests count in steps with their own)
+        self.step_s = 0.0  # a long step's length at scale 1 (the model handler's)
+        # the running long step: its start, length and rows, and the time new requests cut it at
+        self._step_t0, self._step_len, self._step_rows, self._cut = 0.0, 0.0, 0, math.inf
+        self._joined: deque[tuple[float, int]] = deque()  # (when, how many) requests joined within a step
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """frames.handler_setup, and the overlap setting this class reads."""
@@ -81,13 +90,8 @@ class ContinuousBatchingHandler:
         raise NotImplementedError
 
     # -- the protocol ---------------------------------------------------------------------------
-    def wait(self) -> dict[str, Any]:
-        """Wait for the step running in the background, if any, and return its outputs."""
-        running, self._running = self._running, None
-        return running.result() if running is not None else {}
-
     def settle(self) -> None:
-        """Wait for the background step to finish, leaving its outputs to the next call (tests)."""
+        """Wait until the engine thread is idle: the last call's work and the step after it (tests)."""
         if self._running is not None:
             self._running.result()
 
@@ -110,46 +114,84 @@ class ContinuousBatchingHandler:
                 outputs[rid] = out if isinstance(out, str) else self.merge(outputs[rid], out)
         return outputs
 
-    def handle(self, data: list[dict], ctx) -> list[str]:
-        ids = [ctx.request_ids[i] for i in range(len(data))]
-        present = set(ids)
-        if any(rid not in self.started and rid not in self.pending for rid in ids):
-            self.newcomers.set()
-        stepped = self.wait()  # from here on this thread alone touches the engine
-        self.newcomers.clear()
-        for rid in [r for r in self.engine_ids() if r not in present]:
-            self.abort(rid)
-            self.aborted += 1
-            log.info("request %s left the batch (client gone); its rows are free", rid)
-        self.started &= present
-        self.pending = {r: f for r, f in self.pending.items() if r in present}
-        outputs = {r: o for r, o in stepped.items() if r in present}
+    def cut_reached(self) -> bool:
+        """Whether the running step should end now: new requests cut it short (see handle). Asked by run_step
+        after each token."""
+        return self.clock() >= self._cut
 
-        frames: dict[str, tuple[str, bool]] = {}
-        engine_ids = set(self.engine_ids())
-        n_admitted = 0
-        for i, rid in enumerate(ids):
-            if rid in self.pending:
-                frames[rid] = (self.pending.pop(rid), True)
-            elif rid not in engine_ids and rid not in self.started and rid not in outputs:
+    def _hurry(self, fresh: int) -> None:
+        """`fresh` new requests wait for the running step: it ends once it has run (1 - their share of the
+        batch) of its length (at once for a burst, nearly whole for one arrival in a full batch)."""
+        share = fresh / (self._step_rows + fresh)
+        self._cut = min(self._cut, self._step_t0 + (1.0 - share) * self._step_len)
+
+    def _at_boundary(self, ids: list[str], data: list[dict], known: set[str], published: Future) -> None:
+        """The engine's side of a call, on the engine thread between two steps: drop the requests that left,
+        admit the new ones (and run their short step), publish the outputs to the call, then go straight on
+        with the next long step, without waiting for the call to render and return."""
+        try:
+            present = set(ids)
+            outputs, self._carried = {r: o for r, o in self._carried.items() if r in present}, {}
+            for rid in [r for r in self.engine_ids() if r not in present]:
+                self.abort(rid)
+                self.aborted += 1
+                log.info("request %s left the batch (client gone); its rows are free", rid)
+            errors: dict[str, tuple[str, bool]] = {}
+            engine_ids = set(self.engine_ids())
+            n_admitted = 0
+            for i, rid in enumerate(ids):
+                if rid in known or rid in engine_ids or rid in outputs:
+                    continue
                 try:
                     self.admit(rid, data[i].get("body") or data[i].get("data"))
                     n_admitted += 1
                 except ValueError as e:
-                    frames[rid] = (error_frame(str(e), "invalid_request_error", 400, getattr(e, "param", None)), True)
+                    errors[rid] = (error_frame(str(e), "invalid_request_error", 400, getattr(e, "param", None)), True)
                 except Exception:  # one bad request must not end the others' streams
                     log.exception("request %s could not be admitted", rid)
-                    frames[rid] = (error_frame("internal error while admitting the request", "internal_error", 500),
+                    errors[rid] = (error_frame("internal error while admitting the request", "internal_error", 500),
                                    True)
-        if (n_admitted and self.step_on_admit) or not self.overlap:
-            outputs = self._merge(outputs, self._step(short=n_admitted > 0))
-        if self.overlap and self.has_work():
-            # A call that admitted many requests, against the batch, is likely one of a burst whose other
-            # requests come with the next calls: the next step is cut shorter the larger the new share,
-            # so that they wait less. A steady trickle (a few new requests in a full batch) keeps
-            # nearly whole steps and their throughput.
-            fresh = n_admitted / max(1, len(self.engine_ids()))
-            self._running = self._stepper.submit(self._step, False, 1.0 - fresh)
+            if (n_admitted and self.step_on_admit) or not self.overlap:
+                outputs = self._merge(outputs, self._step(short=n_admitted > 0))
+            scale = None
+            now = self.clock()
+            if n_admitted:
+                self._joined.append((now, n_admitted))
+            while self._joined and now - self._joined[0][0] >= self.step_s:
+                self._joined.popleft()
+            if self.overlap and self.has_work():
+                # A batch whose rows joined within the last step is likely in a burst whose other requests come
+                # with the next calls: the next step is cut shorter the larger the young share of the batch (each
+                # row weighed by how recently it joined), so that they wait less for a call. A steady trickle (a
+                # few new requests in a full batch) keeps nearly whole steps and their throughput.
+                self._step_rows = len(self.engine_ids())
+                young = (sum(n * (1.0 - (now - t) / self.step_s) for t, n in self._joined) if self.step_s
+                         else n_admitted)
+                scale = 1.0 - min(young, self._step_rows) / max(1, self._step_rows)
+                # set before the call can return: its next call may cut this step (_hurry)
+                self._step_t0, self._step_len, self._cut = self.clock(), scale * self.step_s, math.inf
+        except BaseException as e:  # the call fails as a whole, as it would have in the calling thread
+            published.set_exception(e)
+            return
+        published.set_result((outputs, errors))
+        if scale is not None:
+            self._carried = self._step(False, scale)
+
+    def handle(self, data: list[dict], ctx) -> list[str]:
+        ids = [ctx.request_ids[i] for i in range(len(data))]
+        present = set(ids)
+        self.started &= present
+        self.pending = {r: f for r, f in self.pending.items() if r in present}
+        known = self.started | set(self.pending)
+        fresh = sum(1 for rid in ids if rid not in known)
+        if fresh and self.overlap:
+            self._hurry(fresh)
+        published: Future = Future()
+        self._running = self._stepper.submit(self._at_boundary, ids, data, known, published)
+        outputs, frames = published.result()
+        for rid in ids:
+            if rid in self.pending:
+                frames[rid] = (self.pending.pop(rid), True)
         for rid, out in outputs.items():
             frames[rid] = (out, True) if isinstance(out, str) else self.render(rid, out)
 

@@ -6,6 +6,7 @@ limit of one answer is refused with 400, and the largest valid requests leave ev
 sixteen 4,096-character texts takes at least 256 steps of at least 20 ms on any machine; its budget of
 100,000 tokens holds one such request (65,536) and a stream, never two. `roomy` has the default settings
 but a deadline (900 s) that only a hang reaches, for the largest valid requests."""
+import json
 import threading
 from pathlib import Path
 
@@ -98,6 +99,48 @@ def test_a_stream_keeps_receiving_frames_while_a_large_scoring_request_is_read(c
         assert "".join(t["token"] for t in s["token_logprobs"]) == s["text"]
         assert sum(t["logprob"] for t in s["token_logprobs"]) == pytest.approx(s["logprob"], abs=1e-3)
     assert r.json()["usage"] == {"prompt_tokens": 16 * 4096, "completion_tokens": 0, "total_tokens": 16 * 4096}
+
+
+def test_requests_joining_a_running_stream_get_text_in_their_first_event_and_their_seeded_text(costly):
+    """New requests arrive while a paced 2,048-token stream runs (over 40 s): each is admitted between two of its
+    steps (cutting the running one short), its first event carries its first token, and its whole seeded text,
+    stop string included, is the one it gets alone, all while the long stream is still running."""
+    joiners = [{"model": LM, "prompt": p, "max_tokens": 12, "seed": i, "temperature": 0.9, "stop": ["\n\n"]}
+               for i, p in enumerate(["ROMEO:", "JULIET:\n", "", "To be"])]
+    with httpx.Client(base_url=costly.url, timeout=HANG_S) as c:
+        alone = [c.post("/v1/generate", json=j).json() for j in joiners]
+    assert all(len(a["text"]) > 0 for a in alone)
+    events: list[dict] = []
+    done = threading.Event()
+
+    def stream(body: dict, into: list) -> None:
+        with httpx.Client(base_url=costly.url, timeout=HANG_S) as c:
+            with c.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        into.append(json.loads(line[6:]))
+                    if done.is_set():
+                        break
+
+    reader = threading.Thread(target=stream, args=(STREAM, events))
+    reader.start()
+    try:
+        wait_for(lambda: len(events) >= 1, "the long stream's first event")
+        joined: list[list[dict]] = [[] for _ in joiners]
+        threads = [threading.Thread(target=stream, args=(j, out)) for j, out in zip(joiners, joined)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=HANG_S)
+        still_running = not any(e.get("finish_reason") for e in events)
+    finally:
+        done.set()
+        reader.join(timeout=HANG_S)
+    assert still_running
+    for out, a in zip(joined, alone):
+        assert out[0]["text"] and "finish_reason" not in out[0]
+        assert out[-1]["finish_reason"] == a["finish_reason"]
+        assert "".join(e["text"] for e in out) == a["text"]
 
 
 def test_admission_holds_a_model_to_its_budget_of_tokens(costly):

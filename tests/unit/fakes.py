@@ -22,13 +22,15 @@ class Frontend:
     def submit(self, rid, body):
         self.new[rid] = body
 
-    def step(self):
+    def step(self, settle: bool = True):
+        """One call; `settle` then waits for the long step it started (False: the next call may meet it running)."""
         ids = self.inflight + list(self.new)
         batch = [{"body": {}} for _ in self.inflight] + [{"body": b} for b in self.new.values()]
         self.new = {}
         self.ctx.request_ids = dict(enumerate(ids))
         out = self.h.handle(batch, self.ctx)
-        self.h.settle()  # the step started by this call has run: engine state can be inspected
+        if settle:
+            self.h.settle()  # the step started by this call has run: engine state can be inspected
         assert len(out) == len(ids)
         self.inflight = []
         for i, (rid, frame) in enumerate(zip(ids, out)):

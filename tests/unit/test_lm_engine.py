@@ -107,6 +107,23 @@ def test_time_budget_bounds_the_step_but_always_decodes_one_token(tiny_lm):
     assert [o.completion_tokens for o in roomy] == [17, 17, 17]
 
 
+def test_stop_ends_the_step_after_the_current_token_and_the_text_stays_the_same(tiny_lm):
+    """What a server's new arrivals use to cut a running step short: `stop` is asked after each token."""
+    ref = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    ref.add("x", "To be", SamplingParams(max_tokens=30, seed=7))
+    expected, _ = run(ref, 30)
+    e = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
+    e.add("x", "To be", SamplingParams(max_tokens=30, seed=7))
+    asked = []
+    outs = [e.step(16, stop=lambda: asked.append(1) or len(asked) >= 5)[0]]
+    assert outs[0].completion_tokens == 5 and len(asked) == 5
+    outs.append(e.step(16, stop=lambda: True)[0])  # one token even when stopped at once
+    assert outs[1].completion_tokens == 6
+    outs.append(e.step(30)[0])
+    assert outs[2].finished and outs[2].completion_tokens == 30
+    assert "".join(o.text for o in outs) == expected["x"]
+
+
 def test_seeded_output_does_not_depend_on_the_time_budget(tiny_lm):
     ref = LMEngine(tiny_lm.model, tiny_lm.tokenizer)
     ref.add("x", "To be", SamplingParams(max_tokens=30, seed=7))

@@ -1,9 +1,22 @@
 """The TorchServe handler driven as the continuous-batching frontend drives it (ContinuousBatching.java):
 each call re-sends the requests still in flight with an empty payload and adds new ones."""
-import json
 
 from rnnserve.service.handlers.lm_handler import LanguageModelHandler
 from tests.unit.fakes import FakeContext, Frontend
+
+
+def steps_apart(fe):
+    """A clock of the test's own for the handler (`call.now[0]`), and a call that first moves it on by `by` (a whole
+    step unless told): rows that joined a whole step before a call no longer shorten the next step (streaming.py)."""
+    now = [0.0]
+    fe.h.clock = lambda: now[0]
+
+    def call(settle: bool = True, by: float | None = None) -> None:
+        now[0] += fe.h.step_s if by is None else by
+        fe.step(settle)
+
+    call.now = now
+    return call
 
 
 def make(tiny_lm_folder):
@@ -75,17 +88,80 @@ def test_a_call_that_admits_sends_first_tokens_and_long_steps_run_between_calls(
     h = LanguageModelHandler()
     h.initialize(ctx)
     fe = Frontend(h, ctx)
+    every_step = steps_apart(fe)  # each call a whole step after the previous one: no row joined within a step
     fe.submit("a", {"prompt": "x", "max_tokens": 100, "seed": 1})
-    fe.step()  # a's first token; the whole batch is new: one token in the background
+    every_step()  # a's first token; the whole batch is new: one token in the background
     fe.submit("b", {"prompt": "y", "max_tokens": 100, "seed": 2})
-    fe.step()  # a: 1 from the background and 1 from the short step that admits b; then half a budget
-    fe.step()  # nothing admitted: a whole step
+    every_step()  # a: 1 from the background and 1 from the short step that admits b; then half a budget
+    every_step()  # nothing admitted: a whole step
     fe.submit("c", {"prompt": "z", "max_tokens": 100, "seed": 3})
-    fe.step()
-    fe.step()
+    every_step()
+    every_step()
     assert [len(f["text"]) for f in fe.frames["a"]] == [1, 2, 8, 9, 8]
     assert [len(f["text"]) for f in fe.frames["b"]] == [1, 8, 9, 8]
     assert [len(f["text"]) for f in fe.frames["c"]] == [1, 8]
+
+
+def test_new_requests_cut_the_running_long_step_and_get_their_first_token_in_that_call(tiny_lm_folder):
+    """Counted in tokens on a clock of the test's own, where each decoded token takes one minute: a long step
+    is ten minutes (600 tokens, more than max_tokens_per_step's 100). Three requests arriving while a's long
+    step runs are 3/4 of the batch: the step ends once it has run a quarter of its length (3 tokens), and the
+    call that brings them answers with their first tokens. A call without new requests leaves a step whole."""
+    import math
+    import threading
+
+    from tests.e2e.waits import wait_for
+
+    ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 600_000, "admit_step_ms": 0,
+                                       "max_tokens_per_step": 100, "frame_interval_ms": 0})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    call = steps_apart(fe)
+    held = threading.Event()  # set: the next decoded token waits until new requests have cut the step
+    real = h.engine._step
+
+    def token(tokens, state):
+        if held.is_set():
+            wait_for(lambda: h._cut != math.inf, "the new requests' call")
+            held.clear()
+        call.now[0] += 60.0
+        return real(tokens, state)
+
+    h.engine._step = token
+    fe.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
+    call()  # a's first token; all of the batch is new: a one-token long step follows
+    held.set()
+    call(settle=False)  # the token of that step; a long step starts and waits for the next call
+    for rid in "bcd":
+        fe.submit(rid, {"prompt": rid, "max_tokens": 50, "seed": 2})
+    call(by=0)  # at once: the long step is still at its first token
+    call()  # nothing new: the long step after the admitting call (1/4 new: 3/4 of a step) runs whole
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1, 3 + 1, 100]
+    for rid in "bcd":
+        assert [len(f["text"]) for f in fe.frames[rid]] == [1, 50 - 1]
+        assert fe.frames[rid][-1]["finish_reason"] == "length"
+
+
+def test_rows_that_joined_within_a_step_keep_the_next_steps_short_by_how_recently(tiny_lm_folder):
+    """A burst reaches the worker over several calls: a call without new requests that comes soon after some
+    joined still runs a shorter step (so the next call, which may bring the rest, comes sooner); a step later
+    the batch is old and steps are whole."""
+    ctx = FakeContext(tiny_lm_folder, {"target_step_ms": 60_000, "admit_step_ms": 0, "max_tokens_per_step": 8})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    call = steps_apart(fe)
+    fe.submit("a", {"prompt": "x", "max_tokens": 100, "seed": 1})
+    fe.submit("b", {"prompt": "y", "max_tokens": 100, "seed": 2})
+    call()
+    assert h._step_len == 0.0  # all of the batch just joined
+    call(by=15.0)
+    assert h._step_len == 15.0  # both joined a quarter of a step ago: weighed 3/4 each
+    call(by=30.0)
+    assert h._step_len == 45.0
+    call(by=15.0)
+    assert h._step_len == 60.0  # a whole step since they joined
 
 
 def test_without_overlap_a_call_returns_its_own_step(tiny_lm_folder):
@@ -227,9 +303,11 @@ def test_a_frame_interval_gathers_a_fast_engines_steps_into_bigger_frames(tiny_l
         h.initialize(ctx)
         assert isinstance(h.engine, SyntheticEngine)
         fe = Frontend(h, ctx)
+        call = steps_apart(fe)  # the handler's clock stands still within a call: the interval is never spent
         fe.submit("a", {"prompt": "x", "max_tokens": 40, "seed": 0})
         fe.submit("b", {"prompt": "x", "max_tokens": 60, "seed": 0, "stop": ["summer"]})
-        fe.drain()
+        while fe.inflight or fe.new:
+            call()
         texts[interval] = {r: [f["text"] for f in fe.frames[r] if f["text"]] for r in "ab"}
         assert fe.frames["b"][-1]["finish_reason"] == "stop"
     assert [len(t) for t in texts[0]["a"]] == [4] * 10
@@ -239,28 +317,3 @@ def test_a_frame_interval_gathers_a_fast_engines_steps_into_bigger_frames(tiny_l
     for r in "ab":
         assert "".join(texts[0][r]) == "".join(texts[600_000][r])
     assert "".join(texts[0]["b"]) == "Now is the winter of our discontent made glorious "
-
-
-def test_a_call_with_a_new_request_cuts_the_running_frame_interval_short(tiny_lm_folder, tmp_path):
-    """The background step keeps stepping to fill the frame interval (here longer than the whole stream), but a
-    call that brings a new request ends it: the running stream's frame comes with that call, unfinished, and the
-    new request is admitted in it, instead of both waiting for the interval to pass."""
-    folder = _synthetic_folder(tiny_lm_folder, tmp_path)
-    cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "synthetic_token_ms": 20}))  # 500 tokens: 10 s
-    ctx = FakeContext(folder, {"max_batch_size": 8, "target_step_ms": 5, "max_tokens_per_step": 1,
-                               "frame_interval_ms": 600_000})
-    h = LanguageModelHandler()
-    h.initialize(ctx)
-    fe = Frontend(h, ctx)
-    fe.submit("a", {"prompt": "x", "max_tokens": 500, "seed": 0})
-    fe.step()  # a's first frame; the step after it is one engine step (all of the batch is new)
-    ctx.request_ids = {0: "a"}
-    (second,) = h.handle([{"body": {}}], ctx)  # no newcomer: the step it starts would run until `a` ends
-    assert "finish_reason" not in json.loads(second)
-    ctx.request_ids = {0: "a", 1: "b"}
-    third, first_b = (json.loads(f) for f in h.handle([{"body": {}}, {"body": {"prompt": "x", "max_tokens": 4}}], ctx))
-    assert third["text"] and "finish_reason" not in third
-    assert first_b["text"] == "Now "[:len(first_b["text"])] and first_b["text"]
-    h.newcomers.set()  # end the step this call started (it too would run until `a` ends)
-    h.settle()
