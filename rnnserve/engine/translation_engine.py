@@ -332,8 +332,16 @@ class TranslationEngine:
             src[r, : len(source)] = torch.tensor(source, dtype=torch.long)
             tgt[r, : len(cand) + 2] = torch.tensor([BOS, *cand, EOS], dtype=torch.long)
         lengths = torch.tensor([max(1, len(jobs[j].source)) for j, _ in pairs], device=self.device)
-        enc, keys, mask, state = self.model.encode(src, lengths)
-        logits = self.model._teacher_forced(tgt, state, keys, enc, mask)
+        with mkldnn_enabled(True) if self.int8 else nullcontext():
+            enc, keys, mask, state = self._encode(src, lengths)
+            if self.int8:  # through the served step, so a candidate scores as the beam search scored it
+                steps = []
+                for t in range(T - 1):
+                    step_logits, state, _ = self._decode(tgt[:, t], state, keys, enc, mask)
+                    steps.append(step_logits)
+                logits = torch.stack(steps, 1)
+            else:
+                logits = self.model._teacher_forced(tgt, state, keys, enc, mask)
         lp = F.log_softmax(logits.float(), -1).gather(2, tgt[:, 1:].unsqueeze(2)).squeeze(2)  # (R, T-1)
         outputs = []
         results: dict[int, list[dict]] = {}
