@@ -9,13 +9,7 @@ from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
 from rnnserve.service.gateway.sessions_redis import RedisSessionStore
 from tests.redis_server import redis_server
-
-
-class Clock:
-    now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.test_session_stores import Clock, put, state
 
 
 @pytest.fixture
@@ -38,19 +32,6 @@ def make(server):
     yield make
     for s in made:
         s.close()
-
-
-def put(s, sid, blob=b"x" * 100, owner="", model="m"):
-    lease = s.acquire(owner, sid, model)
-    s.commit(lease, blob, 7)
-    return lease
-
-
-def state(s, sid, owner=""):
-    """A session's state, as the next request reads it."""
-    lease = s.acquire(owner, sid, "m")
-    s.release(lease)
-    return lease.state
 
 
 def test_one_request_at_a_time_across_processes_and_failed_first_requests_leave_nothing(make):
