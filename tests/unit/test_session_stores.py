@@ -1,6 +1,8 @@
 """The session stores' one contract, checked against each: the in-memory store and the Redis store (a real
 redis-server). Least recently used evicted, idle ones expire, a session serves one request at a time, a
 failed first request leaves no session behind, leases, owners and quotas. The clock is a fake one."""
+import contextlib
+
 import pytest
 
 from rnnserve.service.gateway.errors import APIError
@@ -17,29 +19,36 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "redis"])
-def make(request, tmp_path):
-    """make(**bounds) -> a store; make.clock moves time for every store it made."""
+@contextlib.contextmanager
+def stores(url: str | None):
+    """make(**bounds) -> a store, in memory (url None) or in the Redis at `url`; make.clock moves time for every
+    store it made."""
     clock = Clock()
     made = []
-    server = None
-    if request.param == "redis":
-        server_cm = redis_server(tmp_path)
-        server = server_cm.__enter__()
 
     def make(**kw):
         args = {"max_sessions": 3, "max_bytes": 10_000, "ttl_s": 60.0, **kw}
-        if server is None:
+        if url is None:
             return SessionStore(Metrics(), clock=clock, **args)
-        s = RedisSessionStore(Metrics(), server.url, clock=clock, **args)
+        s = RedisSessionStore(Metrics(), url, clock=clock, **args)
         made.append(s)
         return s
     make.clock = clock
-    yield make
-    for s in made:
-        s.close()
-    if server is not None:
-        server_cm.__exit__(None, None, None)
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make(request, tmp_path):
+    if request.param == "memory":
+        with stores(None) as m:
+            yield m
+    else:
+        with redis_server(tmp_path) as server, stores(server.url) as m:
+            yield m
 
 
 def put(s, sid, blob=b"x" * 100, owner="", model="m"):

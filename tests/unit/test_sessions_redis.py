@@ -6,10 +6,8 @@ import time
 import pytest
 
 from rnnserve.service.gateway.errors import APIError
-from rnnserve.service.gateway.metrics import Metrics
-from rnnserve.service.gateway.sessions_redis import RedisSessionStore
 from tests.redis_server import redis_server
-from tests.unit.test_session_stores import Clock, put, state
+from tests.unit.test_session_stores import put, state, stores
 
 
 @pytest.fixture
@@ -20,18 +18,8 @@ def server(tmp_path):
 
 @pytest.fixture
 def make(server):
-    clock = Clock()
-    made = []
-
-    def make(**kw):
-        args = {"max_sessions": 3, "max_bytes": 10_000, "ttl_s": 60.0, **kw}
-        s = RedisSessionStore(Metrics(), server.url, clock=clock, **args)
-        made.append(s)
-        return s
-    make.clock = clock
-    yield make
-    for s in made:
-        s.close()
+    with stores(server.url) as m:
+        yield m
 
 
 def test_one_request_at_a_time_across_processes_and_failed_first_requests_leave_nothing(make):
