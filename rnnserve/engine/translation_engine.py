@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from rnnserve.engine.lm_engine import mkldnn_enabled
 from rnnserve.models.seq2seq import BOS, EOS, PAD, Seq2Seq
-from rnnserve.models.seq2seq_decode import (Int8GRUDecoderStep, Int8GRUEncoder, int8_decoder_supported,
-                                             int8_encoder_supported)
+from rnnserve.models.seq2seq_decode import Int8GRUDecoderStep, Int8GRUEncoder, int8_supported
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +142,9 @@ class TranslationEngine:
         self.device = torch.device(device)
         # int8: the encoder and the decoder step in exact int8 (models/seq2seq_decode.py), on CPU, for a GRU
         # model with a bidirectional encoder, so a row's numbers are the same bits in any batch
-        self.int8 = (int8 and self.device.type == "cpu" and int8_decoder_supported(model)
-                     and int8_encoder_supported(model))
+        self.int8 = int8 and self.device.type == "cpu" and int8_supported(model)
         if int8 and not self.int8:
-            log.warning("int8 decoding needs a GRU decoder on CPU: decoding in %s instead",
+            log.warning("int8 needs a GRU model on CPU: translating in %s instead",
                         next(model.parameters()).dtype)
         self._decode = Int8GRUDecoderStep(model.decoder) if self.int8 else model.decoder.step
         self._encode = Int8GRUEncoder(model) if self.int8 else model.encode

@@ -86,7 +86,7 @@ class Int8GRUDecoderStep:
         - the softmax's exp runs over positions padded to a multiple of TAIL (padding: -inf, exp 0), its
           sum and the context's weighted sum run position by position, so padding adds exact zeros last."""
         B, S, A = keys.shape
-        t = torch.empty(B, S, _padded(A, TAIL))[..., :A] if A % TAIL else torch.empty(B, S, A)
+        t = _rows(B, S, A)
         torch.add(keys, query.unsqueeze(1), out=t).tanh_()
         scores = torch.full((B, _padded(S, TAIL)), float("-inf"))
         scores[:, :S] = t.mul_(self.v).sum(-1).masked_fill_(~mask, float("-inf"))
@@ -117,7 +117,8 @@ class Int8GRUDecoderStep:
         return self.q_out(pre), h_new, weights
 
 
-def int8_decoder_supported(model: Seq2Seq) -> bool:
+def int8_supported(model: Seq2Seq) -> bool:
+    """Whether the model has the int8 encoder and decoder step: a GRU model (its encoder is bidirectional)."""
     return model.config.cell == "gru"
 
 
@@ -205,13 +206,9 @@ class Int8GRUEncoder:
         return x, keys, mask, self.init_state(start)
 
 
-def _rows(B: int, W: int) -> torch.Tensor:
-    """An empty (B, W) buffer whose rows lie TAIL-aligned apart when W is not a multiple of TAIL: an element-wise
-    loop over it runs row by row, so no row's elements fall in a vectorised loop's scalar tail whose position
-    would depend on the batch's size."""
-    return torch.empty(B, _padded(W, TAIL))[:, :W] if W % TAIL else torch.empty(B, W)
-
-
-def int8_encoder_supported(model: Seq2Seq) -> bool:
-    rnn = model.encoder.rnn
-    return isinstance(rnn, torch.nn.GRU) and rnn.bidirectional
+def _rows(*shape: int) -> torch.Tensor:
+    """An empty buffer whose rows (the last dimension, W) lie TAIL-aligned apart when W is not a multiple of
+    TAIL: an element-wise loop over it runs row by row, so no row's elements fall in a vectorised loop's scalar
+    tail whose position would depend on the batch's size."""
+    *outer, W = shape
+    return torch.empty(*outer, _padded(W, TAIL))[..., :W] if W % TAIL else torch.empty(*shape)
