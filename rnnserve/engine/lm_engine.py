@@ -16,9 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from collections.abc import Callable
 from typing import Any
 
 import torch
