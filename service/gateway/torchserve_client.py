@@ -95,7 +95,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.busy and not self.complete and self.exc is None:
-            self.exc = Disconnected("connection closed before the answer was complete")
+            if self.error_body is not None:  # an error answer's body may end with its connection
+                self.complete = True
+            else:
+                self.exc = Disconnected("connection closed before the answer was complete")
             self._wake()
 
     # httptools callbacks

@@ -391,6 +391,15 @@ def test_error_statuses_become_the_gateways(status, message, expected):
     assert (err.status, err.message) == expected
 
 
+def test_an_error_answer_whose_body_ends_with_its_connection():
+    async def answer(req, writer, n):
+        writer.write(b'HTTP/1.1 404 Not Found\r\nconnection: close\r\n\r\n{"message": "Model not found: lm"}')
+        return False
+
+    err = run_failing(answer)
+    assert (err.status, err.message) == (503, "model is not loaded on the model server")
+
+
 def test_a_refused_token_is_read_again_on_the_next_request(tmp_path):
     key_file = tmp_path / "key_file.json"
 
