@@ -111,6 +111,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, data: bytes) -> None:
+        if self.exc is not None:  # failed within this read: the rest of it is of no use
+            return
         if self.error_body is not None:
             if len(self.error_body) < MAX_ERROR_BODY:
                 self.error_body += data[:MAX_ERROR_BODY - len(self.error_body)]
