@@ -97,6 +97,14 @@ async def stand_in(answer):
         server.close()
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request):
+    """Each test on asyncio's loop and on uvloop, the gateway's."""
+    if request.param == "uvloop":
+        return pytest.importorskip("uvloop").run
+    return asyncio.run
+
+
 def upstream(port: int, **settings) -> Upstream:
     return Upstream(Settings(ts_url=f"http://127.0.0.1:{port}", ts_token_auth=False, **settings))
 
@@ -111,7 +119,7 @@ async def streamed(req, writer, n) -> None:
     writer.write(HEAD_200 + chunk(line(FRAME_A)) + chunk(line(FRAME_B)) + chunk(line(LAST)) + END)
 
 
-def run_failing(answer, **settings) -> UpstreamError:
+def run_failing(run, answer, **settings) -> UpstreamError:
     async def main() -> UpstreamError:
         async with stand_in(answer) as s:
             up = upstream(s.port, **settings)
@@ -121,12 +129,12 @@ def run_failing(answer, **settings) -> UpstreamError:
                 return e.value
             finally:
                 await up.close()
-    return asyncio.run(main())
+    return run(main())
 
 
 # frames
 
-def test_frames_arrive_in_order_and_the_request_carries_the_body_and_headers(tmp_path):
+def test_frames_arrive_in_order_and_the_request_carries_the_body_and_headers(run, tmp_path):
     key_file = tmp_path / "key_file.json"
     key_file.write_text(json.dumps({"inference": {"key": "k3yK3yk3", "expiration time": "2999-01-01T00:00:00Z"},
                                     "API": {"key": "ap1ap1ap"}}))
@@ -146,10 +154,10 @@ def test_frames_arrive_in_order_and_the_request_carries_the_body_and_headers(tmp
             assert req.header("content-type") == "application/json"
             assert json.loads(req.body) == BODY
             assert "lm-shakespeare" in up.last_frame
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_frame_split_over_chunks_and_reads_is_put_back_together():
+def test_a_frame_split_over_chunks_and_reads_is_put_back_together(run):
     text = line(FRAME_A)
 
     async def answer(req, writer, n):
@@ -168,10 +176,10 @@ def test_a_frame_split_over_chunks_and_reads_is_put_back_together():
                 assert await collect(up) == [FRAME_A, LAST]
             finally:
                 await up.close()
-    asyncio.run(main())
+    run(main())
 
 
-def test_several_frames_in_one_chunk_and_a_last_frame_without_newline():
+def test_several_frames_in_one_chunk_and_a_last_frame_without_newline(run):
     async def answer(req, writer, n):
         writer.write(HEAD_200 + chunk(line(FRAME_A) + line(FRAME_B) + b"\n" + json.dumps(LAST).encode()) + END)
 
@@ -182,10 +190,10 @@ def test_several_frames_in_one_chunk_and_a_last_frame_without_newline():
                 assert await collect(up) == [FRAME_A, FRAME_B, LAST]
             finally:
                 await up.close()
-    asyncio.run(main())
+    run(main())
 
 
-def test_finished_streams_reuse_their_connection():
+def test_finished_streams_reuse_their_connection(run):
     async def main():
         async with stand_in(streamed) as s:
             up = upstream(s.port)
@@ -199,10 +207,10 @@ def test_finished_streams_reuse_their_connection():
                 await up.close()
             assert sorted(len(c) for c in s.connections) in ([1, 5], [2, 4])  # 6 requests over 2 connections
             assert [r.header("x-request-id") for r in s.connections[0][:3]] == ["r0", "r1", "r2"]
-    asyncio.run(main())
+    run(main())
 
 
-def test_an_error_answer_keeps_its_connection_for_the_next_request():
+def test_an_error_answer_keeps_its_connection_for_the_next_request(run):
     async def answer(req, writer, n):
         if n == 0:
             body = b'{"code": 503, "type": "ServiceUnavailableException", "message": "no worker"}'
@@ -222,10 +230,10 @@ def test_an_error_answer_keeps_its_connection_for_the_next_request():
                 await up.close()
             assert (e.value.status, e.value.message) == (503, "model server is overloaded or has no healthy worker")
             assert [len(c) for c in s.connections] == [2]
-    asyncio.run(main())
+    run(main())
 
 
-def test_closing_a_stream_early_closes_its_connection():
+def test_closing_a_stream_early_closes_its_connection(run):
     """The client left: the gateway closes the frames; TorchServe must see the connection go (it then drops
     the job), and the next request gets a connection of its own."""
     async def answer(req, writer, n):
@@ -248,10 +256,10 @@ def test_closing_a_stream_early_closes_its_connection():
             finally:
                 await up.close()
             assert [len(c) for c in s.connections] == [1, 1]
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_slow_reader_pauses_the_connection_and_still_gets_every_frame(monkeypatch):
+def test_a_slow_reader_pauses_the_connection_and_still_gets_every_frame(run, monkeypatch):
     monkeypatch.setattr(tsc, "HIGH_WATER", 200)
     monkeypatch.setattr(tsc, "LOW_WATER", 50)
     paused = []
@@ -275,13 +283,13 @@ def test_a_slow_reader_pauses_the_connection_and_still_gets_every_frame(monkeypa
             finally:
                 await up.close()
             assert [len(c) for c in s.connections] == [2]  # resumed and read to its end: reused
-    asyncio.run(main())
+    run(main())
     assert any(paused)
 
 
 # errors
 
-def test_a_refused_connection_answers_503_at_once():
+def test_a_refused_connection_answers_503_at_once(run):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -295,62 +303,62 @@ def test_a_refused_connection_answers_503_at_once():
         finally:
             await up.close()
         return e.value
-    err = asyncio.run(main())
+    err = run(main())
     assert (err.status, err.message, err.reason) == (503, "model server is not reachable", "unavailable")
 
 
-def test_no_answer_within_the_read_timeout_answers_504():
+def test_no_answer_within_the_read_timeout_answers_504(run):
     async def silent(req, writer, n):
         await asyncio.sleep(HANG)
 
-    err = run_failing(silent, request_timeout_s=0.3)
+    err = run_failing(run, silent, request_timeout_s=0.3)
     assert (err.status, err.message, err.reason) == (504, "model server did not answer in time", "timeout")
 
 
-def test_a_stream_that_stalls_after_its_headers_answers_504():
+def test_a_stream_that_stalls_after_its_headers_answers_504(run):
     async def stall(req, writer, n):
         writer.write(HEAD_200 + chunk(line(FRAME_A)))
         await writer.drain()
         await asyncio.sleep(HANG)
 
-    err = run_failing(stall, request_timeout_s=0.3)
+    err = run_failing(run, stall, request_timeout_s=0.3)
     assert (err.status, err.reason) == (504, "timeout")
 
 
-def test_a_connection_cut_mid_stream_is_a_worker_failure():
+def test_a_connection_cut_mid_stream_is_a_worker_failure(run):
     async def cut(req, writer, n):
         writer.write(HEAD_200 + chunk(line(FRAME_A)))
         return False  # closed without the terminating chunk, as TorchServe does when a worker dies
 
-    err = run_failing(cut)
+    err = run_failing(run, cut)
     assert (err.status, err.message) == (502, "model server ended the stream early (worker failure)")
 
 
-def test_a_stream_that_ends_without_its_last_frame_is_a_worker_failure():
+def test_a_stream_that_ends_without_its_last_frame_is_a_worker_failure(run):
     async def short(req, writer, n):
         writer.write(HEAD_200 + chunk(line(FRAME_A)) + END)
 
-    err = run_failing(short)
+    err = run_failing(run, short)
     assert (err.status, err.message) == (502, "model server ended the stream early (worker failure)")
 
 
-def test_a_malformed_frame_answers_502():
+def test_a_malformed_frame_answers_502(run):
     async def garbage(req, writer, n):
         writer.write(HEAD_200 + chunk(b"{not json\n") + END)
 
-    err = run_failing(garbage)
+    err = run_failing(run, garbage)
     assert (err.status, err.message) == (502, "model server sent a malformed frame")
 
 
-def test_an_unreadable_answer_is_a_worker_failure():
+def test_an_unreadable_answer_is_a_worker_failure(run):
     async def garbage(req, writer, n):
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
 
-    err = run_failing(garbage)
+    err = run_failing(run, garbage)
     assert (err.status, err.message) == (502, "model server ended the stream early (worker failure)")
 
 
-def test_a_frame_over_the_size_bound_answers_502(monkeypatch):
+def test_a_frame_over_the_size_bound_answers_502(run, monkeypatch):
     async def big(req, writer, n):
         writer.write(HEAD_200)
         for _ in range(8):  # 800 bytes and no newline, over several reads
@@ -369,7 +377,7 @@ def test_a_frame_over_the_size_bound_answers_502(monkeypatch):
             finally:
                 await up.close()
             return e.value
-    err = asyncio.run(main())
+    err = run(main())
     assert (err.status, err.message) == (502, "model server sent a frame over the size bound")
 
 
@@ -381,26 +389,26 @@ def test_a_frame_over_the_size_bound_answers_502(monkeypatch):
     (400, "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
      (503, "model server refused the gateway's credentials")),
 ])
-def test_error_statuses_become_the_gateways(status, message, expected):
+def test_error_statuses_become_the_gateways(run, status, message, expected):
     async def answer(req, writer, n):
         body = json.dumps({"code": status, "type": "X", "message": message}).encode()
         writer.write(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                      % (status, len(body), body))
 
-    err = run_failing(answer)
+    err = run_failing(run, answer)
     assert (err.status, err.message) == expected
 
 
-def test_an_error_answer_whose_body_ends_with_its_connection():
+def test_an_error_answer_whose_body_ends_with_its_connection(run):
     async def answer(req, writer, n):
         writer.write(b'HTTP/1.1 404 Not Found\r\nconnection: close\r\n\r\n{"message": "Model not found: lm"}')
         return False
 
-    err = run_failing(answer)
+    err = run_failing(run, answer)
     assert (err.status, err.message) == (503, "model is not loaded on the model server")
 
 
-def test_a_refused_token_is_read_again_on_the_next_request(tmp_path):
+def test_a_refused_token_is_read_again_on_the_next_request(run, tmp_path):
     key_file = tmp_path / "key_file.json"
 
     def keys(key: str) -> None:
@@ -426,7 +434,7 @@ def test_a_refused_token_is_read_again_on_the_next_request(tmp_path):
                 assert await collect(up) == [FRAME_A, FRAME_B, LAST]
             finally:
                 await up.close()
-    asyncio.run(main())
+    run(main())
 
 
 # connecting: a timeout is tried again until the request's own deadline, a refusal fails at once
