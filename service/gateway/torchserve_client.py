@@ -1,9 +1,9 @@
 """A lean HTTP/1.1 client for TorchServe's inference streams: keep-alive connections and NDJSON lines.
 
 The gateway sends every generation to TorchServe as one POST and reads its answer as one JSON line per
-frame over a chunked body. A general client (aiohttp) spends most of the gateway's per-request CPU on what
-this path never needs: URL, cookie and header machinery, a request writer, a connector with per-host
-bookkeeping (BENCHMARKS.md measures both). Here an asyncio Protocol per connection feeds httptools'
+frame over a chunked body. A general client (aiohttp) spends CPU on every request and frame for what this
+path never needs: URL, cookie and header machinery, a request writer, a connector with per-host
+bookkeeping, a stream reader (BENCHMARKS.md measures both). Here an asyncio Protocol per connection feeds httptools'
 response parser (uvicorn's), the de-chunked body is split into lines as it arrives, and idle connections
 wait in a pool for the next request.
 
@@ -23,6 +23,9 @@ import httptools
 # client), resume below LOW_WATER: bounds what one stream holds in memory; a single frame may be larger
 HIGH_WATER = 1024 * 1024
 LOW_WATER = HIGH_WATER // 4
+# a connection idle longer than this is closed rather than reused: the server (or a proxy between) may
+# have closed its end meanwhile, and a request sent just then would fail (aiohttp's default keep-alive)
+IDLE_TIMEOUT_S = 15.0
 # an error answer's body is read up to this many bytes (TorchServe's are short JSON messages)
 MAX_ERROR_BODY = 64 * 1024
 
@@ -63,6 +66,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.last_read = 0.0
+        self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -292,12 +296,18 @@ class TorchServeClient:
         return Response(conn)
 
     async def _acquire(self) -> _Connection:
-        while self.idle:
-            conn = self.idle.pop()
-            if conn.usable():
-                return conn
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+        now = self.loop.time()
+        while self.idle:
+            conn = self.idle.pop()
+            if now - conn.idle_since > IDLE_TIMEOUT_S:  # and so are all before it: idle is in release order
+                stale, self.idle = self.idle, []
+                for c in [conn, *stale]:
+                    c.close()
+                break
+            if conn.usable():
+                return conn
         conn = _Connection(self)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
@@ -313,6 +323,7 @@ class TorchServeClient:
         reusable = conn.complete and conn.exc is None and conn.keep_alive and not conn.paused
         if reusable and conn.usable() and len(self.idle) < self.max_idle:
             conn._reset()
+            conn.idle_since = self.loop.time()
             self.idle.append(conn)
         else:
             conn.close()

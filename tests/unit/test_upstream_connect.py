@@ -210,6 +210,25 @@ def test_finished_streams_reuse_their_connection(run):
     run(main())
 
 
+def test_a_connection_idle_too_long_is_closed_not_reused(run, monkeypatch):
+    monkeypatch.setattr(tsc, "IDLE_TIMEOUT_S", 0.0)
+
+    async def main():
+        async with stand_in(streamed) as s:
+            up = upstream(s.port)
+            try:
+                await collect(up)
+                await asyncio.sleep(0.01)
+                assert await collect(up) == [FRAME_A, FRAME_B, LAST]
+                async with asyncio.timeout(HANG):
+                    await s.closed.wait()
+            finally:
+                await up.close()
+            assert [len(c) for c in s.connections] == [1, 1]
+            assert s.closed_by_client[0] == 0
+    run(main())
+
+
 def test_an_error_answer_keeps_its_connection_for_the_next_request(run):
     async def answer(req, writer, n):
         if n == 0:
