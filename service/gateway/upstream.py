@@ -14,10 +14,10 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-import aiohttp
 import httpx
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 
+from rnnserve.service.gateway import torchserve_client as tsc
 from rnnserve.service.settings import Settings
 from rnnserve.service.torchserve import MAX_RESPONSE_BYTES
 
@@ -27,17 +27,6 @@ log = logging.getLogger(__name__)
 KEY_REFRESH_MARGIN_S = 300.0
 # wait at most this long for the end of a stream whose last frame arrived
 DRAIN_TIMEOUT_S = 1.0
-
-
-async def _drain(resp: aiohttp.ClientResponse) -> None:
-    """Read a finished stream to its end (the terminating chunk follows the last frame at once): a
-    response read to the end returns its connection to the pool, one closed early costs TorchServe and
-    the gateway a new TCP connection for the next request."""
-    try:
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            await resp.read()
-    except (TimeoutError, aiohttp.ClientError):
-        pass  # the connection is closed instead of reused; the answer is complete either way
 
 
 class UpstreamError(Exception):
@@ -106,70 +95,65 @@ class Upstream:
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1024,
                                                                              max_keepalive_connections=128))
         self.keys = TorchServeKeys(settings, self.client)
-        # inference streams go through aiohttp: it costs the gateway about 40% less CPU per request than
-        # httpx (BENCHMARKS.md); httpx stays for the rare management calls
-        self.session: aiohttp.ClientSession | None = None
+        # inference streams go through a lean client of TorchServe's HTTP/1.1 (torchserve_client.py): it
+        # costs the gateway less CPU per request than aiohttp or httpx (BENCHMARKS.md); httpx stays for the
+        # rare management calls. Lines are bounded by what TorchServe lets a response be; no connection
+        # limit of its own: admission bounds the streams per model, and a pool limit below the sum of the
+        # models' bounds would queue admitted streams out of sight of the metrics
+        self.torchserve = tsc.TorchServeClient(settings.inference_url, settings.upstream_connect_timeout_s,
+                                               settings.request_timeout_s, MAX_RESPONSE_BYTES)
         # when each model last sent a frame (monotonic): readiness tells a busy model from a stuck one by it
         self.last_frame: dict[str, float] = {}
 
-    def _session(self) -> aiohttp.ClientSession:
-        """The streaming client, made on first use: an aiohttp session belongs to the running event loop."""
-        if self.session is None:
-            s = self.settings
-            timeout = aiohttp.ClientTimeout(connect=s.upstream_connect_timeout_s, sock_read=s.request_timeout_s)
-            # read_bufsize bounds one line: a frame may be as large as TorchServe lets a response be
-            # no connection limit of its own: admission bounds the streams per model, and a pool limit below
-            # the sum of the models' bounds would queue admitted streams out of sight of the metrics
-            self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
-                                                 auto_decompress=False, read_bufsize=MAX_RESPONSE_BYTES)
-        return self.session
-
     async def close(self) -> None:
         await self.client.aclose()
-        if self.session is not None:
-            await self.session.close()
+        await self.torchserve.close()
 
     async def frames(self, model: str, body: dict, request_id: str) -> AsyncIterator[dict]:
-        """Yield the handler's frames; raise UpstreamError unless the last one ends the stream."""
-        url = f"{self.settings.inference_url}/predictions/{model}"
+        """Yield the handler's frames; raise UpstreamError unless the last one ends the stream. Closing the
+        iterator early closes its connection: TorchServe then drops the job."""
         headers = await self.keys.inference_header()
         headers["X-Request-Id"] = request_id
-        session = self._session()
+        resp: tsc.Response | None = None
         try:
-            async with await self._post(session, url, body, headers) as resp:
-                if resp.status != 200:
-                    raise self._status_error(resp.status, await resp.text())
-                async for line in resp.content:  # one line per frame (NDJSON)
-                    if line == b"\n":
-                        continue
-                    try:
-                        frame = from_json(line)  # pydantic-core's parser: about 10x the json module's speed
-                    except ValueError:
-                        raise UpstreamError(502, "model server sent a malformed frame") from None
-                    self.last_frame[model] = time.monotonic()
-                    if "error" in frame or frame.get("finish_reason"):
-                        await _drain(resp)
-                        yield frame
-                        return
+            resp = await self._post(self.torchserve, f"/predictions/{model}", to_json(body), headers)
+            if resp.status != 200:
+                raise self._status_error(resp.status, await resp.text())
+            while (line := await resp.readline()) is not None:  # one line per frame (NDJSON)
+                try:
+                    frame = from_json(line)  # pydantic-core's parser: about 10x the json module's speed
+                except ValueError:
+                    raise UpstreamError(502, "model server sent a malformed frame") from None
+                self.last_frame[model] = time.monotonic()
+                if "error" in frame or frame.get("finish_reason"):
+                    # read to the end (the terminating chunk follows at once): its connection is then reused
+                    await resp.finish(DRAIN_TIMEOUT_S)
                     yield frame
-        except aiohttp.ClientConnectorError as e:
+                    return
+                yield frame
+        except tsc.ConnectError as e:
             raise UpstreamError(503, "model server is not reachable", "unavailable") from e
-        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
+        except tsc.ReadTimeout as e:
             raise UpstreamError(504, "model server did not answer in time", "timeout") from e
-        except aiohttp.ClientError as e:  # connection cut mid-stream: the worker died
+        except tsc.LineTooLong as e:
+            raise UpstreamError(502, "model server sent a frame over the size bound") from e
+        except tsc.Disconnected as e:  # connection cut mid-stream: the worker died
             raise UpstreamError(502, "model server ended the stream early (worker failure)") from e
+        finally:
+            if resp is not None:
+                resp.release()
         raise UpstreamError(502, "model server ended the stream early (worker failure)")
 
     @staticmethod
-    async def _post(session: aiohttp.ClientSession, url: str, body: dict, headers: dict) -> aiohttp.ClientResponse:
+    async def _post(client: tsc.TorchServeClient, path: str, body: bytes, headers: dict) -> tsc.Response:
         """The request, its connection tried again while connecting times out: nothing reached TorchServe yet, and
         under a burst (a thousand streams admitted at once on a loaded machine) its frontend and this event loop
         can take longer than the connect timeout to set a connection up. A request the gateway admitted keeps its
         place until its own deadline (the caller's timeout) ends it; a refused connection still fails at once."""
         while True:
             try:
-                return await session.post(url, json=body, headers=headers)
-            except aiohttp.ConnectionTimeoutError:
+                return await client.post(path, body, headers)
+            except tsc.ConnectTimeout:
                 log.warning("connecting to TorchServe timed out; trying again")
 
     def _status_error(self, status: int, text: str) -> UpstreamError:
