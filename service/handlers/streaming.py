@@ -16,7 +16,16 @@ collects that step. The engine thread never waits for the calling thread to wake
 machine costs several milliseconds per call. The long step after an admitting call is cut by the share
 of new requests in the batch, because a burst brings more of them with the next calls; and a call that
 brings new requests cuts the running long step the same way (at once when they are most of the batch),
-so that a new request waits about one token for it, not a whole step. Where a first token is worth
+so that a new request waits about one token for it, not a whole step.
+
+Frames: every frame costs TorchServe's frontend and the gateway about the same, whatever it carries, so a
+stream gets a frame only once its frame interval (`frame_interval_s`, grown with the streams in flight) has
+passed since its last one, or when it ends; its first frame never waits. What a call's steps made for a
+stream not yet due is held on the engine thread and goes out with its next frame, and the long step ends
+when the earliest held stream falls due. So a new request cutting a step (above) gets its first token as
+soon as before, while the other streams' frames stay an interval apart. A stream with nothing to send is
+left out of the call's answer: TorchServe 0.12 encodes the answer of each index left in
+`ctx.request_ids` (ts/service.py hands it that very dict) and keeps streaming the others. Where a first token is worth
 little (a translation is read whole, and its first piece is rarely agreed by every beam),
 `step_on_admit: false` leaves the new requests to the long step: the call returns at once and the
 round trip overlaps their prefill instead of waiting for it. The engine is touched by its thread only.
@@ -54,6 +63,12 @@ class ContinuousBatchingHandler:
         # the running long step: its start, length and rows, and the time new requests cut it at
         self._step_t0, self._step_len, self._step_rows, self._cut = 0.0, 0.0, 0, math.inf
         self._joined: deque[tuple[float, int]] = deque()  # (when, how many) requests joined within a step
+        # per-stream frames (engine thread): when each stream's last frame went out, what was held since, and
+        # when the earliest held stream falls due (the long step ends then)
+        self._last_frame: dict[str, float] = {}
+        self._held: dict[str, Any] = {}
+        self.gather_until = math.inf
+        self.left_out = 0  # answers left out of calls: streams with nothing new (tests, probes)
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """frames.handler_setup, and the overlap setting this class reads."""
@@ -88,6 +103,14 @@ class ContinuousBatchingHandler:
 
     def abort(self, request_id: str) -> None:
         raise NotImplementedError
+
+    def frame_interval_s(self) -> float:
+        """The least time between two frames of a stream now (0: a frame per call). Asked on the engine thread."""
+        return 0.0
+
+    def finished(self, output: Any) -> bool:
+        """Whether an output is its request's last (its frame never waits)."""
+        return bool(getattr(output, "finished", False))
 
     # -- the protocol ---------------------------------------------------------------------------
     def settle(self) -> None:
@@ -125,6 +148,26 @@ class ContinuousBatchingHandler:
         share = fresh / (self._step_rows + fresh)
         self._cut = min(self._cut, self._step_t0 + (1.0 - share) * self._step_len)
 
+    def _due(self, outputs: dict[str, Any], present: set[str]) -> dict[str, Any]:
+        """The outputs whose frames go out with this call: a stream's first, its last, an error, and those of
+        streams whose frame interval has half passed or more (so that streams met at one call stay together);
+        the others are held for a later call. Sets when the earliest held stream falls due."""
+        held, self._held = {r: o for r, o in self._held.items() if r in present}, {}
+        outputs = self._merge(held, outputs)
+        self._last_frame = {r: t for r, t in self._last_frame.items() if r in present}
+        interval, now = self.frame_interval_s(), self.clock()
+        if interval > 0:
+            for rid in list(outputs):
+                out, last = outputs[rid], self._last_frame.get(rid)
+                if last is not None and now - last < interval / 2 and not isinstance(out, str) \
+                        and not self.finished(out):
+                    self._held[rid] = outputs.pop(rid)
+        for rid in outputs:
+            self._last_frame[rid] = now
+        self.gather_until = (min(self._last_frame[r] + interval for r in self._held) if self._held
+                             else math.inf)
+        return outputs
+
     def _at_boundary(self, ids: list[str], data: list[dict], known: set[str], published: Future) -> None:
         """The engine's side of a call, on the engine thread between two steps: drop the requests that left,
         admit the new ones (and run their short step), publish the outputs to the call, then go straight on
@@ -153,6 +196,7 @@ class ContinuousBatchingHandler:
                                    True)
             if (n_admitted and self.step_on_admit) or not self.overlap:
                 outputs = self._merge(outputs, self._step(short=n_admitted > 0))
+            outputs = self._due(outputs, present)
             scale = None
             now = self.clock()
             if n_admitted:
@@ -195,8 +239,13 @@ class ContinuousBatchingHandler:
         for rid, out in outputs.items():
             frames[rid] = (out, True) if isinstance(out, str) else self.render(rid, out)
 
-        result, stops = [], []
-        for rid in ids:
+        result, stops, left_out = [], [], []
+        for i, rid in enumerate(ids):
+            if rid not in frames and rid in self.started:  # nothing new: no frame (see the module's doc)
+                left_out.append(i)
+                result.append("")
+                stops.append(False)
+                continue
             frame, last = frames.get(rid, (EMPTY_FRAME, False))
             if last and rid not in self.started:
                 # TorchServe 0.12 never sends the HTTP status line when a stream's first frame is
@@ -211,4 +260,7 @@ class ContinuousBatchingHandler:
             result.append(frame)
             stops.append(last)
         ctx.stopping_criteria = [lambda _res, last=last: last for last in stops]
+        for i in left_out:
+            del ctx.request_ids[i]
+        self.left_out += len(left_out)
         return result
