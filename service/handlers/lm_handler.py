@@ -113,14 +113,13 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=self.admit_step_s)}
         else:
             start = self.clock()
-            # A fast engine fills the frame interval with more steps: every stream's next frame carries all it
-            # made meanwhile, so frames do not multiply with the engine's speed (each costs TorchServe, the
-            # gateway and the client the same, whatever it carries). A first frame never waits: short steps.
-            # New requests cut the step short (`cut_reached`, streaming.py): they wait for no whole interval;
-            # and the step ends when the earliest stream held back since an earlier call falls due.
-            end = min(start + scale * self.frame_interval_s(), self.gather_until)
-            budget = max(0.0, min(scale * self.target_step_s, self.gather_until - start))
-            outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=budget,
+            # A fast engine fills the step with more engine steps (each at most max_tokens_per_step tokens). The
+            # step does not grow with the frame interval: a stream's frame waits for its interval however many
+            # calls come between (streaming.py), and a new request waits in TorchServe for the running step.
+            # New requests cut the step short, and so does a held stream falling due (`cut_reached`).
+            end = start + scale * (self.step_s if self.frame_interval_floor_s else 0.0)  # 0: a frame per engine step
+            outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step,
+                                                                 budget_s=scale * self.target_step_s,
                                                                  stop=self.cut_reached)}
             while self.engine.has_work() and not self.cut_reached() and (left := end - self.clock()) > 0:
                 for o in self.engine.step(self.max_tokens_per_step, budget_s=left, stop=self.cut_reached):

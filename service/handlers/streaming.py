@@ -1,8 +1,8 @@
 """The continuous-batching protocol of TorchServe 0.12, shared by the model handlers.
 
 Each call of `handle` is one engine step. The frontend (ContinuousBatching.java) re-sends every
-request still in flight with an empty payload and adds new ones; the handler answers one NDJSON
-frame per request and marks last frames through `ctx.stopping_criteria`. A request missing from
+request still in flight with an empty payload and adds new ones; the handler answers at most one
+NDJSON frame per request and marks last frames through `ctx.stopping_criteria`. A request missing from
 a call was dropped by the frontend because its client went away: its engine state is freed before
 the next step. Subclasses say how to admit a request, run a step and abort; they hold no protocol.
 
@@ -16,19 +16,20 @@ collects that step. The engine thread never waits for the calling thread to wake
 machine costs several milliseconds per call. The long step after an admitting call is cut by the share
 of new requests in the batch, because a burst brings more of them with the next calls; and a call that
 brings new requests cuts the running long step the same way (at once when they are most of the batch),
-so that a new request waits about one token for it, not a whole step.
-
-Frames: every frame costs TorchServe's frontend and the gateway about the same, whatever it carries, so a
-stream gets a frame only once its frame interval (`frame_interval_s`, grown with the streams in flight) has
-passed since its last one, or when it ends; its first frame never waits. What a call's steps made for a
-stream not yet due is held on the engine thread and goes out with its next frame, and the long step ends
-when the earliest held stream falls due. So a new request cutting a step (above) gets its first token as
-soon as before, while the other streams' frames stay an interval apart. A stream with nothing to send is
-left out of the call's answer: TorchServe 0.12 encodes the answer of each index left in
-`ctx.request_ids` (ts/service.py hands it that very dict) and keeps streaming the others. Where a first token is worth
+so that a new request waits about one token for it, not a whole step. Where a first token is worth
 little (a translation is read whole, and its first piece is rarely agreed by every beam),
 `step_on_admit: false` leaves the new requests to the long step: the call returns at once and the
 round trip overlaps their prefill instead of waiting for it. The engine is touched by its thread only.
+
+Frames: every frame costs TorchServe's frontend and the gateway about the same, whatever it carries, so a
+stream gets a frame only once its frame interval (`frame_interval_s`, grown with the streams in flight) has
+mostly passed since its last one, or when it ends; its first frame never waits. What the steps made for a
+stream not yet due is held on the engine thread and goes out with its next frame; a held stream falling due
+ends the running step. Steps stay as long as at the interval's floor whatever its growth, so that a new
+request, which waits in TorchServe for the running step, gets its first token as soon; the calls between two
+frames of a stream carry the other streams' frames, or the new requests' first ones. A stream with nothing to
+send is left out of the call's answer: TorchServe 0.12 answers the indexes left in `ctx.request_ids` (its
+ts/service.py encodes the answer from that very dict) and keeps every other job in flight for the next call.
 """
 from __future__ import annotations
 
@@ -138,9 +139,9 @@ class ContinuousBatchingHandler:
         return outputs
 
     def cut_reached(self) -> bool:
-        """Whether the running step should end now: new requests cut it short (see handle). Asked by run_step
-        after each token."""
-        return self.clock() >= self._cut
+        """Whether the running step should end now: new requests cut it short (see handle), or a stream held
+        back since an earlier call fell due (_due). Asked by run_step after each token."""
+        return self.clock() >= min(self._cut, self.gather_until)
 
     def _hurry(self, fresh: int) -> None:
         """`fresh` new requests wait for the running step: it ends once it has run (1 - their share of the
@@ -150,8 +151,9 @@ class ContinuousBatchingHandler:
 
     def _due(self, outputs: dict[str, Any], present: set[str]) -> dict[str, Any]:
         """The outputs whose frames go out with this call: a stream's first, its last, an error, and those of
-        streams whose frame interval has half passed or more (so that streams met at one call stay together);
-        the others are held for a later call. Sets when the earliest held stream falls due."""
+        streams whose frame interval has three quarters passed or more (streams a little early go out with this
+        call rather than with one of their own); the others are held for a later call. Sets when the earliest
+        held stream falls due."""
         held, self._held = {r: o for r, o in self._held.items() if r in present}, {}
         outputs = self._merge(held, outputs)
         self._last_frame = {r: t for r, t in self._last_frame.items() if r in present}
@@ -159,7 +161,7 @@ class ContinuousBatchingHandler:
         if interval > 0:
             for rid in list(outputs):
                 out, last = outputs[rid], self._last_frame.get(rid)
-                if last is not None and now - last < interval / 2 and not isinstance(out, str) \
+                if last is not None and now - last < interval * 3 / 4 and not isinstance(out, str) \
                         and not self.finished(out):
                     self._held[rid] = outputs.pop(rid)
         for rid in outputs:
