@@ -116,7 +116,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             # A fast engine fills the step with more engine steps (each at most max_tokens_per_step tokens). The
             # step does not grow with the frame interval: a stream's frame waits for its interval however many
             # calls come between (streaming.py), and a new request waits in TorchServe for the running step.
-            # New requests cut the step short, and so does a held stream falling due (`cut_reached`).
+            # New requests cut the step short (`cut_reached`).
             end = start + scale * (self.step_s if self.frame_interval_floor_s else 0.0)  # 0: a frame per engine step
             outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step,
                                                                  budget_s=scale * self.target_step_s,

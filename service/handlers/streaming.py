@@ -23,9 +23,9 @@ round trip overlaps their prefill instead of waiting for it. The engine is touch
 
 Frames: every frame costs TorchServe's frontend and the gateway about the same, whatever it carries, so a
 stream gets a frame only once its frame interval (`frame_interval_s`, grown with the streams in flight) has
-mostly passed since its last one, or when it ends; its first frame never waits. What the steps made for a
-stream not yet due is held on the engine thread and goes out with its next frame; a held stream falling due
-ends the running step. Steps stay as long as at the interval's floor whatever its growth, so that a new
+passed since its last one (give or take half a step), or when it ends; its first frame never waits. What the
+steps made for a stream not yet due is held on the engine thread and goes out with its next frame. Steps
+stay as long as at the interval's floor whatever its growth, so that a new
 request, which waits in TorchServe for the running step, gets its first token as soon; the calls between two
 frames of a stream carry the other streams' frames, or the new requests' first ones. A stream with nothing to
 send is left out of the call's answer: TorchServe 0.12 answers the indexes left in `ctx.request_ids` (its
@@ -64,11 +64,9 @@ class ContinuousBatchingHandler:
         # the running long step: its start, length and rows, and the time new requests cut it at
         self._step_t0, self._step_len, self._step_rows, self._cut = 0.0, 0.0, 0, math.inf
         self._joined: deque[tuple[float, int]] = deque()  # (when, how many) requests joined within a step
-        # per-stream frames (engine thread): when each stream's last frame went out, what was held since, and
-        # when the earliest held stream falls due (the long step ends then)
+        # per-stream frames (engine thread): when each stream's last frame went out, and what was held since
         self._last_frame: dict[str, float] = {}
         self._held: dict[str, Any] = {}
-        self.gather_until = math.inf
         self.left_out = 0  # answers left out of calls: streams with nothing new (tests, probes)
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
@@ -139,9 +137,9 @@ class ContinuousBatchingHandler:
         return outputs
 
     def cut_reached(self) -> bool:
-        """Whether the running step should end now: new requests cut it short (see handle), or a stream held
-        back since an earlier call fell due (_due). Asked by run_step after each token."""
-        return self.clock() >= min(self._cut, self.gather_until)
+        """Whether the running step should end now: new requests cut it short (see handle). Asked by run_step
+        after each token."""
+        return self.clock() >= self._cut
 
     def _hurry(self, fresh: int) -> None:
         """`fresh` new requests wait for the running step: it ends once it has run (1 - their share of the
@@ -151,9 +149,8 @@ class ContinuousBatchingHandler:
 
     def _due(self, outputs: dict[str, Any], present: set[str]) -> dict[str, Any]:
         """The outputs whose frames go out with this call: a stream's first, its last, an error, and those of
-        streams whose frame interval has three quarters passed or more (streams a little early go out with this
-        call rather than with one of their own); the others are held for a later call. Sets when the earliest
-        held stream falls due."""
+        streams whose frame interval ends within half a step (the next call comes about a step later); the others
+        are held for a later call. Calls come once a step whatever the interval: a held stream never makes one."""
         held, self._held = {r: o for r, o in self._held.items() if r in present}, {}
         outputs = self._merge(held, outputs)
         self._last_frame = {r: t for r, t in self._last_frame.items() if r in present}
@@ -161,13 +158,11 @@ class ContinuousBatchingHandler:
         if interval > 0:
             for rid in list(outputs):
                 out, last = outputs[rid], self._last_frame.get(rid)
-                if last is not None and now - last < interval * 3 / 4 and not isinstance(out, str) \
+                if last is not None and now - last < interval - self.step_s / 2 and not isinstance(out, str) \
                         and not self.finished(out):
                     self._held[rid] = outputs.pop(rid)
         for rid in outputs:
             self._last_frame[rid] = now
-        self.gather_until = (min(self._last_frame[r] + interval for r in self._held) if self._held
-                             else math.inf)
         return outputs
 
     def _at_boundary(self, ids: list[str], data: list[dict], known: set[str], published: Future) -> None:

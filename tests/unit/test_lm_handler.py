@@ -358,8 +358,8 @@ def test_a_new_request_cutting_the_step_gets_its_first_token_while_the_others_fr
     assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1]
     for rid in "bcd":
         assert [len(f["text"]) for f in fe.frames[rid]] == [1]
-    call()  # the step after the admitting call ended when a fell due (6 minutes on): a's held 4 tokens and 6
-    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1, 4 + 6]
+    call()  # a step later a is due: its held 4 tokens and the step's 100 (max_tokens_per_step) in one frame
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1, 4 + 100]
     # the same text as a frame per step gives
     fe.drain()
     ctx2 = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 5, "max_tokens_per_step": 100})
