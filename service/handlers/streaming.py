@@ -25,10 +25,10 @@ Frames: every frame costs TorchServe's frontend and the gateway about the same, 
 stream gets a frame only once its frame interval (`frame_interval_s`, grown with the streams in flight) has
 passed since its last one (give or take half a step), or when it ends; its first frame never waits. What the
 steps made for a stream not yet due is held on the engine thread and goes out with its next frame. Steps
-stay as long as at the interval's floor whatever its growth, so that a new
-request, which waits in TorchServe for the running step, gets its first token as soon; the calls between two
-frames of a stream carry the other streams' frames, or the new requests' first ones. A stream with nothing to
-send is left out of the call's answer: TorchServe 0.12 answers the indexes left in `ctx.request_ids` (its
+stay as long as at the interval's floor whatever its growth, so that a new request, which waits in
+TorchServe for the running step, gets its first token as soon; the calls between two frames of a stream
+carry the other streams' frames, or the new requests' first ones. A stream with nothing to send is left
+out of the call's answer: TorchServe 0.12 answers the indexes left in `ctx.request_ids` (its
 ts/service.py encodes the answer from that very dict) and keeps every other job in flight for the next call.
 """
 from __future__ import annotations
@@ -67,7 +67,6 @@ class ContinuousBatchingHandler:
         # per-stream frames (engine thread): when each stream's last frame went out, and what was held since
         self._last_frame: dict[str, float] = {}
         self._held: dict[str, Any] = {}
-        self.left_out = 0  # answers left out of calls: streams with nothing new (tests, probes)
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """frames.handler_setup, and the overlap setting this class reads."""
@@ -259,5 +258,4 @@ class ContinuousBatchingHandler:
         ctx.stopping_criteria = [lambda _res, last=last: last for last in stops]
         for i in left_out:
             del ctx.request_ids[i]
-        self.left_out += len(left_out)
         return result
