@@ -46,7 +46,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         self.admit_step_s = float(cfg.get("admit_step_ms", 0)) / 1000
         self.max_tokens_per_step = int(cfg.get("max_tokens_per_step", 32))
         # the least time between two frames of a stream, its first frame excepted (0: one frame per step)
-        self.frame_interval_s = float(cfg.get("frame_interval_ms", 0)) / 1000
+        self.frame_interval_floor_s = float(cfg.get("frame_interval_ms", 0)) / 1000
         # ... and with many streams, this much per stream in flight, up to the most below: every frame costs
         # TorchServe's frontend and the gateway the same, so the frames of all streams together stay at about
         # 1 / frame_interval_per_stream_ms per second whatever their number (frame_interval.py)
@@ -55,7 +55,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         # a floor on a step's duration: with max_tokens_per_step 1 it paces every stream to at most
         # 1000 / min_step_ms tokens/s whatever the machine's speed (the test suite's slow streams)
         self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
-        self.step_s = max(self.target_step_s, self.frame_interval_s)  # a long step's length, frames gathered
+        self.step_s = max(self.target_step_s, self.frame_interval_floor_s)  # a long step's length at the floor
         self.initialized = True
         log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
 
@@ -113,17 +113,14 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step, budget_s=self.admit_step_s)}
         else:
             start = self.clock()
-            # new requests arriving meanwhile cut the step short (cut_reached, streaming.py)
+            # A fast engine fills the step with more engine steps (each at most max_tokens_per_step tokens). The
+            # step does not grow with the frame interval: a stream's frame waits for its interval however many
+            # calls come between (streaming.py), and a new request waits in TorchServe for the running step.
+            # New requests cut the step short (`cut_reached`).
+            end = start + scale * (self.step_s if self.frame_interval_floor_s else 0.0)  # 0: a frame per engine step
             outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step,
                                                                  budget_s=scale * self.target_step_s,
                                                                  stop=self.cut_reached)}
-            # A fast engine fills the frame interval with more steps: every stream's next frame carries all it
-            # made meanwhile, so frames do not multiply with the engine's speed (each costs TorchServe, the
-            # gateway and the client the same, whatever it carries). A first frame never waits: short steps.
-            # New requests cut the step short (`cut_reached`, streaming.py): they wait for no whole interval.
-            interval = frame_interval(self.frame_interval_s, self.frame_interval_per_stream_s,
-                                      self.max_frame_interval_s, len(self.engine.request_ids()))
-            end = start + scale * interval
             while self.engine.has_work() and not self.cut_reached() and (left := end - self.clock()) > 0:
                 for o in self.engine.step(self.max_tokens_per_step, budget_s=left, stop=self.cut_reached):
                     earlier = outputs.get(o.request_id)
@@ -131,6 +128,10 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         if self.min_step_s:
             time.sleep(max(0.0, self.min_step_s - (time.monotonic() - t0)))
         return outputs
+
+    def frame_interval_s(self) -> float:
+        return frame_interval(self.frame_interval_floor_s, self.frame_interval_per_stream_s,
+                              self.max_frame_interval_s, len(self.engine.request_ids()))
 
     def merge(self, first: StepOutput, second: StepOutput) -> StepOutput:
         return merge_outputs(first, second)

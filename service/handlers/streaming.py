@@ -1,8 +1,8 @@
 """The continuous-batching protocol of TorchServe 0.12, shared by the model handlers.
 
 Each call of `handle` is one engine step. The frontend (ContinuousBatching.java) re-sends every
-request still in flight with an empty payload and adds new ones; the handler answers one NDJSON
-frame per request and marks last frames through `ctx.stopping_criteria`. A request missing from
+request still in flight with an empty payload and adds new ones; the handler answers at most one
+NDJSON frame per request and marks last frames through `ctx.stopping_criteria`. A request missing from
 a call was dropped by the frontend because its client went away: its engine state is freed before
 the next step. Subclasses say how to admit a request, run a step and abort; they hold no protocol.
 
@@ -20,6 +20,16 @@ so that a new request waits about one token for it, not a whole step. Where a fi
 little (a translation is read whole, and its first piece is rarely agreed by every beam),
 `step_on_admit: false` leaves the new requests to the long step: the call returns at once and the
 round trip overlaps their prefill instead of waiting for it. The engine is touched by its thread only.
+
+Frames: every frame costs TorchServe's frontend and the gateway about the same, whatever it carries, so a
+stream gets a frame only once its frame interval (`frame_interval_s`, grown with the streams in flight) has
+passed since its last one (give or take half a step), or when it ends; its first frame never waits. What the
+steps made for a stream not yet due is held on the engine thread and goes out with its next frame. Steps
+stay as long as at the interval's floor whatever its growth, so that a new request, which waits in
+TorchServe for the running step, gets its first token as soon; the calls between two frames of a stream
+carry the other streams' frames, or the new requests' first ones. A stream with nothing to send is left
+out of the call's answer: TorchServe 0.12 answers the indexes left in `ctx.request_ids` (its
+ts/service.py encodes the answer from that very dict) and keeps every other job in flight for the next call.
 """
 from __future__ import annotations
 
@@ -54,6 +64,9 @@ class ContinuousBatchingHandler:
         # the running long step: its start, length and rows, and the time new requests cut it at
         self._step_t0, self._step_len, self._step_rows, self._cut = 0.0, 0.0, 0, math.inf
         self._joined: deque[tuple[float, int]] = deque()  # (when, how many) requests joined within a step
+        # per-stream frames (engine thread): when each stream's last frame went out, and what was held since
+        self._last_frame: dict[str, float] = {}
+        self._held: dict[str, Any] = {}
 
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """frames.handler_setup, and the overlap setting this class reads."""
@@ -88,6 +101,14 @@ class ContinuousBatchingHandler:
 
     def abort(self, request_id: str) -> None:
         raise NotImplementedError
+
+    def frame_interval_s(self) -> float:
+        """The least time between two frames of a stream now (0: a frame per call). Asked on the engine thread."""
+        return 0.0
+
+    def finished(self, output: Any) -> bool:
+        """Whether an output is its request's last (its frame never waits)."""
+        return bool(getattr(output, "finished", False))
 
     # -- the protocol ---------------------------------------------------------------------------
     def settle(self) -> None:
@@ -125,6 +146,24 @@ class ContinuousBatchingHandler:
         share = fresh / (self._step_rows + fresh)
         self._cut = min(self._cut, self._step_t0 + (1.0 - share) * self._step_len)
 
+    def _due(self, outputs: dict[str, Any], present: set[str]) -> dict[str, Any]:
+        """The outputs whose frames go out with this call: a stream's first, its last, an error, and those of
+        streams whose frame interval ends within half a step (the next call comes about a step later); the others
+        are held for a later call. Calls come once a step whatever the interval: a held stream never makes one."""
+        held, self._held = {r: o for r, o in self._held.items() if r in present}, {}
+        outputs = self._merge(held, outputs)
+        self._last_frame = {r: t for r, t in self._last_frame.items() if r in present}
+        interval, now = self.frame_interval_s(), self.clock()
+        if interval > 0:
+            for rid in list(outputs):
+                out, last = outputs[rid], self._last_frame.get(rid)
+                if last is not None and now - last < interval - self.step_s / 2 and not isinstance(out, str) \
+                        and not self.finished(out):
+                    self._held[rid] = outputs.pop(rid)
+        for rid in outputs:
+            self._last_frame[rid] = now
+        return outputs
+
     def _at_boundary(self, ids: list[str], data: list[dict], known: set[str], published: Future) -> None:
         """The engine's side of a call, on the engine thread between two steps: drop the requests that left,
         admit the new ones (and run their short step), publish the outputs to the call, then go straight on
@@ -153,6 +192,7 @@ class ContinuousBatchingHandler:
                                    True)
             if (n_admitted and self.step_on_admit) or not self.overlap:
                 outputs = self._merge(outputs, self._step(short=n_admitted > 0))
+            outputs = self._due(outputs, present)
             scale = None
             now = self.clock()
             if n_admitted:
@@ -195,8 +235,13 @@ class ContinuousBatchingHandler:
         for rid, out in outputs.items():
             frames[rid] = (out, True) if isinstance(out, str) else self.render(rid, out)
 
-        result, stops = [], []
-        for rid in ids:
+        result, stops, left_out = [], [], []
+        for i, rid in enumerate(ids):
+            if rid not in frames and rid in self.started:  # nothing new: no frame (see the module's doc)
+                left_out.append(i)
+                result.append("")
+                stops.append(False)
+                continue
             frame, last = frames.get(rid, (EMPTY_FRAME, False))
             if last and rid not in self.started:
                 # TorchServe 0.12 never sends the HTTP status line when a stream's first frame is
@@ -211,4 +256,6 @@ class ContinuousBatchingHandler:
             result.append(frame)
             stops.append(last)
         ctx.stopping_criteria = [lambda _res, last=last: last for last in stops]
+        for i in left_out:
+            del ctx.request_ids[i]
         return result

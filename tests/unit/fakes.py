@@ -18,6 +18,7 @@ class Frontend:
         self.inflight: list[str] = []
         self.new: dict[str, dict] = {}
         self.frames: dict[str, list[dict]] = {}
+        self.left_out: list[str] = []  # requests the last call gave no frame
 
     def submit(self, rid, body):
         self.new[rid] = body
@@ -33,7 +34,13 @@ class Frontend:
             self.h.settle()  # the step started by this call has run: engine state can be inspected
         assert len(out) == len(ids)
         self.inflight = []
+        answered = set(self.ctx.request_ids)  # TorchServe answers the indexes the handler left in request_ids
+        self.left_out = []
         for i, (rid, frame) in enumerate(zip(ids, out)):
+            if i not in answered:  # no frame this call; the request stays in flight
+                self.left_out.append(rid)
+                self.inflight.append(rid)
+                continue
             assert frame.endswith("\n") and frame.count("\n") == 1
             self.frames.setdefault(rid, []).append(json.loads(frame))
             if not self.ctx.stopping_criteria[i](frame):

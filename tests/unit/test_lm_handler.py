@@ -317,3 +317,55 @@ def test_a_frame_interval_gathers_a_fast_engines_steps_into_bigger_frames(tiny_l
     for r in "ab":
         assert "".join(texts[0][r]) == "".join(texts[600_000][r])
     assert "".join(texts[0]["b"]) == "Now is the winter of our discontent made glorious "
+
+
+def test_a_new_request_cutting_the_step_gets_its_first_token_while_the_others_frames_wait_their_interval(
+        tiny_lm_folder):
+    """As above (a token is a minute of the test's clock, a long step ten), with a frame interval of ten minutes:
+    the three new requests cut a's step as soon as before and get their first tokens in that call, but a's frame
+    is not due (four minutes since its last): the call leaves a out, and what a made meanwhile goes out with its
+    next frame, whole, once its interval has passed."""
+    import math
+    import threading
+
+    from tests.e2e.waits import wait_for
+
+    ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 600_000, "admit_step_ms": 0,
+                                       "max_tokens_per_step": 100, "frame_interval_ms": 600_000})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    call = steps_apart(fe)
+    held = threading.Event()
+    real = h.engine._step
+
+    def token(tokens, state):
+        if held.is_set():
+            wait_for(lambda: h._cut != math.inf, "the new requests' call")
+            held.clear()
+        call.now[0] += 60.0
+        return real(tokens, state)
+
+    h.engine._step = token
+    fe.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
+    call()  # a's first token; all of the batch is new: a one-token long step follows
+    held.set()
+    call(settle=False)  # that token (a whole interval after the first); a long step starts
+    for rid in "bcd":
+        fe.submit(rid, {"prompt": rid, "max_tokens": 50, "seed": 2})
+    call(by=0)  # a's step cut after 3 tokens, then the short step: b, c, d get their first token; a is left out
+    assert fe.left_out == ["a"]
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1]
+    for rid in "bcd":
+        assert [len(f["text"]) for f in fe.frames[rid]] == [1]
+    call()  # a step later a is due: its held 4 tokens and the step's 100 (max_tokens_per_step) in one frame
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1, 4 + 100]
+    # the same text as a frame per step gives
+    fe.drain()
+    ctx2 = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 5, "max_tokens_per_step": 100})
+    h2 = LanguageModelHandler()
+    h2.initialize(ctx2)
+    fe2 = Frontend(h2, ctx2)
+    fe2.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
+    fe2.drain()
+    assert "".join(f["text"] for f in fe.frames["a"]) == "".join(f["text"] for f in fe2.frames["a"])
