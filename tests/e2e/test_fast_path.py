@@ -9,14 +9,13 @@ stream and queues none, and streams are paced (waits.PACED), so a second stream 
 """
 import json
 import re
-import subprocess
-import sys
 import threading
 
 import httpx
 import pytest
 
-from rnnserve.service.stack import free_ports, start_stack, stop_stack
+from rnnserve.service.stack import start_stack, stop_stack
+from tests.e2e.gateways import second_gateway
 from tests.e2e.waits import HANG_S, PACED, metric, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -34,26 +33,10 @@ def gateways(tmp_path_factory):
     shared = {"RNNSERVE_API_KEYS": json.dumps([KEY]), "RNNSERVE_MAX_RUNNING_PER_MODEL": "1",
               "RNNSERVE_MAX_WAITING_PER_MODEL": "0", "RNNSERVE_MAX_BODY_BYTES": "4096", **PACED}
     stack = start_stack(tmp, extra_env=shared)
-    (port,) = free_ports(1)
-    env = {**stack.env, **shared, "RNNSERVE_GATEWAY_FAST_PATH": "false", "RNNSERVE_RUN_DIR": str(tmp / "run2"),
-           "RNNSERVE_TS_URL": stack.ts_inference_url, "RNNSERVE_TS_MANAGEMENT_URL": stack.ts_management_url,
-           "RNNSERVE_TS_KEY_FILE": str(stack.run_dir / "key_file.json")}
-    log = open(tmp / "gateway2.log", "wb")
-    second = subprocess.Popen([sys.executable, "-m", "rnnserve.cli", "gateway", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            assert second.poll() is None, (tmp / "gateway2.log").read_text()[-3000:]
-            try:
-                return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_for(ready, "the gateway without the fast path to be ready", timeout=180)
-        yield stack.url, url
+        with second_gateway(stack, tmp, {**shared, "RNNSERVE_GATEWAY_FAST_PATH": "false"}) as url:
+            yield stack.url, url
     finally:
-        second.terminate()
-        second.wait(HANG_S)
         stop_stack(stack)
 
 
