@@ -76,6 +76,17 @@ class Run:
         self.logprobs: list[dict] = []  # token logprobs of the whole text, when asked
         self.prompt_logprobs: list[dict] = []  # echo
         self.score_logprobs: dict[int, list[dict]] = {}  # scoring with token_logprobs: per text, as read
+        # the deadline: one timer per run, which cancels the task waiting in `next` when it passes (an
+        # asyncio.timeout per frame armed and cancelled a timer for every frame, ~8% of the gateway's CPU)
+        self._waiter: asyncio.Task | None = None
+        self._expired = self._deadline_cancelled = False
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, ctx.deadline - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiter is not None:
+            self._deadline_cancelled = True
+            self._waiter.cancel()
 
     @property
     def finish_reason(self) -> str | None:
@@ -85,15 +96,22 @@ class Run:
         """The next frame, None after the last one; raises APIError (timeout, upstream failure)."""
         if self.final is not None:
             return None
-        remaining = self.ctx.deadline - time.monotonic()
         try:
-            if remaining <= 0:
+            if self._expired or time.monotonic() >= self.ctx.deadline:
                 raise TimeoutError
-            async with asyncio.timeout(remaining):
+            self._waiter = asyncio.current_task()
+            try:
                 frame = await self._frames.__anext__()
+            finally:
+                self._waiter = None
         except StopAsyncIteration:
             return None
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                if not self._deadline_cancelled:
+                    raise
+                self._deadline_cancelled = False
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
             self.outcome = "timeout"
             raise APIError(504, "the request did not finish before its deadline", "timeout_error") from None
         except UpstreamError as e:
@@ -136,6 +154,7 @@ class Run:
         if self._closed:
             return
         self._closed = True
+        self._timer.cancel()
         model = self.ctx.model
         if disconnected and self.final is None:
             self.outcome = "cancelled"

@@ -193,3 +193,15 @@ def test_a_write_blocked_past_the_deadline_drops_the_connection(settings):
     assert aborted == [True] and upstream.closed == [True]
     assert app.state.admissions[LM].running == 0
     assert app.state.metrics.requests.labels(model=LM, route="generate", outcome="timeout")._value.get() == 1
+
+
+def test_the_deadline_ends_a_stream_waiting_upstream_with_an_error_event(settings):
+    upstream = FakeUpstream(FRAMES[:1], hang=True)  # then nothing: only the deadline (0.5 s) ends it
+    app = app_with(settings, upstream)
+    status, _, raw = asyncio.run(ends(call(app, "/v1/generate", {"model": LM, "stream": True})))
+    assert status == 200 and raw == (
+        b'data: {"id":"r1","model":"lm-shakespeare","text":"ab"}\n\n'
+        b'data: {"error":{"message":"the request did not finish before its deadline","type":"timeout_error",'
+        b'"param":null,"code":504}}\n\ndata: [DONE]\n\n')
+    assert upstream.closed == [True] and app.state.admissions[LM].running == 0
+    assert app.state.metrics.requests.labels(model=LM, route="generate", outcome="timeout")._value.get() == 1
