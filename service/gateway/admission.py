@@ -29,14 +29,22 @@ class Admission:
         self.max_cost = max_cost  # None: requests count, their cost does not
         self.metrics = metrics
         self._m = metrics.stream(model)  # the model's metric children, looked up once
+        self._shown: tuple[int, int] | None = None  # the gauges' values: set only when they change
         self.running = 0
         self.cost = 0  # tokens in flight
         self._waiters: deque[tuple[int, int, asyncio.Future]] = deque()
         self._waiting_units = 0
 
     def _set_gauges(self) -> None:
-        self._m.running.set(self.running)
-        self._m.waiting.set(self._waiting_units)
+        self._show(self.running, self._waiting_units)
+
+    def _show(self, running: int, waiting: int) -> None:
+        shown = self._shown
+        if shown is None or shown[0] != running:
+            self._m.running.set(running)
+        if shown is None or shown[1] != waiting:
+            self._m.waiting.set(waiting)
+        self._shown = (running, waiting)
 
     def _fits(self, units: int, cost: int) -> bool:
         return (self.running + units <= self.max_running
@@ -92,8 +100,7 @@ class Admission:
     def release(self, units: int = 1, cost: int = 0) -> None:
         self.running -= units
         self.cost -= cost
-        self._grant()
-        self._set_gauges()
+        self._grant()  # sets the gauges
 
     def _grant(self) -> None:
         # first come, first served: a large request at the head is not overtaken
@@ -123,8 +130,7 @@ class SharedAdmission(Admission):
 
     def _set_gauges(self) -> None:
         # this process's share: the multiprocess collector sums the live processes' (metrics.py)
-        self._m.running.set(self.counts.own(self.model, RUNNING))
-        self._m.waiting.set(self.counts.own(self.model, WAITING))
+        self._show(self.counts.own(self.model, RUNNING), self.counts.own(self.model, WAITING))
 
     def _take(self, units: int, cost: int, queued: bool) -> bool:
         """Move `units` and `cost` to running when the service has room (from this process's waiting when `queued`).

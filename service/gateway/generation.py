@@ -186,7 +186,13 @@ async def start(ctx: Context, bodies: list[dict], costs: list[int] | None = None
         ctx.metrics.request_done(ctx.model, ctx.route, "timeout")
         raise APIError(504, "the request waited for capacity past its deadline", "timeout_error") from None
     runs = [Run(ctx, body, i, cost) for i, (body, cost) in enumerate(zip(bodies, costs))]
-    firsts = await asyncio.gather(*(r.next() for r in runs), return_exceptions=True)
+    if len(runs) == 1:  # most requests: no task of its own to wait in
+        try:
+            firsts: list = [await runs[0].next()]
+        except Exception as e:
+            firsts = [e]
+    else:
+        firsts = await asyncio.gather(*(r.next() for r in runs), return_exceptions=True)
     failed = next((f for f in firsts if isinstance(f, BaseException)), None)
     if failed is not None or any(f is None for f in firsts):
         await asyncio.gather(*(r.close() for r in runs))
