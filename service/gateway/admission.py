@@ -28,14 +28,23 @@ class Admission:
         self.model, self.max_running, self.max_waiting = model, max_running, max_waiting
         self.max_cost = max_cost  # None: requests count, their cost does not
         self.metrics = metrics
+        self._m = metrics.stream(model)  # the model's metric children, looked up once
+        self._shown: tuple[int, int] | None = None  # the gauges' values: set only when they change
         self.running = 0
         self.cost = 0  # tokens in flight
         self._waiters: deque[tuple[int, int, asyncio.Future]] = deque()
         self._waiting_units = 0
 
     def _set_gauges(self) -> None:
-        self.metrics.running.labels(model=self.model).set(self.running)
-        self.metrics.waiting.labels(model=self.model).set(self._waiting_units)
+        self._show(self.running, self._waiting_units)
+
+    def _show(self, running: int, waiting: int) -> None:
+        shown = self._shown
+        if shown is None or shown[0] != running:
+            self._m.running.set(running)
+        if shown is None or shown[1] != waiting:
+            self._m.waiting.set(waiting)
+        self._shown = (running, waiting)
 
     def _fits(self, units: int, cost: int) -> bool:
         return (self.running + units <= self.max_running
@@ -49,7 +58,7 @@ class Admission:
             self.running += units
             self.cost += cost
             self._set_gauges()
-            self.metrics.queue_time.labels(model=self.model).observe(0.0)
+            self._m.queue_time.observe(0.0)
             return 0.0
         if self._waiting_units + units > self.max_waiting:
             raise self.overloaded()
@@ -71,7 +80,7 @@ class Admission:
             self._set_gauges()
             raise
         waited = time.monotonic() - t0
-        self.metrics.queue_time.labels(model=self.model).observe(waited)
+        self._m.queue_time.observe(waited)
         return waited
 
     def _check(self, units: int, cost: int) -> None:
@@ -91,8 +100,7 @@ class Admission:
     def release(self, units: int = 1, cost: int = 0) -> None:
         self.running -= units
         self.cost -= cost
-        self._grant()
-        self._set_gauges()
+        self._grant()  # sets the gauges
 
     def _grant(self) -> None:
         # first come, first served: a large request at the head is not overtaken
@@ -122,8 +130,7 @@ class SharedAdmission(Admission):
 
     def _set_gauges(self) -> None:
         # this process's share: the multiprocess collector sums the live processes' (metrics.py)
-        self.metrics.running.labels(model=self.model).set(self.counts.own(self.model, RUNNING))
-        self.metrics.waiting.labels(model=self.model).set(self.counts.own(self.model, WAITING))
+        self._show(self.counts.own(self.model, RUNNING), self.counts.own(self.model, WAITING))
 
     def _take(self, units: int, cost: int, queued: bool) -> bool:
         """Move `units` and `cost` to running when the service has room (from this process's waiting when `queued`).
@@ -150,7 +157,7 @@ class SharedAdmission(Admission):
         self._check(units, cost)
         if not self._local and self._take(units, cost, queued=False):
             self._set_gauges()
-            self.metrics.queue_time.labels(model=self.model).observe(0.0)
+            self._m.queue_time.observe(0.0)
             return 0.0
         c, m = self.counts, self.model
         with c.locked():
@@ -180,7 +187,7 @@ class SharedAdmission(Admission):
             self._wake.set()  # the next in line looks at once
             self._set_gauges()
         waited = time.monotonic() - t0
-        self.metrics.queue_time.labels(model=self.model).observe(waited)
+        self._m.queue_time.observe(waited)
         return waited
 
     def release(self, units: int = 1, cost: int = 0) -> None:

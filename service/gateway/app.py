@@ -9,6 +9,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
@@ -29,6 +30,9 @@ from rnnserve.service.gateway.states import StateSigner
 from rnnserve.service.gateway.upstream import Upstream
 from rnnserve.service.settings import Settings
 
+if TYPE_CHECKING:
+    from rnnserve.service.gateway.fastpath import FastPath
+
 log = logging.getLogger(__name__)
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
@@ -41,6 +45,12 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         return True
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    """The request's X-Request-Id when well-formed, else a new one."""
+    given = headers.get(b"x-request-id", b"").decode("latin-1")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 class RequestContextMiddleware:
@@ -56,8 +66,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        rid = request_id_of(headers)
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
 
@@ -106,6 +115,19 @@ async def _send_json(send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Gateway(FastAPI):
+    """The FastAPI app, with the streamed generation requests first offered to the fast path (fastpath.py),
+    which hands back everything it does not take."""
+
+    fast_path: FastPath | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        fast = self.fast_path
+        if fast is not None and scope["type"] == "http" and scope["path"] in fast.routes and scope["method"] == "POST":
+            return await fast(scope, receive, send, super().__call__)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     registry = Registry.from_settings(settings)
@@ -149,7 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the documentation routes are the gateway's own (docs.py): behind the API key, and offline
     # FastAPI's own OpenTelemetry hooks are off: the gateway's metrics are Prometheus's (metrics.py), and the
     # hooks look up the global providers on every request, a few percent of the gateway's CPU under load
-    app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = Gateway(title="rnnserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, telemetry={"tracing": False, "metrics": False, "logs": False},
                   description="Recurrent (LSTM/GRU) language and translation models served through TorchServe.")
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
@@ -170,6 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = SessionsUnavailable(settings.gateway_workers)
     install_error_handlers(app)
 
+    from rnnserve.service.gateway.fastpath import FastPath
     from rnnserve.service.gateway.routes import api, router
 
     # side by side, the API's routes first, rather than one router inside the other: FastAPI matches a request
@@ -181,4 +204,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"])
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.gateway_fast_path and not settings.cors_origins:  # CORS: every request through its middleware
+        app.fast_path = FastPath(app.state, settings)
     return app

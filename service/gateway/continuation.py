@@ -52,10 +52,12 @@ class Continuation:
             await call(self.request.app.state.sessions, "release", lease)
 
 
-async def begin(request: Request, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
-    """None for a request that continues nothing; else the continuation, with `body` completed."""
+async def begin(request: Request | None, model: str, fields: ContinuationFields, body: dict) -> Continuation | None:
+    """None for a request that continues nothing (its `request` is not read: None on the fast path, fastpath.py);
+    else the continuation, with `body` completed."""
     if not fields.continues:
         return None
+    assert request is not None
     app = request.app.state
     cont = Continuation(request, model, return_state=fields.return_state)
     if fields.state is not None:

@@ -8,6 +8,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from pydantic import SecretStr
 
 from rnnserve.service.gateway.errors import APIError
 from rnnserve.service.gateway.metrics import Metrics
@@ -17,14 +18,17 @@ from rnnserve.service.gateway.sessions import key_owner
 
 
 async def require_api_key(request: Request) -> None:
-    """`Authorization: Bearer <key>` when API keys are configured; every key compared in constant time.
-    Sets `request.state.owner`, whose sessions and states the request may use: the key's digest, the
-    same however the header is spelt (scheme in any case, any spaces); "" without keys."""
+    """`Authorization: Bearer <key>` when API keys are configured. Sets `request.state.owner`, whose sessions
+    and states the request may use (`api_key_owner`)."""
     request.state.owner = ""
     keys = request.app.state.settings.api_keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
+    if keys:
+        request.state.owner = api_key_owner(keys, request.headers.get("authorization", ""))
+
+
+def api_key_owner(keys: list[SecretStr], header: str) -> str:
+    """The owner of the key an Authorization header carries, every key compared in constant time: the key's
+    digest, the same however the header is spelt (scheme in any case, any spaces). APIError 401 otherwise."""
     scheme, _, token = header.strip().partition(" ")
     given = token.strip()
     ok = False
@@ -33,7 +37,7 @@ async def require_api_key(request: Request) -> None:
     if scheme.lower() != "bearer" or not ok:
         raise APIError(401, "missing or invalid API key; send `Authorization: Bearer <key>`",
                        "authentication_error", headers={"WWW-Authenticate": "Bearer"})
-    request.state.owner = key_owner(given)
+    return key_owner(given)
 
 
 def owner(request: Request) -> str:

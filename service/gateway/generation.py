@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import anyio
 from pydantic_core import to_json
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
 
 from rnnserve.service.gateway.admission import Admission
 from rnnserve.service.gateway.connections import ABORT, WRITE_PAUSED
@@ -76,6 +76,17 @@ class Run:
         self.logprobs: list[dict] = []  # token logprobs of the whole text, when asked
         self.prompt_logprobs: list[dict] = []  # echo
         self.score_logprobs: dict[int, list[dict]] = {}  # scoring with token_logprobs: per text, as read
+        # the deadline: one timer per run, which cancels the task waiting in `next` when it passes (an
+        # asyncio.timeout per frame armed and cancelled a timer for every frame, ~8% of the gateway's CPU)
+        self._waiter: asyncio.Task | None = None
+        self._expired = self._deadline_cancelled = False
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, ctx.deadline - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiter is not None:
+            self._deadline_cancelled = True
+            self._waiter.cancel()
 
     @property
     def finish_reason(self) -> str | None:
@@ -85,15 +96,22 @@ class Run:
         """The next frame, None after the last one; raises APIError (timeout, upstream failure)."""
         if self.final is not None:
             return None
-        remaining = self.ctx.deadline - time.monotonic()
         try:
-            if remaining <= 0:
+            if self._expired or time.monotonic() >= self.ctx.deadline:
                 raise TimeoutError
-            async with asyncio.timeout(remaining):
+            self._waiter = asyncio.current_task()
+            try:
                 frame = await self._frames.__anext__()
+            finally:
+                self._waiter = None
         except StopAsyncIteration:
             return None
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                if not self._deadline_cancelled:
+                    raise
+                self._deadline_cancelled = False
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
             self.outcome = "timeout"
             raise APIError(504, "the request did not finish before its deadline", "timeout_error") from None
         except UpstreamError as e:
@@ -113,38 +131,38 @@ class Run:
         self.prompt_logprobs += frame.get("prompt_logprobs") or []
         for part in frame.get("score_logprobs") or []:
             self.score_logprobs.setdefault(part["index"], []).extend(part["logprobs"])
-        per_frame = self._metrics
+        m = self._metrics
         if "batch" in frame:
-            per_frame.batch_size.observe(frame["batch"])
+            m.batch_size.observe(frame["batch"])
         if text:
             if self._last_text_at is None:
-                per_frame.ttft.observe(now - self.t0)
+                m.ttft.observe(now - self.t0)
             else:
-                per_frame.itl.observe((now - self._last_text_at) / len(text))
+                m.itl.observe((now - self._last_text_at) / len(text))
             self._last_text_at = now
         if frame.get("finish_reason"):
-            m, model = self.ctx.metrics, self.ctx.model
             self.final = frame
             self.outcome = frame["finish_reason"]
             usage = frame.get("usage") or {}
             p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-            m.prompt_tokens.labels(model=model).inc(p)
-            m.generation_tokens.labels(model=model).inc(c)
-            m.prompt_tokens_per_request.labels(model=model).observe(p)
-            m.generation_tokens_per_request.labels(model=model).observe(c)
+            m.prompt_tokens.inc(p)
+            m.generation_tokens.inc(c)
+            m.prompt_tokens_per_request.observe(p)
+            m.generation_tokens_per_request.observe(c)
 
     async def close(self, disconnected: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
-        m, model = self.ctx.metrics, self.ctx.model
+        self._timer.cancel()
+        model = self.ctx.model
         if disconnected and self.final is None:
             self.outcome = "cancelled"
-            m.cancelled.labels(model=model).inc()
+            self._metrics.cancelled.inc()
         # bookkeeping first: the await below may be interrupted when the request is being cancelled
         self.ctx.admission.release(1, self.cost)
-        m.e2e.labels(model=model).observe(time.monotonic() - self.t0)
-        m.requests.labels(model=model, route=self.ctx.route, outcome=self.outcome).inc()
+        self._metrics.e2e.observe(time.monotonic() - self.t0)
+        self.ctx.metrics.request_done(model, self.ctx.route, self.outcome)
         log.info("%s %s on %s: %s in %.3fs", self.ctx.route, self.ctx.request_id, model, self.outcome,
                  time.monotonic() - self.t0)
         await self._frames.aclose()  # closes the upstream connection: TorchServe drops the job
@@ -162,13 +180,19 @@ async def start(ctx: Context, bodies: list[dict], costs: list[int] | None = None
                                     cost=sum(costs))
     except APIError as e:
         outcome = "overloaded" if e.status == 429 else "validation"
-        ctx.metrics.requests.labels(model=ctx.model, route=ctx.route, outcome=outcome).inc()
+        ctx.metrics.request_done(ctx.model, ctx.route, outcome)
         raise
     except TimeoutError:
-        ctx.metrics.requests.labels(model=ctx.model, route=ctx.route, outcome="timeout").inc()
+        ctx.metrics.request_done(ctx.model, ctx.route, "timeout")
         raise APIError(504, "the request waited for capacity past its deadline", "timeout_error") from None
     runs = [Run(ctx, body, i, cost) for i, (body, cost) in enumerate(zip(bodies, costs))]
-    firsts = await asyncio.gather(*(r.next() for r in runs), return_exceptions=True)
+    if len(runs) == 1:  # most requests: no task of its own to wait in
+        try:
+            firsts: list = [await runs[0].next()]
+        except Exception as e:
+            firsts = [e]
+    else:
+        firsts = await asyncio.gather(*(r.next() for r in runs), return_exceptions=True)
     failed = next((f for f in firsts if isinstance(f, BaseException)), None)
     if failed is not None or any(f is None for f in firsts):
         await asyncio.gather(*(r.close() for r in runs))
@@ -266,43 +290,87 @@ async def merged_frames(started: list[tuple[Run, dict]]) -> AsyncIterator[tuple[
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class EventStream(StreamingResponse):
-    """An SSE response held to its request's deadline while it writes too: a client that stops reading
-    blocks the write, and nothing else would end the request. When the deadline passes in a blocked
-    write, the events are closed (their runs' slots freed, the generations stopped upstream) and the
-    connection is dropped."""
+# an SSE answer's headers, before the request id (the same on both paths: routes.py and fastpath.py)
+SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+               (b"content-type", b"text/event-stream; charset=utf-8")]
 
-    def __init__(self, events: AsyncIterator[bytes], deadline: float, headers: dict[str, str]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers=headers)
-        self.deadline = deadline
-        self._scope: dict = {}
+
+async def serve_events(scope, receive, send, headers: list[tuple[bytes, bytes]], events: AsyncIterator[bytes],
+                       deadline: float) -> None:
+    """Send an SSE answer (status 200, `headers`, then `events`, which end with [DONE]) as plain ASGI messages.
+
+    - The request's deadline holds while it writes too: a client that stops reading blocks the write, and
+      nothing else would end the request. When the deadline passes in a blocked write, the events are closed
+      (their runs' slots freed, the generations stopped upstream) and the connection is dropped.
+    - A client that goes away cancels the events at once (a watcher on `receive`, as Starlette's
+      StreamingResponse does for servers of ASGI spec 2.3), whatever they are waiting for.
+    - The events that end with [DONE] go out with the end of the body: one write (the same bytes on the wire).
+    """
+    extensions = scope.get("extensions") or {}
+    paused = extensions.get(WRITE_PAUSED)
+
+    async def write(message) -> None:
+        if paused is not None and not paused():  # the write cannot block: no timer (~20 us an event)
+            return await send(message)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await send(message)
+        except TimeoutError:
+            raise _WriteTimedOut from None
+
+    task = asyncio.current_task()
+    armed, left = True, False  # armed: a disconnect cancels this task (until the body is complete)
+
+    async def watch() -> None:
+        nonlocal left
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if armed:
+            left = True
+            task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await write({"type": "http.response.start", "status": 200, "headers": headers})
+        complete = False
+        async for chunk in events:
+            complete = chunk.endswith(DONE)
+            await write({"type": "http.response.body", "body": chunk, "more_body": not complete})
+            armed = not complete  # what remains is the runs' clean-up: a disconnect must not cut it short
+        armed = False
+        if not complete:
+            await write({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        armed = False
+        if not left:
+            raise
+        task.uncancel()  # the client left: the events close as disconnected (their slots freed at once)
+        await events.aclose()  # type: ignore[attr-defined]
+    except _WriteTimedOut:
+        armed = False
+        log.warning("the request's deadline passed while its client was not reading: stream dropped")
+        await events.aclose()  # type: ignore[attr-defined]
+        abort = extensions.get(ABORT)
+        if abort is not None:
+            abort()
+            await asyncio.sleep(0)  # the server marks the connection lost before the app returns
+    finally:
+        armed = False
+        watcher.cancel()
+
+
+class EventStream(Response):
+    """An SSE answer of a FastAPI route, sent by `serve_events`."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], deadline: float) -> None:
+        self.status_code, self.background = 200, None
+        self.raw_headers = list(SSE_HEADERS)
+        self.events, self.deadline = events, deadline
 
     async def __call__(self, scope, receive, send) -> None:
-        self._scope = scope
-        await super().__call__(scope, receive, send)
-
-    async def stream_response(self, send) -> None:
-        paused = self._scope.get("extensions", {}).get(WRITE_PAUSED)
-
-        async def bounded(message) -> None:
-            if paused is not None and not paused():  # the write cannot block: no timer (~20 us an event)
-                return await send(message)
-            try:
-                async with asyncio.timeout(self.deadline - time.monotonic()):
-                    await send(message)
-            except TimeoutError:
-                raise _WriteTimedOut from None
-
-        try:
-            await super().stream_response(bounded)
-        except _WriteTimedOut:
-            log.warning("the request's deadline passed while its client was not reading: stream dropped")
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            abort = self._scope.get("extensions", {}).get(ABORT)
-            if abort is not None:
-                abort()
-                await asyncio.sleep(0)  # the server marks the connection lost before the app returns
+        await serve_events(scope, receive, send, self.raw_headers, self.events, self.deadline)
 
 
 class _WriteTimedOut(Exception):
@@ -339,8 +407,8 @@ async def sse_stream(started: list[tuple[Run, dict]], render: Callable[[Run, dic
         yield held + DONE
         disconnected = False
     finally:
-        # a client that left cancels this generator (Starlette's cancel scope): shield the clean-up. Ended
-        # past the deadline (EventStream: a write blocked), it timed out
+        # a client that left cancels this generator (serve_events): shield the clean-up. Ended past the
+        # deadline (serve_events: a write blocked), it timed out
         timed_out = disconnected and time.monotonic() >= started[0][0].ctx.deadline
         with anyio.CancelScope(shield=True):
             await frames.aclose()  # its pumps first: they may be reading the runs' upstream streams

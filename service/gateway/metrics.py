@@ -20,11 +20,20 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 @dataclass(frozen=True)
 class StreamMetrics:
-    """One model's children of the metrics a stream updates per frame, looked up once: `labels()` takes a lock
-    and a dict lookup each time, and a stream's frames are the gateway's most frequent work."""
+    """One model's children of the metrics every request and every frame update, looked up once: `labels()`
+    takes a lock and builds a key each time, and streams are the gateway's most frequent work."""
     ttft: Histogram
     itl: Histogram
     batch_size: Histogram
+    e2e: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    prompt_tokens_per_request: Histogram
+    generation_tokens_per_request: Histogram
+    cancelled: Counter
+    running: Gauge
+    waiting: Gauge
+    queue_time: Histogram
 
 
 class Metrics:
@@ -66,13 +75,24 @@ class Metrics:
         self.session_evictions = Counter("rnnserve_session_evictions", "Sessions dropped by the bounds: capacity "
                                          "(least recently used) or expired", ["model", "reason"], registry=r)
         self._streams: dict[str, StreamMetrics] = {}
+        self._requests: dict[tuple[str, str, str], Counter] = {}
 
     def stream(self, model: str) -> StreamMetrics:
         found = self._streams.get(model)
         if found is None:
-            found = self._streams[model] = StreamMetrics(self.ttft.labels(model=model), self.itl.labels(model=model),
-                                                         self.batch_size.labels(model=model))
+            found = self._streams[model] = StreamMetrics(*(m.labels(model=model) for m in (
+                self.ttft, self.itl, self.batch_size, self.e2e, self.prompt_tokens, self.generation_tokens,
+                self.prompt_tokens_per_request, self.generation_tokens_per_request, self.cancelled, self.running,
+                self.waiting, self.queue_time)))
         return found
+
+    def request_done(self, model: str, route: str, outcome: str) -> None:
+        """Count a request by its outcome (its child cached: one per model, route and outcome)."""
+        key = (model, route, outcome)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(model=model, route=route, outcome=outcome)
+        child.inc()
 
     def init_model(self, model: str) -> None:
         """Create the label sets at start so dashboards see zeros instead of missing series."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -29,7 +30,6 @@ from rnnserve.service.gateway.sessions import Session, call
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 502, 503, 504)}
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or Server-Sent Events when stream=true"}}
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 router = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
@@ -58,8 +58,7 @@ async def list_models(registry: RegistryDep) -> ModelList:
     return ModelList(data=[m.card() for m in registry.models.values()])
 
 
-def _context(request: Request, model: str, route: str, request_id: str) -> Context:
-    state = request.app.state
+def _context(state, model: str, route: str, request_id: str) -> Context:
     return Context(state.upstream, state.metrics, state.admissions[model], model, route, request_id,
                    time.monotonic() + state.settings.request_timeout_s)
 
@@ -78,7 +77,7 @@ def _json(body: dict) -> Response:
 
 
 def _stream(events: AsyncIterator[bytes], ctx: Context) -> EventStream:
-    return EventStream(events, ctx.deadline, SSE_HEADERS)
+    return EventStream(events, ctx.deadline)
 
 
 async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None, costs: list[int]):
@@ -90,30 +89,31 @@ async def _start(ctx: Context, bodies: list[dict], cont: Continuation | None, co
         raise
 
 
-@api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["generation"],
-          responses=SSE)
-async def generate(req: GenerateRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
-    """Generate text after `prompt`. With `stream: true`: `data: {"text": ...}` per chunk, a last
-    event with `finish_reason` and `usage`, then `data: [DONE]`. With `session` or `state` the prompt
-    continues an earlier text; `return_state` returns the state to continue from."""
-    registry.get(req.model, "lm").check_generate(req.max_tokens, [req.prompt])
-    ctx = _context(request, req.model, "generate", request_id)
+@dataclass
+class Opened:
+    """A generation request whose runs have started (admitted, first frames in): what its answer is made of."""
+    ctx: Context
+    started: list[tuple[Run, dict]]
+    cont: Continuation | None
+    choices: list[tuple[int, str, dict]] = field(default_factory=list)  # completions: (prompt index, prompt, body)
+    created: int = 0  # completions: the answer's time
+
+
+# The generation routes in two steps, `open_*` (the model's limits, the continuation, admission, the first
+# frames) and `*_events` (a stream's SSE body), which the FastAPI routes below and the streamed requests'
+# fast path (fastpath.py) share. `request` is only read for a request that continues a text (its key's
+# sessions and states): None on the fast path, which takes no such request.
+
+async def open_generate(state, req: GenerateRequest, request_id: str, request: Request | None) -> Opened:
+    state.registry.get(req.model, "lm").check_generate(req.max_tokens, [req.prompt])
+    ctx = _context(state, req.model, "generate", request_id)
     body = req.upstream_body(req.prompt)
     cont = await begin(request, req.model, req, body)
-    started = await _start(ctx, [body], cont, [generation_cost(req.prompt, req.max_tokens)])
-    if not req.stream:
-        try:
-            done = await collect_unless_disconnected(request, started)
-            if done is None:
-                return Response(status_code=499)  # nobody is listening
-            ((run, text),) = done
-            if cont is not None:
-                await cont.end(run.final)
-        finally:
-            if cont is not None:
-                await cont.release()
-        return GenerateResponse(id=request_id, model=req.model, text=text, finish_reason=run.finish_reason,
-                                usage=_usage([run]), session=req.session, state=cont.state if cont else None)
+    return Opened(ctx, await _start(ctx, [body], cont, [generation_cost(req.prompt, req.max_tokens)]), cont)
+
+
+def generate_events(req: GenerateRequest, opened: Opened) -> AsyncIterator[bytes]:
+    request_id, cont = opened.ctx.request_id, opened.cont
 
     def render(run: Run, frame: dict) -> list[dict]:
         text = frame_text(frame)
@@ -123,7 +123,32 @@ async def generate(req: GenerateRequest, request: Request, registry: RegistryDep
                               usage=_usage([run]), session=req.session,
                               state=cont.state if cont else None).model_dump(exclude_none=True)]
 
-    return _stream(sse_stream(started, render, on_final=cont.end if cont else None, on_close=cont.release if cont else None), ctx)
+    return sse_stream(opened.started, render, on_final=cont.end if cont else None,
+                      on_close=cont.release if cont else None)
+
+
+@api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["generation"],
+          responses=SSE)
+async def generate(req: GenerateRequest, request: Request, request_id: RequestIdDep):
+    """Generate text after `prompt`. With `stream: true`: `data: {"text": ...}` per chunk, a last
+    event with `finish_reason` and `usage`, then `data: [DONE]`. With `session` or `state` the prompt
+    continues an earlier text; `return_state` returns the state to continue from."""
+    opened = await open_generate(request.app.state, req, request_id, request)
+    if req.stream:
+        return _stream(generate_events(req, opened), opened.ctx)
+    cont = opened.cont
+    try:
+        done = await collect_unless_disconnected(request, opened.started)
+        if done is None:
+            return Response(status_code=499)  # nobody is listening
+        ((run, text),) = done
+        if cont is not None:
+            await cont.end(run.final)
+    finally:
+        if cont is not None:
+            await cont.release()
+    return GenerateResponse(id=request_id, model=req.model, text=text, finish_reason=run.finish_reason,
+                            usage=_usage([run]), session=req.session, state=cont.state if cont else None)
 
 
 def _completion_logprobs(entries: list[dict], offset: int, top: bool) -> tuple[CompletionLogprobs, int]:
@@ -147,46 +172,19 @@ def _mean_logprob(run: Run) -> float:
     return float((run.final or {}).get("cumulative_logprob", -math.inf)) / max(1, len(run.logprobs))
 
 
-@api.post("/v1/completions", response_model=CompletionResponse, tags=["generation"], responses=SSE)
-async def completions(req: CompletionRequest, request: Request, registry: RegistryDep, request_id: RequestIdDep):
-    """OpenAI-compatible text completions (the official `openai` client works against it), with
-    `logprobs`, `echo` and `best_of`; `session`, `state` and `return_state` as in /v1/generate."""
-    registry.get(req.model, "lm").check_generate(req.max_tokens, req.prompts)
-    ctx = _context(request, req.model, "completions", request_id)
+async def open_completions(state, req: CompletionRequest, request_id: str, request: Request | None) -> Opened:
+    state.registry.get(req.model, "lm").check_generate(req.max_tokens, req.prompts)
+    ctx = _context(state, req.model, "completions", request_id)
     choices = req.choices()
     cont = await begin(request, req.model, req, choices[0][2])
     costs = [generation_cost(prompt, req.max_tokens, bool(body.get("echo"))) for _, prompt, body in choices]
     started = await _start(ctx, [body for _, _, body in choices], cont, costs)
-    cid, created = f"cmpl-{request_id}", int(time.time())
-    echo = req.echo
-    if not req.stream:
-        try:
-            done = await collect_unless_disconnected(request, started)
-            if done is None:
-                return Response(status_code=499)  # nobody is listening
-            if cont is not None:
-                await cont.end(done[0][0].final)
-        finally:
-            if cont is not None:
-                await cont.release()
-        per_prompt = req.candidates_per_prompt
-        out = []
-        for p_i, prompt in enumerate(req.prompts):
-            group = done[p_i * per_prompt: (p_i + 1) * per_prompt]
-            if len(group) > req.n:  # best_of: the n with the highest logprob per token
-                group = sorted(group, key=lambda rt: _mean_logprob(rt[0]), reverse=True)[: req.n]
-            for j, (run, text) in enumerate(group):
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs, _ = _completion_logprobs((run.prompt_logprobs if echo else []) + run.logprobs, 0,
-                                                       True)
-                out.append(CompletionChoice(text=(prompt if echo else "") + text, index=p_i * req.n + j,
-                                            logprobs=logprobs, finish_reason=run.finish_reason))
-        resp = CompletionResponse(id=cid, created=created, model=req.model, usage=_usage([r for r, _ in done]),
-                                  choices=out, session=req.session, state=cont.state if cont else None)
-        # the extension fields only for requests that continue a text: others get OpenAI's exact shape
-        return _json(resp.model_dump(exclude=None if cont else CONTINUATION))
+    return Opened(ctx, started, cont, choices, int(time.time()))
 
+
+def completion_events(req: CompletionRequest, opened: Opened) -> AsyncIterator[bytes]:
+    cid, created, cont, choices, echo = f"cmpl-{opened.ctx.request_id}", opened.created, opened.cont, \
+        opened.choices, req.echo
     offsets: dict[int, int] = {}  # per run: where the next chunk's text starts in its choice
 
     def chunk(choice: CompletionChoice | None, usage: Usage | None = None, final: bool = False) -> dict:
@@ -216,10 +214,47 @@ async def completions(req: CompletionRequest, request: Request, registry: Regist
 
     def trailer() -> list[dict]:
         if req.stream_options and req.stream_options.include_usage:
-            return [chunk(None, _usage([r for r, _ in started]))]
+            return [chunk(None, _usage([r for r, _ in opened.started]))]
         return []
 
-    return _stream(sse_stream(started, render, trailer, on_final=cont.end if cont else None, on_close=cont.release if cont else None), ctx)
+    return sse_stream(opened.started, render, trailer, on_final=cont.end if cont else None,
+                      on_close=cont.release if cont else None)
+
+
+@api.post("/v1/completions", response_model=CompletionResponse, tags=["generation"], responses=SSE)
+async def completions(req: CompletionRequest, request: Request, request_id: RequestIdDep):
+    """OpenAI-compatible text completions (the official `openai` client works against it), with
+    `logprobs`, `echo` and `best_of`; `session`, `state` and `return_state` as in /v1/generate."""
+    opened = await open_completions(request.app.state, req, request_id, request)
+    if req.stream:
+        return _stream(completion_events(req, opened), opened.ctx)
+    cont, echo = opened.cont, req.echo
+    try:
+        done = await collect_unless_disconnected(request, opened.started)
+        if done is None:
+            return Response(status_code=499)  # nobody is listening
+        if cont is not None:
+            await cont.end(done[0][0].final)
+    finally:
+        if cont is not None:
+            await cont.release()
+    per_prompt = req.candidates_per_prompt
+    out = []
+    for p_i, prompt in enumerate(req.prompts):
+        group = done[p_i * per_prompt: (p_i + 1) * per_prompt]
+        if len(group) > req.n:  # best_of: the n with the highest logprob per token
+            group = sorted(group, key=lambda rt: _mean_logprob(rt[0]), reverse=True)[: req.n]
+        for j, (run, text) in enumerate(group):
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs, _ = _completion_logprobs((run.prompt_logprobs if echo else []) + run.logprobs, 0, True)
+            out.append(CompletionChoice(text=(prompt if echo else "") + text, index=p_i * req.n + j,
+                                        logprobs=logprobs, finish_reason=run.finish_reason))
+    resp = CompletionResponse(id=f"cmpl-{request_id}", created=opened.created, model=req.model,
+                              usage=_usage([r for r, _ in done]), choices=out, session=req.session,
+                              state=cont.state if cont else None)
+    # the extension fields only for requests that continue a text: others get OpenAI's exact shape
+    return _json(resp.model_dump(exclude=None if cont else CONTINUATION))
 
 
 @api.post("/v1/translate", response_model=TranslateResponse, tags=["translation"], responses=SSE)
@@ -228,7 +263,7 @@ async def translate(req: TranslateRequest, request: Request, registry: RegistryD
     words every beam agrees on become final, a last event with the whole `translation`, then `[DONE]`."""
     info = registry.get(req.model, "translation")
     info.check_translate(req.texts, req.max_tokens)
-    ctx = _context(request, req.model, "translate", request_id)
+    ctx = _context(request.app.state, req.model, "translate", request_id)
     cost = translation_cost(req.texts, req.beam_size, req.max_tokens, info.limits["max_tokens"], req.target_prefix)
     started = await start(ctx, [req.upstream_body()], [cost])
     if not req.stream:
@@ -275,7 +310,7 @@ async def score(req: ScoreRequest, request: Request, registry: RegistryDep, requ
         body = {"task": "score", "source": req.source, "candidates": req.candidates,
                 "length_penalty": req.length_penalty, "token_logprobs": req.token_logprobs}
         cost = translation_score_cost(req.source, req.candidates)
-    ctx = _context(request, req.model, "score", request_id)
+    ctx = _context(request.app.state, req.model, "score", request_id)
     done = await collect_unless_disconnected(request, await start(ctx, [body], [cost]))
     if done is None:
         return Response(status_code=499)  # nobody is listening

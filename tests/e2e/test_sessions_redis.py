@@ -6,15 +6,14 @@ requests get 503 while the others still work.
 The two gateways are separate process trees on separate ports, so which process serves a request is certain.
 Streams are paced (waits.PACED): a 2,048-token stream holds its session for over 40 s on any machine.
 """
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from rnnserve.service.stack import free_ports, start_stack, stop_stack
+from rnnserve.service.stack import start_stack, stop_stack
+from tests.e2e.gateways import second_gateway
 from tests.e2e.waits import HANG_S, PACED, wait_for
 from tests.redis_server import redis_server
 
@@ -37,26 +36,10 @@ def gateways(tmp_path_factory, redis_srv):
     shared = {"RNNSERVE_GATEWAY_WORKERS": "2", "RNNSERVE_SESSION_STORE": redis_srv.url,
               "RNNSERVE_SESSION_STORE_TIMEOUT_S": "1", **PACED}
     stack = start_stack(tmp, extra_env=shared)
-    (port,) = free_ports(1)
-    env = {**stack.env, **shared, "RNNSERVE_RUN_DIR": str(tmp / "run2"), "RNNSERVE_TS_URL": stack.ts_inference_url,
-           "RNNSERVE_TS_MANAGEMENT_URL": stack.ts_management_url,
-           "RNNSERVE_TS_KEY_FILE": str(stack.run_dir / "key_file.json")}
-    log = open(tmp / "gateway2.log", "wb")
-    second = subprocess.Popen([sys.executable, "-m", "rnnserve.cli", "gateway", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            assert second.poll() is None, (tmp / "gateway2.log").read_text()[-3000:]
-            try:
-                return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_for(ready, "the second gateway to be ready", timeout=180)
-        yield stack.url, url
+        with second_gateway(stack, tmp, shared) as url:
+            yield stack.url, url
     finally:
-        second.terminate()
-        second.wait(HANG_S)
         stop_stack(stack)
 
 
