@@ -312,11 +312,16 @@ async def serve_events(scope, receive, send, headers: list[tuple[bytes, bytes]],
     async def write(message) -> None:
         if paused is not None and not paused():  # the write cannot block: no timer (~20 us an event)
             return await send(message)
-        try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                await send(message)
-        except TimeoutError:
-            raise _WriteTimedOut from None
+        while True:
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    return await send(message)
+            except TimeoutError:
+                # uvloop's clock (libuv's, in whole milliseconds, read once per loop turn) lags time.monotonic():
+                # its timer may fire just before the deadline, and the stream would then count as cancelled,
+                # not timed out (sse_stream). Nothing was written: the message is sent again until then.
+                if time.monotonic() >= deadline:
+                    raise _WriteTimedOut from None
 
     task = asyncio.current_task()
     armed, left = True, False  # armed: a disconnect cancels this task (until the body is complete)

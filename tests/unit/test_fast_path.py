@@ -195,6 +195,33 @@ def test_a_write_blocked_past_the_deadline_drops_the_connection(settings):
     assert app.state.metrics.requests.labels(model=LM, route="generate", outcome="timeout")._value.get() == 1
 
 
+class StaleClockLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock lags time.monotonic() by 5 ms inside tasks, as uvloop's does (libuv's clock, read once
+    per loop turn): a timer that a task sets for a deadline taken from time.monotonic() fires before it."""
+
+    def time(self) -> float:
+        now = super().time()
+        return now - 0.005 if asyncio.current_task(self) is not None else now
+
+
+def test_a_write_blocked_past_the_deadline_counts_as_timed_out_on_a_stale_clock(settings):
+    upstream = FakeUpstream(FRAMES[:1], hang=True)
+    app = app_with(settings, upstream)  # request_timeout_s 0.5
+
+    async def run() -> tuple[int, list, bytes]:
+        async def send(message):
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()
+
+        return await call(app, "/v1/generate", {"model": LM, "stream": True}, on_send=send,
+                          extensions={WRITE_PAUSED: lambda: True, ABORT: lambda: None})
+    with asyncio.Runner(loop_factory=StaleClockLoop) as runner:
+        assert runner.run(ends(run()))[0] == 200
+    outcomes = {o: app.state.metrics.requests.labels(model=LM, route="generate", outcome=o)._value.get()
+                for o in ("timeout", "cancelled")}
+    assert outcomes == {"timeout": 1, "cancelled": 0}
+
+
 def test_the_deadline_ends_a_stream_waiting_upstream_with_an_error_event(settings):
     upstream = FakeUpstream(FRAMES[:1], hang=True)  # then nothing: only the deadline (0.5 s) ends it
     app = app_with(settings, upstream)
