@@ -109,6 +109,17 @@ def upstream(port: int, **settings) -> Upstream:
     return Upstream(Settings(ts_url=f"http://127.0.0.1:{port}", ts_token_auth=False, **settings))
 
 
+@asynccontextmanager
+async def serving(answer, **settings):
+    """A stand-in answering with `answer`, and an Upstream of it, closed when done."""
+    async with stand_in(answer) as s:
+        up = upstream(s.port, **settings)
+        try:
+            yield s, up
+        finally:
+            await up.close()
+
+
 async def collect(up: Upstream, model: str = "lm", request_id: str = "req-1") -> list[dict]:
     async with asyncio.timeout(HANG):
         return [f async for f in up.frames(model, BODY, request_id)]
@@ -121,14 +132,10 @@ async def streamed(req, writer, n) -> None:
 
 def run_failing(run, answer, **settings) -> UpstreamError:
     async def main() -> UpstreamError:
-        async with stand_in(answer) as s:
-            up = upstream(s.port, **settings)
-            try:
-                with pytest.raises(UpstreamError) as e:
-                    await collect(up)
-                return e.value
-            finally:
-                await up.close()
+        async with serving(answer, **settings) as (_, up):
+            with pytest.raises(UpstreamError) as e:
+                await collect(up)
+            return e.value
     return run(main())
 
 
@@ -170,12 +177,8 @@ def test_a_frame_split_over_chunks_and_reads_is_put_back_together(run):
         writer.write(chunk(text[9:]) + chunk(line(LAST)) + END)
 
     async def main():
-        async with stand_in(answer) as s:
-            up = upstream(s.port)
-            try:
-                assert await collect(up) == [FRAME_A, LAST]
-            finally:
-                await up.close()
+        async with serving(answer) as (_, up):
+            assert await collect(up) == [FRAME_A, LAST]
     run(main())
 
 
@@ -184,29 +187,21 @@ def test_several_frames_in_one_chunk_and_a_last_frame_without_newline(run):
         writer.write(HEAD_200 + chunk(line(FRAME_A) + line(FRAME_B) + b"\n" + json.dumps(LAST).encode()) + END)
 
     async def main():
-        async with stand_in(answer) as s:
-            up = upstream(s.port)
-            try:
-                assert await collect(up) == [FRAME_A, FRAME_B, LAST]
-            finally:
-                await up.close()
+        async with serving(answer) as (_, up):
+            assert await collect(up) == [FRAME_A, FRAME_B, LAST]
     run(main())
 
 
 def test_finished_streams_reuse_their_connection(run):
     async def main():
-        async with stand_in(streamed) as s:
-            up = upstream(s.port)
-            try:
-                for i in range(3):
-                    assert await collect(up, request_id=f"r{i}") == [FRAME_A, FRAME_B, LAST]
-                # two at once need two connections; both go back to the pool
-                await asyncio.gather(collect(up), collect(up))
-                await collect(up)
-            finally:
-                await up.close()
-            assert sorted(len(c) for c in s.connections) in ([1, 5], [2, 4])  # 6 requests over 2 connections
-            assert [r.header("x-request-id") for r in s.connections[0][:3]] == ["r0", "r1", "r2"]
+        async with serving(streamed) as (s, up):
+            for i in range(3):
+                assert await collect(up, request_id=f"r{i}") == [FRAME_A, FRAME_B, LAST]
+            # two at once need two connections; both go back to the pool
+            await asyncio.gather(collect(up), collect(up))
+            await collect(up)
+        assert sorted(len(c) for c in s.connections) in ([1, 5], [2, 4])  # 6 requests over 2 connections
+        assert [r.header("x-request-id") for r in s.connections[0][:3]] == ["r0", "r1", "r2"]
     run(main())
 
 
@@ -214,18 +209,14 @@ def test_a_connection_idle_too_long_is_closed_not_reused(run, monkeypatch):
     monkeypatch.setattr(tsc, "IDLE_TIMEOUT_S", 0.0)
 
     async def main():
-        async with stand_in(streamed) as s:
-            up = upstream(s.port)
-            try:
-                await collect(up)
-                await asyncio.sleep(0.01)
-                assert await collect(up) == [FRAME_A, FRAME_B, LAST]
-                async with asyncio.timeout(HANG):
-                    await s.closed.wait()
-            finally:
-                await up.close()
-            assert [len(c) for c in s.connections] == [1, 1]
-            assert s.closed_by_client[0] == 0
+        async with serving(streamed) as (s, up):
+            await collect(up)
+            await asyncio.sleep(0.01)
+            assert await collect(up) == [FRAME_A, FRAME_B, LAST]
+            async with asyncio.timeout(HANG):
+                await s.closed.wait()
+        assert [len(c) for c in s.connections] == [1, 1]
+        assert s.closed_by_client[0] == 0
     run(main())
 
 
@@ -239,16 +230,12 @@ def test_an_error_answer_keeps_its_connection_for_the_next_request(run):
             await streamed(req, writer, n)
 
     async def main():
-        async with stand_in(answer) as s:
-            up = upstream(s.port)
-            try:
-                with pytest.raises(UpstreamError) as e:
-                    await collect(up)
-                assert await collect(up) == [FRAME_A, FRAME_B, LAST]
-            finally:
-                await up.close()
-            assert (e.value.status, e.value.message) == (503, "model server is overloaded or has no healthy worker")
-            assert [len(c) for c in s.connections] == [2]
+        async with serving(answer) as (s, up):
+            with pytest.raises(UpstreamError) as e:
+                await collect(up)
+            assert await collect(up) == [FRAME_A, FRAME_B, LAST]
+        assert (e.value.status, e.value.message) == (503, "model server is overloaded or has no healthy worker")
+        assert [len(c) for c in s.connections] == [2]
     run(main())
 
 
@@ -262,19 +249,15 @@ def test_closing_a_stream_early_closes_its_connection(run):
             await streamed(req, writer, n)
 
     async def main():
-        async with stand_in(answer) as s:
-            up = upstream(s.port)
-            try:
-                frames = up.frames("lm", BODY, "gone")
-                async with asyncio.timeout(HANG):
-                    assert await frames.__anext__() == FRAME_A
-                    await frames.aclose()
-                    await s.closed.wait()
-                assert s.closed_by_client == [0]
-                assert await collect(up) == [FRAME_A, FRAME_B, LAST]
-            finally:
-                await up.close()
-            assert [len(c) for c in s.connections] == [1, 1]
+        async with serving(answer) as (s, up):
+            frames = up.frames("lm", BODY, "gone")
+            async with asyncio.timeout(HANG):
+                assert await frames.__anext__() == FRAME_A
+                await frames.aclose()
+                await s.closed.wait()
+            assert s.closed_by_client == [0]
+            assert await collect(up) == [FRAME_A, FRAME_B, LAST]
+        assert [len(c) for c in s.connections] == [1, 1]
     run(main())
 
 
@@ -294,14 +277,10 @@ def test_a_slow_reader_pauses_the_connection_and_still_gets_every_frame(run, mon
         writer.write(HEAD_200 + b"".join(chunk(line(f)) for f in many) + chunk(line(LAST)) + END)
 
     async def main():
-        async with stand_in(answer) as s:
-            up = upstream(s.port)
-            try:
-                assert await collect(up) == many + [LAST]
-                assert await collect(up) == many + [LAST]
-            finally:
-                await up.close()
-            assert [len(c) for c in s.connections] == [2]  # resumed and read to its end: reused
+        async with serving(answer) as (s, up):
+            assert await collect(up) == many + [LAST]
+            assert await collect(up) == many + [LAST]
+        assert [len(c) for c in s.connections] == [2]  # resumed and read to its end: reused
     run(main())
     assert any(paused)
 
@@ -387,15 +366,11 @@ def test_a_frame_over_the_size_bound_answers_502(run, monkeypatch):
         await asyncio.sleep(HANG)
 
     async def main():
-        async with stand_in(big) as s:
-            up = upstream(s.port)
+        async with serving(big) as (_, up):
             up.torchserve.max_line_bytes = 500
-            try:
-                with pytest.raises(UpstreamError) as e:
-                    await collect(up)
-            finally:
-                await up.close()
-            return e.value
+            with pytest.raises(UpstreamError) as e:
+                await collect(up)
+        return e.value
     err = run(main())
     assert (err.status, err.message) == (502, "model server sent a frame over the size bound")
 
