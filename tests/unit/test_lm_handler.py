@@ -102,23 +102,22 @@ def test_a_call_that_admits_sends_first_tokens_and_long_steps_run_between_calls(
     assert [len(f["text"]) for f in fe.frames["c"]] == [1, 8]
 
 
-def test_new_requests_cut_the_running_long_step_and_get_their_first_token_in_that_call(tiny_lm_folder):
-    """Counted in tokens on a clock of the test's own, where each decoded token takes one minute: a long step
-    is ten minutes (600 tokens, more than max_tokens_per_step's 100). Three requests arriving while a's long
-    step runs are 3/4 of the batch: the step ends once it has run a quarter of its length (3 tokens), and the
-    call that brings them answers with their first tokens. A call without new requests leaves a step whole."""
+def minute_tokens(tiny_lm_folder, frame_interval_ms: int):
+    """A handler on a clock of the test's own where each decoded token takes one minute and a long step ten, its
+    frontend, `call` (steps_apart) and `held`: set, the next decoded token waits until new requests have cut the
+    running step (their call has come)."""
     import math
     import threading
 
     from tests.e2e.waits import wait_for
 
     ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 600_000, "admit_step_ms": 0,
-                                       "max_tokens_per_step": 100, "frame_interval_ms": 0})
+                                       "max_tokens_per_step": 100, "frame_interval_ms": frame_interval_ms})
     h = LanguageModelHandler()
     h.initialize(ctx)
     fe = Frontend(h, ctx)
     call = steps_apart(fe)
-    held = threading.Event()  # set: the next decoded token waits until new requests have cut the step
+    held = threading.Event()
     real = h.engine._step
 
     def token(tokens, state):
@@ -129,6 +128,15 @@ def test_new_requests_cut_the_running_long_step_and_get_their_first_token_in_tha
         return real(tokens, state)
 
     h.engine._step = token
+    return fe, call, held
+
+
+def test_new_requests_cut_the_running_long_step_and_get_their_first_token_in_that_call(tiny_lm_folder):
+    """Counted in tokens on a clock of the test's own, where each decoded token takes one minute: a long step
+    is ten minutes (600 tokens, more than max_tokens_per_step's 100). Three requests arriving while a's long
+    step runs are 3/4 of the batch: the step ends once it has run a quarter of its length (3 tokens), and the
+    call that brings them answers with their first tokens. A call without new requests leaves a step whole."""
+    fe, call, held = minute_tokens(tiny_lm_folder, frame_interval_ms=0)
     fe.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
     call()  # a's first token; all of the batch is new: a one-token long step follows
     held.set()
@@ -325,28 +333,7 @@ def test_a_new_request_cutting_the_step_gets_its_first_token_while_the_others_fr
     the three new requests cut a's step as soon as before and get their first tokens in that call, but a's frame
     is not due (four minutes since its last): the call leaves a out, and what a made meanwhile goes out with its
     next frame, whole, once its interval has passed."""
-    import math
-    import threading
-
-    from tests.e2e.waits import wait_for
-
-    ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 600_000, "admit_step_ms": 0,
-                                       "max_tokens_per_step": 100, "frame_interval_ms": 600_000})
-    h = LanguageModelHandler()
-    h.initialize(ctx)
-    fe = Frontend(h, ctx)
-    call = steps_apart(fe)
-    held = threading.Event()
-    real = h.engine._step
-
-    def token(tokens, state):
-        if held.is_set():
-            wait_for(lambda: h._cut != math.inf, "the new requests' call")
-            held.clear()
-        call.now[0] += 60.0
-        return real(tokens, state)
-
-    h.engine._step = token
+    fe, call, held = minute_tokens(tiny_lm_folder, frame_interval_ms=600_000)
     fe.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
     call()  # a's first token; all of the batch is new: a one-token long step follows
     held.set()
