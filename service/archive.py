@@ -91,6 +91,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             # frontend and the gateway, and two intra-op threads then fight them (BENCHMARKS.md)
             "torch_threads": 1,
             "half_precision": True,  # GPU only; CPU always runs fp32
+            # TorchServe's worker reads each call's message through a buffer and skips its per-call log line
+            # (service/handlers/worker_io.py); false leaves TorchServe's worker as it is
+            "trim_worker_io": True,
         },
     },
     # Benchmark baselines only (rnnserve bench): one request at a time, a frame per token, the same
@@ -125,6 +128,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "int8": False,
             "torch_threads": 1,
             "half_precision": True,
+            "trim_worker_io": True,  # as for "lm"
         },
     },
 }

@@ -23,6 +23,7 @@ from rnnserve.engine.lm_engine import StepOutput
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationOutput, TranslationParams
 from rnnserve.service.affinity import free_worker
+from rnnserve.service.handlers import worker_io
 
 GENERATE_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed", "logprobs", "echo",
                    "state", "return_state"}
@@ -181,18 +182,22 @@ ENV_OVERRIDES = {
     "RNNSERVE_MAX_FRAME_INTERVAL_MS": ("max_frame_interval_ms", float),
     "RNNSERVE_PREFILL_CHUNK_TOKENS": ("prefill_chunk_tokens", int),
     "RNNSERVE_MAX_BATCH_SIZE": ("max_batch_size", int),  # rows decoded at once; more requests wait for a row
+    "RNNSERVE_TRIM_WORKER_IO": ("trim_worker_io", lambda v: bool(int(v))),
 }
 
 
 def handler_setup(ctx) -> tuple[str, dict, torch.device, torch.dtype]:
     """Model folder, the model-config.yaml `handler:` section (with ENV_OVERRIDES applied), and the device
     and dtype to load on: cuda:{gpu_id} from TorchServe's context (fp16 when `half_precision`), else CPU
-    in fp32. Sets the worker's torch threads from `torch_threads` (0 keeps torch's default)."""
+    in fp32. Sets the worker's torch threads from `torch_threads` (0 keeps torch's default), and trims
+    TorchServe's own per-call work in the worker unless `trim_worker_io` is false (worker_io.py)."""
     props = ctx.system_properties
     cfg = dict((ctx.model_yaml_config or {}).get("handler", {}))
     for env, (key, parse) in ENV_OVERRIDES.items():
         if os.environ.get(env):
             cfg[key] = parse(os.environ[env])
+    if cfg.get("trim_worker_io", True):
+        worker_io.install()
     device, dtype = pick_device(props.get("gpu_id"), cfg.get("half_precision", False))
     free_worker()  # every core, where the launcher held TorchServe's frontend to a few (service/affinity.py)
     threads = int(cfg.get("torch_threads", 0))

@@ -48,6 +48,16 @@ def test_every_dashboard_metric_is_exported_by_the_running_stack(stack):
             "ts_inference_requests_total"} <= live
 
 
+def test_the_workers_log_keeps_the_handlers_lines_and_torchserves_metrics_but_no_line_per_call(stack):
+    with stack.client() as c:
+        r = c.post("/v1/generate", json={"model": "lm-shakespeare", "prompt": "a", "max_tokens": 30, "stream": True})
+    assert r.status_code == 200 and '"finish_reason":"length"' in r.text
+    model_log = (stack.run_dir / "logs" / "model_log.log").read_text()
+    assert "loaded lm-shakespeare on" in model_log  # the handler's own INFO lines
+    assert "Backend received inference at" not in model_log  # TorchServe's, once per call (worker_io.py)
+    assert "PredictionTime" in exported(httpx.get(stack.ts_metrics_url).text)  # from the worker's [METRICS] lines
+
+
 @pytest.fixture
 def prometheus(stack, tmp_path):
     binary = shutil.which("prometheus")
