@@ -114,14 +114,17 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         else:
             start = self.clock()
             # A fast engine fills the step with more engine steps (each at most max_tokens_per_step tokens). The
-            # step does not grow with the frame interval: a stream's frame waits for its interval however many
-            # calls come between (streaming.py), and a new request waits in TorchServe for the running step.
-            # New requests cut the step short (`cut_reached`).
-            end = start + scale * (self.step_s if self.frame_interval_floor_s else 0.0)  # 0: a frame per engine step
+            # step grows with the frame interval only while every row is taken (step_length_s): otherwise a
+            # stream's frame waits for its interval however many calls come between (streaming.py), and a new
+            # request waits in TorchServe for the running step. New requests cut the step short (`cut_reached`).
+            length = self.step_length_s() if self.frame_interval_floor_s else 0.0  # 0: a frame per engine step
+            end, grown = start + scale * length, length > self.step_s
             outputs = {o.request_id: o for o in self.engine.step(self.max_tokens_per_step,
                                                                  budget_s=scale * self.target_step_s,
                                                                  stop=self.cut_reached)}
             while self.engine.has_work() and not self.cut_reached() and (left := end - self.clock()) > 0:
+                if grown and any(o.finished for o in outputs.values()):
+                    break  # a row is free: its last frame goes out, and a waiting request may take the row
                 for o in self.engine.step(self.max_tokens_per_step, budget_s=left, stop=self.cut_reached):
                     earlier = outputs.get(o.request_id)
                     outputs[o.request_id] = o if earlier is None else merge_outputs(earlier, o)
@@ -132,6 +135,15 @@ class LanguageModelHandler(ContinuousBatchingHandler):
     def frame_interval_s(self) -> float:
         return frame_interval(self.frame_interval_floor_s, self.frame_interval_per_stream_s,
                               self.max_frame_interval_s, len(self.engine.request_ids()))
+
+    def step_length_s(self) -> float:
+        """The step, or the frame interval where longer while every row is taken: no new request can join before a
+        stream ends, so the step need not end for one; it ends when a stream finishes (run_step). Each call then
+        carries a frame of every stream, where a step shorter than the interval made two or more calls per frame,
+        each costing TorchServe's frontend and its worker a round trip with every stream's entry."""
+        if self.frame_interval_floor_s and len(self.engine.request_ids()) >= self.engine.max_batch_size:
+            return max(self.step_s, self.frame_interval_s())
+        return self.step_s
 
     def merge(self, first: StepOutput, second: StepOutput) -> StepOutput:
         return merge_outputs(first, second)

@@ -27,7 +27,9 @@ passed since its last one (give or take half a step), or when it ends; its first
 steps made for a stream not yet due is held on the engine thread and goes out with its next frame. Steps
 stay as long as at the interval's floor whatever its growth, so that a new request, which waits in
 TorchServe for the running step, gets its first token as soon; the calls between two frames of a stream
-carry the other streams' frames, or the new requests' first ones. A stream with nothing to send is left
+carry the other streams' frames, or the new requests' first ones. Only while every row is taken, when no
+new request can join before a stream ends, does a step last the grown interval (`step_length_s`), ended
+by the first stream to finish: one call per frame of each stream. A stream with nothing to send is left
 out of the call's answer: TorchServe 0.12 answers the indexes left in `ctx.request_ids` (its
 ts/service.py encodes the answer from that very dict) and keeps every other job in flight for the next call.
 """
@@ -105,6 +107,10 @@ class ContinuousBatchingHandler:
     def frame_interval_s(self) -> float:
         """The least time between two frames of a stream now (0: a frame per call). Asked on the engine thread."""
         return 0.0
+
+    def step_length_s(self) -> float:
+        """A long step's length at scale 1 now (see run_step). Asked on the engine thread."""
+        return self.step_s
 
     def finished(self, output: Any) -> bool:
         """Whether an output is its request's last (its frame never waits)."""
@@ -209,7 +215,7 @@ class ContinuousBatchingHandler:
                          else n_admitted)
                 scale = 1.0 - min(young, self._step_rows) / max(1, self._step_rows)
                 # set before the call can return: its next call may cut this step (_hurry)
-                self._step_t0, self._step_len, self._cut = self.clock(), scale * self.step_s, math.inf
+                self._step_t0, self._step_len, self._cut = self.clock(), scale * self.step_length_s(), math.inf
         except BaseException as e:  # the call fails as a whole, as it would have in the calling thread
             published.set_exception(e)
             return

@@ -102,17 +102,17 @@ def test_a_call_that_admits_sends_first_tokens_and_long_steps_run_between_calls(
     assert [len(f["text"]) for f in fe.frames["c"]] == [1, 8]
 
 
-def minute_tokens(tiny_lm_folder, frame_interval_ms: int):
+def minute_tokens(tiny_lm_folder, frame_interval_ms: int, **cfg):
     """A handler on a clock of the test's own where each decoded token takes one minute and a long step ten, its
     frontend, `call` (steps_apart) and `held`: set, the next decoded token waits until new requests have cut the
-    running step (their call has come)."""
+    running step (their call has come). `cfg` overrides the handler's settings."""
     import math
     import threading
 
     from tests.e2e.waits import wait_for
 
     ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 8, "target_step_ms": 600_000, "admit_step_ms": 0,
-                                       "max_tokens_per_step": 100, "frame_interval_ms": frame_interval_ms})
+                                       "max_tokens_per_step": 100, "frame_interval_ms": frame_interval_ms, **cfg})
     h = LanguageModelHandler()
     h.initialize(ctx)
     fe = Frontend(h, ctx)
@@ -356,3 +356,32 @@ def test_a_new_request_cutting_the_step_gets_its_first_token_while_the_others_fr
     fe2.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
     fe2.drain()
     assert "".join(f["text"] for f in fe.frames["a"]) == "".join(f["text"] for f in fe2.frames["a"])
+
+
+def test_with_every_row_taken_a_step_lasts_the_frame_interval_and_a_finishing_stream_ends_it(tiny_lm_folder):
+    """A token is a minute of the test's clock, a step ten, and the frame interval of two streams fifty. With both
+    rows of the batch taken no new request can join before a stream ends, so a long step lasts the interval: one call
+    per frame of each stream, where steps of ten made five. A stream finishing ends the step with its engine step
+    (5 tokens), so that its last frame goes out and its row is free. With a row free a step stays ten minutes."""
+    grown = {"max_tokens_per_step": 5, "frame_interval_per_stream_ms": 1_500_000, "max_frame_interval_ms": 3_000_000}
+    fe, call, _ = minute_tokens(tiny_lm_folder, frame_interval_ms=600_000, max_batch_size=2, **grown)
+    fe.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
+    fe.submit("b", {"prompt": "y", "max_tokens": 40, "seed": 2})
+    call()  # first tokens; all of the batch is new: a one-token long step follows
+    assert fe.h._step_len == 0.0
+    start = fe.h.clock()
+    call()  # that token is held (no frame due); the batch is old and full: the step after lasts the interval...
+    assert fe.left_out == ["a", "b"] and fe.h._step_len == 50 * 60.0
+    # ... but b's last 38 tokens end in its 8th engine step: it ran 40 tokens (the call came a step of 10 later)
+    assert fe.h.clock() - start == 10 * 60.0 + 40 * 60.0
+    call()
+    assert [(len(f["text"]), f.get("finish_reason")) for f in fe.frames["b"]] == [(1, None), (1 + 38, "length")]
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 1 + 40]
+    assert fe.h._step_len == 10 * 60.0  # a row is free: a new request may come with the next call
+
+    fe, call, _ = minute_tokens(tiny_lm_folder, frame_interval_ms=600_000, max_batch_size=3, **grown)
+    fe.submit("a", {"prompt": "x", "max_tokens": 1000, "seed": 1})
+    fe.submit("b", {"prompt": "y", "max_tokens": 40, "seed": 2})
+    call()
+    call()
+    assert fe.h._step_len == 10 * 60.0
