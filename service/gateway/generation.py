@@ -66,7 +66,7 @@ class Run:
 
     def __init__(self, ctx: Context, body: dict, index: int = 0, cost: int = 0) -> None:
         self.ctx, self.index, self.cost = ctx, index, cost  # cost: its tokens held in admission (cost.py)
-        self._frames = ctx.upstream.frames(ctx.model, body, ctx.request_id)
+        self._frames = ctx.upstream.frames(ctx.model, body)
         self._metrics = ctx.metrics.stream(ctx.model)
         self.t0 = time.monotonic()
         self._last_text_at: float | None = None
