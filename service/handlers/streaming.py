@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from rnnserve.service.handlers.frames import EMPTY_FRAME, error_frame, handler_setup, split_final
+from rnnserve.service.handlers.step_log import drop_step_lines
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ContinuousBatchingHandler:
     def setup(self, ctx) -> tuple[str, dict, torch.device, torch.dtype]:
         """frames.handler_setup, and the overlap setting this class reads."""
         model_dir, cfg, device, dtype = handler_setup(ctx)
+        drop_step_lines()  # the worker's line per call (step_log.py)
         self.overlap = bool(cfg.get("overlap_steps", True))
         self.step_on_admit = bool(cfg.get("step_on_admit", True))
         return model_dir, cfg, device, dtype
