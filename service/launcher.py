@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from rnnserve.service.affinity import pin_frontend
 from rnnserve.service.archive import build_archives, stale_archives
 from rnnserve.service.gateway.app import RequestIdFilter, create_app
+from rnnserve.service.gateway import heap
 from rnnserve.service.gateway.connections import ConnectionBounds, protocol_factory
 from rnnserve.service.settings import Settings
 from rnnserve.service.torchserve import TorchServeProcess
@@ -33,6 +34,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
 def configure_logging(level: int = logging.INFO) -> None:
+    # LOG_FORMAT reads none of these: not looked up for every record (the logging HOWTO's "Optimization"); a
+    # record's caller (file, function, line) is a walk up the stack, its process id a system call
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -58,6 +63,7 @@ def _run_gateway(settings: Settings) -> None:
         return _run_gateways(settings)
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=10, access_log=False, **_connection_options(settings))
+    heap.settle()
     uvicorn.Server(config).run()
 
 
@@ -102,7 +108,9 @@ def _run_gateways(settings: Settings) -> None:
 def gateway_app():
     """The app of one of several gateway processes (uvicorn's factory, in a spawned process)."""
     configure_logging()
-    return create_app(Settings())
+    app = create_app(Settings())
+    heap.settle()
+    return app
 
 
 def _start_torchserve(settings: Settings) -> TorchServeProcess:

@@ -66,7 +66,7 @@ class Run:
 
     def __init__(self, ctx: Context, body: dict, index: int = 0, cost: int = 0) -> None:
         self.ctx, self.index, self.cost = ctx, index, cost  # cost: its tokens held in admission (cost.py)
-        self._frames = ctx.upstream.frames(ctx.model, body, ctx.request_id)
+        self._frames = ctx.upstream.frames(ctx.model, body)
         self._metrics = ctx.metrics.stream(ctx.model)
         self.t0 = time.monotonic()
         self._last_text_at: float | None = None
@@ -80,7 +80,8 @@ class Run:
         # asyncio.timeout per frame armed and cancelled a timer for every frame, ~8% of the gateway's CPU)
         self._waiter: asyncio.Task | None = None
         self._expired = self._deadline_cancelled = False
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, ctx.deadline - time.monotonic()), self._expire)
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(max(0.0, ctx.deadline - time.monotonic()), self._expire)
 
     def _expire(self) -> None:
         self._expired = True
@@ -99,7 +100,9 @@ class Run:
         try:
             if self._expired or time.monotonic() >= self.ctx.deadline:
                 raise TimeoutError
-            self._waiter = asyncio.current_task()
+            # with its loop given, current_task skips get_running_loop, whose check of the process id is a
+            # system call (getpid) on every frame
+            self._waiter = asyncio.current_task(self._loop)
             try:
                 frame = await self._frames.__anext__()
             finally:
@@ -111,7 +114,7 @@ class Run:
                 if not self._deadline_cancelled:
                     raise
                 self._deadline_cancelled = False
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                asyncio.current_task(self._loop).uncancel()  # type: ignore[union-attr]
             self.outcome = "timeout"
             raise APIError(504, "the request did not finish before its deadline", "timeout_error") from None
         except UpstreamError as e:

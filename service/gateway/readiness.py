@@ -31,7 +31,7 @@ class Readiness:
         return bool(self.status) and all(s == "ready" for s in self.status.values())
 
     async def _ask(self, name: str) -> None:
-        async for frame in self.upstream.frames(name, PROBES[self.registry.models[name].task], "readiness-probe"):
+        async for frame in self.upstream.frames(name, PROBES[self.registry.models[name].task]):
             if "error" in frame:
                 raise UpstreamError(502, frame["error"].get("message", "error frame"))
 

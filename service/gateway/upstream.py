@@ -109,11 +109,15 @@ class Upstream:
         await self.client.aclose()
         await self.torchserve.close()
 
-    async def frames(self, model: str, body: dict, request_id: str) -> AsyncIterator[dict]:
+    async def frames(self, model: str, body: dict) -> AsyncIterator[dict]:
         """Yield the handler's frames; raise UpstreamError unless the last one ends the stream. Closing the
-        iterator early closes its connection: TorchServe then drops the job."""
+        iterator early closes its connection: TorchServe then drops the job.
+
+        The request carries only the headers TorchServe reads (its token, the body's type and length, the
+        host): with continuous batching its frontend sends every header of every request in flight to the
+        worker again on each engine step, and the worker decodes them all; neither reads the gateway's
+        request id (the gateway logs it)."""
         headers = await self.keys.inference_header()
-        headers["X-Request-Id"] = request_id
         resp: tsc.Response | None = None
         try:
             resp = await self._post(self.torchserve, f"/predictions/{model}", to_json(body), headers)

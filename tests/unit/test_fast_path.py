@@ -29,7 +29,7 @@ class FakeUpstream:
         self.frames_, self.hang = frames, hang
         self.closed: list[bool] = []
 
-    async def frames(self, model: str, body: dict, request_id: str):
+    async def frames(self, model: str, body: dict):
         self.closed.append(False)
         i = len(self.closed) - 1
         try:
