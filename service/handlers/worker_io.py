@@ -9,9 +9,9 @@
 - Its "Backend received inference at: <time>" line, logged on every call to the worker's stdout, which
   the frontend reads and logs again. The lines TorchServe's metrics come from (`[METRICS]...`) stay.
 
-The calling thread's CPU per streamed event fell to 0.5-0.6x at 32 and 64 streams (BENCHMARKS.md, "TorchServe's worker
-I/O"). TorchServe is pinned at 0.12.0, whose last release this is; `install` checks the function it
-replaces is there and otherwise leaves TorchServe as it is.
+The calling thread's CPU per streamed event fell to 0.5-0.6x at 32 and 64 streams (BENCHMARKS.md,
+"TorchServe's worker I/O"). TorchServe is pinned at 0.12.0, whose last release this is; `install` checks
+the function it replaces is there and otherwise leaves TorchServe as it is.
 """
 from __future__ import annotations
 
