@@ -55,6 +55,11 @@ MODEL_CONFIGS: dict[str, dict] = {
             # a call that admits new requests first runs a short step of its own (their prefill and one
             # token), so that their first token leaves with that call instead of a whole step later
             "admit_step_ms": 0,
+            # requests reaching an idle engine wait up to this long for the rest of their burst, which comes with
+            # the next calls: one prefill then reads them all (a recurrent prefill costs about the same for one
+            # prompt as for 64), where the first call's few would make the others wait for theirs. Ends as soon
+            # as a call brings no new request or every row is taken; a lone request waits one round trip.
+            "admit_gather_ms": 30,
             # the long step runs in a background thread between calls, hiding TorchServe's round trip
             # (streaming.py); false runs every step inside the call
             "overlap_steps": True,

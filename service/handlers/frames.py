@@ -172,6 +172,7 @@ ENV_OVERRIDES = {
     "RNNSERVE_ADMIT_STEP_MS": ("admit_step_ms", float),
     "RNNSERVE_OVERLAP_STEPS": ("overlap_steps", lambda v: bool(int(v))),
     "RNNSERVE_STEP_ON_ADMIT": ("step_on_admit", lambda v: bool(int(v))),
+    "RNNSERVE_ADMIT_GATHER_MS": ("admit_gather_ms", float),
     "RNNSERVE_FOLDED_STEP": ("folded_step", lambda v: bool(int(v))),
     "RNNSERVE_INT8": ("int8", lambda v: bool(int(v))),
     "RNNSERVE_CUDA_GRAPHS": ("cuda_graphs", lambda v: bool(int(v))),

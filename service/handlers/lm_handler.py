@@ -145,6 +145,9 @@ class LanguageModelHandler(ContinuousBatchingHandler):
             return max(self.step_s, self.frame_interval_s())
         return self.step_s
 
+    def batch_full(self) -> bool:
+        return len(self.engine.request_ids()) >= self.engine.max_batch_size
+
     def merge(self, first: StepOutput, second: StepOutput) -> StepOutput:
         return merge_outputs(first, second)
 

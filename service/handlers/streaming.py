@@ -66,6 +66,10 @@ class ContinuousBatchingHandler:
         # the running long step: its start, length and rows, and the time new requests cut it at
         self._step_t0, self._step_len, self._step_rows, self._cut = 0.0, 0.0, 0, math.inf
         self._joined: deque[tuple[float, int]] = deque()  # (when, how many) requests joined within a step
+        # requests that reach an idle engine wait this long at most for the rest of their burst (model-config
+        # `admit_gather_ms`; 0: none), and since when the rows admitted meanwhile have waited
+        self.admit_gather_s = 0.0
+        self._gather_since: float | None = None
         # per-stream frames (engine thread): when each stream's last frame went out, and what was held since
         self._last_frame: dict[str, float] = {}
         self._held: dict[str, Any] = {}
@@ -75,6 +79,7 @@ class ContinuousBatchingHandler:
         model_dir, cfg, device, dtype = handler_setup(ctx)
         self.overlap = bool(cfg.get("overlap_steps", True))
         self.step_on_admit = bool(cfg.get("step_on_admit", True))
+        self.admit_gather_s = float(cfg.get("admit_gather_ms", 0)) / 1000
         return model_dir, cfg, device, dtype
 
     # -- what a model handler provides ---------------------------------------------------------
@@ -111,6 +116,10 @@ class ContinuousBatchingHandler:
     def step_length_s(self) -> float:
         """A long step's length at scale 1 now (see run_step). Asked on the engine thread."""
         return self.step_s
+
+    def batch_full(self) -> bool:
+        """Whether every row is taken (no request can join before one ends). Asked on the engine thread."""
+        return False
 
     def finished(self, output: Any) -> bool:
         """Whether an output is its request's last (its frame never waits)."""
@@ -196,8 +205,14 @@ class ContinuousBatchingHandler:
                     log.exception("request %s could not be admitted", rid)
                     errors[rid] = (error_frame("internal error while admitting the request", "internal_error", 500),
                                    True)
-            if (n_admitted and self.step_on_admit) or not self.overlap:
-                outputs = self._merge(outputs, self._step(short=n_admitted > 0))
+            if self._gathers(n_admitted, bool(engine_ids)):
+                # no step: the call returns at once, and the next brings the burst's other requests
+                self._joined.append((self.clock(), n_admitted))
+                published.set_result((outputs, errors, set(self.engine_ids())))
+                return
+            gathered, self._gather_since = self._gather_since is not None, None
+            if ((n_admitted or gathered) and self.step_on_admit) or not self.overlap:
+                outputs = self._merge(outputs, self._step(short=n_admitted > 0 or gathered))
             outputs = self._due(outputs, present)
             scale = None
             now = self.clock()
@@ -219,9 +234,24 @@ class ContinuousBatchingHandler:
         except BaseException as e:  # the call fails as a whole, as it would have in the calling thread
             published.set_exception(e)
             return
-        published.set_result((outputs, errors))
+        published.set_result((outputs, errors, set()))
         if scale is not None:
             self._carried = self._step(False, scale)
+
+    def _gathers(self, n_admitted: int, was_running: bool) -> bool:
+        """Whether the requests just admitted wait for the next call before their prefill. A burst reaches an idle
+        engine over several calls: prefilling the first call's few requests at once makes the others wait for that
+        prefill (a recurrent prefill costs about the same for one prompt as for 64), then pay their own, so the
+        burst runs in waves. So an idle engine's new requests wait (the call returns at once, answering nothing for
+        them) while each call brings more, until a call brings none, every row is taken, or `admit_gather_ms` has
+        passed since the first; then one prefill reads them all. A lone request waits one round trip."""
+        if not (self.admit_gather_s and self.overlap and self.step_on_admit and n_admitted):
+            return False
+        if self._gather_since is None:
+            if was_running:
+                return False  # running rows keep stepping; the young share shortens their steps instead
+            self._gather_since = self.clock()
+        return self.clock() - self._gather_since < self.admit_gather_s and not self.batch_full()
 
     def handle(self, data: list[dict], ctx) -> list[str]:
         ids = [ctx.request_ids[i] for i in range(len(data))]
@@ -234,7 +264,7 @@ class ContinuousBatchingHandler:
             self._hurry(fresh)
         published: Future = Future()
         self._running = self._stepper.submit(self._at_boundary, ids, data, known, published)
-        outputs, frames = published.result()
+        outputs, frames, waiting = published.result()
         for rid in ids:
             if rid in self.pending:
                 frames[rid] = (self.pending.pop(rid), True)
@@ -243,7 +273,7 @@ class ContinuousBatchingHandler:
 
         result, stops, left_out = [], [], []
         for i, rid in enumerate(ids):
-            if rid not in frames and rid in self.started:  # nothing new: no frame (see the module's doc)
+            if rid not in frames and (rid in self.started or rid in waiting):  # nothing new: no frame (module doc)
                 left_out.append(i)
                 result.append("")
                 stops.append(False)

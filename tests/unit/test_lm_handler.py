@@ -385,3 +385,85 @@ def test_with_every_row_taken_a_step_lasts_the_frame_interval_and_a_finishing_st
     call()
     call()
     assert fe.h._step_len == 10 * 60.0
+
+
+def gathering(tiny_lm_folder, **cfg):
+    """A handler that gathers the requests reaching it idle for up to ten minutes of the test's own clock, its
+    frontend, `call` (steps_apart) and the rows of each prefill the engine ran."""
+    ctx = FakeContext(tiny_lm_folder, {"max_batch_size": 4, "target_step_ms": 60_000, "admit_step_ms": 0,
+                                       "max_tokens_per_step": 8, "admit_gather_ms": 600_000, **cfg})
+    h = LanguageModelHandler()
+    h.initialize(ctx)
+    fe = Frontend(h, ctx)
+    prefills: list[int] = []
+    real = h.engine._prefill
+
+    def prefill(reads):
+        prefills.append(len(reads))
+        return real(reads)
+
+    h.engine._prefill = prefill
+    return fe, steps_apart(fe), prefills
+
+
+def test_a_burst_reaching_an_idle_engine_is_prefilled_once_when_a_call_brings_no_more(tiny_lm_folder):
+    """Requests reaching an idle engine over several calls wait, answered nothing, while each call brings more;
+    the first call that brings none prefills them all at once and carries their first tokens."""
+    fe, call, prefills = gathering(tiny_lm_folder)
+    fe.submit("a", {"prompt": "x", "max_tokens": 20, "seed": 1})
+    call(by=0)
+    fe.submit("b", {"prompt": "yy", "max_tokens": 20, "seed": 2})
+    fe.submit("c", {"prompt": "zzz", "max_tokens": 20, "seed": 3})
+    call(by=0)
+    assert fe.left_out == ["a", "b", "c"] and fe.frames == {} and prefills == []
+    assert fe.h.engine.num_waiting == 3 and fe.h.engine.num_running == 0
+    call(by=0)  # nothing new: one prefill reads all three, and their first tokens go out
+    assert prefills == [3]
+    assert {rid: [len(f["text"]) for f in frames] for rid, frames in fe.frames.items()} == {"a": [1], "b": [1],
+                                                                                             "c": [1]}
+    fe.drain()
+    assert prefills == [3]
+    assert all(len("".join(f["text"] for f in fe.frames[rid])) == 20 for rid in "abc")
+
+
+def test_a_lone_request_waits_one_call_and_its_text_is_the_text_it_gets_without_gathering(tiny_lm_folder):
+    texts = []
+    for gather_ms in (600_000, 0):
+        fe, call, prefills = gathering(tiny_lm_folder, admit_gather_ms=gather_ms)
+        fe.submit("a", {"prompt": "KING:", "max_tokens": 30, "seed": 4, "temperature": 0.8})
+        call(by=0)
+        assert fe.left_out == (["a"] if gather_ms else [])
+        fe.drain()
+        assert prefills == [1] and fe.frames["a"][-1]["finish_reason"] == "length"
+        texts.append("".join(f["text"] for f in fe.frames["a"]))
+    assert texts[0] == texts[1] and len(texts[0]) == 30
+
+
+def test_gathering_ends_when_every_row_is_taken_or_its_time_is_up(tiny_lm_folder):
+    fe, call, prefills = gathering(tiny_lm_folder)
+    for rid in "ab":
+        fe.submit(rid, {"prompt": rid, "max_tokens": 20, "seed": 1})
+    call(by=0)
+    for rid in "cd":  # the batch's last two rows: no request can join before one ends
+        fe.submit(rid, {"prompt": rid, "max_tokens": 20, "seed": 1})
+    call(by=0)
+    assert prefills == [4] and sorted(fe.frames) == ["a", "b", "c", "d"]
+
+    fe, call, prefills = gathering(tiny_lm_folder)
+    fe.submit("a", {"prompt": "a", "max_tokens": 20, "seed": 1})
+    call(by=0)
+    fe.submit("b", {"prompt": "b", "max_tokens": 20, "seed": 1})
+    call(by=600.0)  # ten minutes since a came: time is up, though b is new
+    assert prefills == [2] and sorted(fe.frames) == ["a", "b"]
+
+
+def test_requests_joining_running_rows_are_not_gathered(tiny_lm_folder):
+    """Running rows keep stepping: a request that joins them gets its first token in the call that admits it."""
+    fe, call, prefills = gathering(tiny_lm_folder)
+    fe.submit("a", {"prompt": "a", "max_tokens": 100, "seed": 1})
+    call(by=0)
+    call()
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1]
+    fe.submit("b", {"prompt": "b", "max_tokens": 100, "seed": 2})
+    call()
+    assert [len(f["text"]) for f in fe.frames["b"]] == [1] and prefills == [1, 1]
