@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="lm: also the raw engine and the full stack with the int8 decode step, against fp32; "
                         "translation: the raw engine with the fp32 decoder step against the int8 one (no stack)")
+    p.add_argument("--fresh-connections", action="store_true",
+                   help="lm: each client opens its connection inside the timed burst (default: before the clock "
+                        "starts, as a service's clients keep their connections open)")
     p.add_argument("--token-ms", type=float, default=1.0,
                    help="serving: the synthetic engine's step time, slept (a fast GPU's; 0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -42,3 +42,51 @@ def test_bench_lm_int8_serves_a_second_copy_of_the_model_with_the_int8_step(tmp_
     assert int8 == {**fp32, "int8": True, "name": INT8_LM} and fp32["int8"] is False  # served beside it
     assert model_config("lm", int8)["handler"]["int8"] is True
     assert model_config("lm", fp32)["handler"]["int8"] is False
+
+
+def test_http_lm_clients_connect_before_the_clock_and_stream_on_those_connections():
+    """With connect_first every client opens its connection (a GET /healthz) before the burst, and each stream
+    goes out on one of those connections; without it the streams open their own."""
+    import asyncio
+
+    from aiohttp import web
+
+    from rnnserve.bench.baselines import http_lm
+
+    async def run(connect_first: bool) -> tuple[list[tuple[int, str]], object]:
+        seen: list[tuple[int, str]] = []  # (client port, path), in order
+
+        async def health(request):
+            seen.append((request.transport.get_extra_info("peername")[1], request.path))
+            return web.json_response({"status": "ok"})
+
+        async def generate(request):
+            seen.append((request.transport.get_extra_info("peername")[1], request.path))
+            assert (await request.json())["stream"] is True
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'data: {"text": "ab"}\n\n')
+            await resp.write(b'data: {"text": "c", "finish_reason": "length", "usage": {"completion_tokens": 3}}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/healthz", health)
+        app.router.add_post("/v1/generate", generate)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            res = await http_lm(f"http://127.0.0.1:{port}", "m", "t", 4, 3, connect_first=connect_first)
+        finally:
+            await runner.cleanup()
+        return seen, res
+
+    seen, res = asyncio.run(run(True))
+    assert res.tokens == 12 and res.units == 4 and res.errors == 0 and len(res.ttft) == 4
+    assert [path for _, path in seen] == ["/healthz"] * 4 + ["/v1/generate"] * 4
+    assert sorted(p for p, _ in seen[:4]) == sorted(p for p, _ in seen[4:])  # the same four connections
+    seen, res = asyncio.run(run(False))
+    assert res.tokens == 12 and [path for _, path in seen] == ["/v1/generate"] * 4
