@@ -107,3 +107,43 @@ def test_a_json_body_without_a_json_content_type_is_told_to_send_one(stack):
             "message": f"the request body is read as JSON only with `Content-Type: application/json`; this request "
                        f"{said}", "type": "invalid_request_error", "param": None, "code": 400}}
     assert ok.status_code == 200 and len(ok.json()["text"]) == 3
+
+
+
+def test_requests_reaching_an_idle_model_share_one_prefill_and_keep_their_seeded_texts(stack):
+    """A lone request to an idle model waits one of TorchServe's calls (the next brings nothing new) and is
+    prefilled then, which the model log records; a burst of concurrent requests is gathered the same way, however
+    its arrival times split it, and every stream's text is the one it gets alone."""
+    import re
+    import threading
+
+    from tests.e2e.waits import metric, wait_for
+
+    log_path = stack.run_dir / "logs" / "model_log.log"
+    gathered = re.compile(r"one prefill for (\d+) requests gathered over (\d+) calls")
+    bodies = [{"model": "lm-shakespeare", "prompt": p, "max_tokens": 24, "temperature": 0.9, "seed": i}
+              for i, p in enumerate(["ROMEO:", "JULIET:\n", "", "To be", "KING:", "First Citizen:\n"])]
+    with stack.client() as c:
+        for _ in range(3):  # the gateway's readiness probe (one token every 5 s) may meet the request: try again
+            wait_for(lambda: metric(c, "rnnserve_requests_running", model="lm-shakespeare") == 0, "an idle model")
+            before = len(gathered.findall(log_path.read_text()))
+            assert c.post("/v1/generate", json=bodies[0]).status_code == 200
+            wait_for(lambda: len(gathered.findall(log_path.read_text())) > before, "the model log")
+            if gathered.findall(log_path.read_text())[before:] == [("1", "2")]:
+                break
+        else:
+            raise AssertionError("a lone request was never gathered alone")
+        alone = [c.post("/v1/generate", json=b).json()["text"] for b in bodies]
+
+    streamed: list[str] = [""] * len(bodies)
+
+    def stream(i: int) -> None:
+        with stack.client() as c, c.stream("POST", "/v1/generate", json={**bodies[i], "stream": True}) as r:
+            streamed[i] = "".join(e["text"] for e in sse_events(r) if isinstance(e, dict))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(t) == 24 for t in alone) and streamed == alone

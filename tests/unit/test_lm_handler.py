@@ -406,9 +406,10 @@ def gathering(tiny_lm_folder, **cfg):
     return fe, steps_apart(fe), prefills
 
 
-def test_a_burst_reaching_an_idle_engine_is_prefilled_once_when_a_call_brings_no_more(tiny_lm_folder):
+def test_a_burst_reaching_an_idle_engine_is_prefilled_once_when_a_call_brings_no_more(tiny_lm_folder, caplog):
     """Requests reaching an idle engine over several calls wait, answered nothing, while each call brings more;
     the first call that brings none prefills them all at once and carries their first tokens."""
+    caplog.set_level("INFO", logger="rnnserve.service.handlers.streaming")
     fe, call, prefills = gathering(tiny_lm_folder)
     fe.submit("a", {"prompt": "x", "max_tokens": 20, "seed": 1})
     call(by=0)
@@ -419,6 +420,7 @@ def test_a_burst_reaching_an_idle_engine_is_prefilled_once_when_a_call_brings_no
     assert fe.h.engine.num_waiting == 3 and fe.h.engine.num_running == 0
     call(by=0)  # nothing new: one prefill reads all three, and their first tokens go out
     assert prefills == [3]
+    assert "one prefill for 3 requests gathered over 3 calls in 0.0 ms" in caplog.messages
     assert {rid: [len(f["text"]) for f in frames] for rid, frames in fe.frames.items()} == {"a": [1], "b": [1],
                                                                                              "c": [1]}
     fe.drain()
