@@ -19,7 +19,9 @@ brings new requests cuts the running long step the same way (at once when they a
 so that a new request waits about one token for it, not a whole step. Where a first token is worth
 little (a translation is read whole, and its first piece is rarely agreed by every beam),
 `step_on_admit: false` leaves the new requests to the long step: the call returns at once and the
-round trip overlaps their prefill instead of waiting for it. The engine is touched by its thread only.
+round trip overlaps their prefill instead of waiting for it. Requests that reach an idle engine may wait
+for the rest of their burst (`admit_gather_ms`): the calls that bring it return at once, answering nothing
+for them, and one prefill then reads them all (`_gathers`). The engine is touched by its thread only.
 
 Frames: every frame costs TorchServe's frontend and the gateway about the same, whatever it carries, so a
 stream gets a frame only once its frame interval (`frame_interval_s`, grown with the streams in flight) has
@@ -211,7 +213,8 @@ class ContinuousBatchingHandler:
                 self._joined.append((self.clock(), n_admitted))
                 self._gather_calls += 1
                 self._gather_rows += n_admitted
-                published.set_result((outputs, errors, set(self.engine_ids())))
+                # the last long step's outputs still go out (with what was held for them), as they would have
+                published.set_result((self._due(outputs, present), errors, set(self.engine_ids())))
                 return
             gathered = self._gather_since is not None
             if gathered:

@@ -469,3 +469,24 @@ def test_requests_joining_running_rows_are_not_gathered(tiny_lm_folder):
     fe.submit("b", {"prompt": "b", "max_tokens": 100, "seed": 2})
     call()
     assert [len(f["text"]) for f in fe.frames["b"]] == [1] and prefills == [1, 1]
+
+
+def test_a_stream_that_ends_while_its_text_is_held_keeps_that_text_when_a_gather_begins(tiny_lm_folder):
+    """On the test's clock (a token a minute, a long step ten): a stream's frames are held by a 30-minute frame
+    interval (grown past the 10-minute floor, so steps stay ten minutes), it ends in the background, and the next
+    call brings a request to the now idle engine, which starts a gather: the ended stream's last frame still
+    carries everything held for it."""
+    fe, call, held = minute_tokens(tiny_lm_folder, frame_interval_ms=600_000, frame_interval_per_stream_ms=1_800_000,
+                                   max_frame_interval_ms=1_800_000, admit_gather_ms=600_000, max_tokens_per_step=1)
+    fe.submit("a", {"prompt": "x", "max_tokens": 12, "seed": 1})
+    call(by=0)  # gathered
+    call(by=0)  # a's first token, in its first frame; the step after it (young rows) makes one token
+    call()  # that token is held (the interval has not passed); the long step after this call makes a's last ten
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1] and "a" in fe.h._held  # one token held
+    assert not fe.h.engine.has_work()  # a ended in the background step
+    fe.submit("b", {"prompt": "y", "max_tokens": 5, "seed": 2})
+    call()  # b is gathered; a's last frame goes out, with the held token
+    assert fe.left_out == ["b"]
+    assert [len(f["text"]) for f in fe.frames["a"]] == [1, 11] and fe.frames["a"][-1]["finish_reason"] == "length"
+    fe.drain()
+    assert len("".join(f["text"] for f in fe.frames["b"])) == 5
