@@ -490,3 +490,16 @@ def test_a_stream_that_ends_while_its_text_is_held_keeps_that_text_when_a_gather
     assert [len(f["text"]) for f in fe.frames["a"]] == [1, 11] and fe.frames["a"][-1]["finish_reason"] == "length"
     fe.drain()
     assert len("".join(f["text"] for f in fe.frames["b"])) == 5
+
+
+def test_a_gathered_request_whose_client_goes_away_is_dropped_before_the_prefill(tiny_lm_folder):
+    fe, call, prefills = gathering(tiny_lm_folder)
+    fe.submit("stay", {"prompt": "a", "max_tokens": 10, "seed": 1})
+    fe.submit("leave", {"prompt": "b", "max_tokens": 10, "seed": 2})
+    call(by=0)
+    assert fe.left_out == ["stay", "leave"]
+    fe.inflight.remove("leave")  # the frontend dropped it: its client closed the connection
+    call(by=0)
+    assert prefills == [1] and "leave" not in fe.h.engine and fe.h.aborted == 1
+    fe.drain()
+    assert "leave" not in fe.frames and len("".join(f["text"] for f in fe.frames["stay"])) == 10
