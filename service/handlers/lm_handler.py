@@ -141,7 +141,7 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         stream ends, so the step need not end for one; it ends when a stream finishes (run_step). Each call then
         carries a frame of every stream, where a step shorter than the interval made two or more calls per frame,
         each costing TorchServe's frontend and its worker a round trip with every stream's entry."""
-        if self.frame_interval_floor_s and len(self.engine.request_ids()) >= self.engine.max_batch_size:
+        if self.frame_interval_floor_s and self.batch_full():
             return max(self.step_s, self.frame_interval_s())
         return self.step_s
 

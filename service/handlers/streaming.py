@@ -72,7 +72,7 @@ class ContinuousBatchingHandler:
         # `admit_gather_ms`; 0: none), and since when the rows admitted meanwhile have waited
         self.admit_gather_s = 0.0
         self._gather_since: float | None = None
-        self._gather_calls = self._gather_rows = 0  # calls and requests of the running gather
+        self._gather_calls = 0  # calls of the running gather
         # per-stream frames (engine thread): when each stream's last frame went out, and what was held since
         self._last_frame: dict[str, float] = {}
         self._held: dict[str, Any] = {}
@@ -212,15 +212,15 @@ class ContinuousBatchingHandler:
                 # no step: the call returns at once, and the next brings the burst's other requests
                 self._joined.append((self.clock(), n_admitted))
                 self._gather_calls += 1
-                self._gather_rows += n_admitted
                 # the last long step's outputs still go out (with what was held for them), as they would have
                 published.set_result((self._due(outputs, present), errors, set(self.engine_ids())))
                 return
             gathered = self._gather_since is not None
             if gathered:
-                log.info("one prefill for %d requests gathered over %d calls in %.1f ms", self._gather_rows + n_admitted,
+                # the engine was idle when the gather began: its requests now are the gathered ones
+                log.info("one prefill for %d requests gathered over %d calls in %.1f ms", len(self.engine_ids()),
                          self._gather_calls + 1, 1000 * (self.clock() - self._gather_since))
-                self._gather_since, self._gather_calls, self._gather_rows = None, 0, 0
+                self._gather_since, self._gather_calls = None, 0
             if ((n_admitted or gathered) and self.step_on_admit) or not self.overlap:
                 outputs = self._merge(outputs, self._step(short=n_admitted > 0 or gathered))
             outputs = self._due(outputs, present)
