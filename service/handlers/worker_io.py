@@ -197,3 +197,4 @@ def install() -> None:
     service.Service.retrieve_data_for_inference = staticmethod(inputs_for_handler)
     logging.getLogger().addFilter(not_per_call_line)
     _installed = True
+    log.info("TorchServe's worker trimmed: buffered reads, each request in flight decoded once, no per-call line")

@@ -59,6 +59,7 @@ def test_torchserve_writes_no_line_per_engine_step_and_its_metrics_still_count_t
     model_log, ts_log = (logs / "model_log.log").read_text(), (logs / "ts_log.log").read_text()
     assert "loaded lm-shakespeare on cpu" in model_log  # the worker's other lines are written
     assert "Backend received inference at" not in model_log
+    assert "TorchServe's worker trimmed: buffered reads, each request in flight decoded once" in model_log
     assert "Torchserve version" in ts_log and "result=[METRICS]" not in ts_log
 
 

@@ -178,4 +178,5 @@ def test_the_per_call_line_is_dropped_and_every_other_line_kept(monkeypatch):
         root.removeHandler(handler)
         root.removeFilter(worker_io.not_per_call_line)
         root.setLevel(level)
-    assert seen == ["Frontend disconnected.", "[METRICS]PredictionTime.Milliseconds:3.1|#Level:Model"]
+    assert seen == ["TorchServe's worker trimmed: buffered reads, each request in flight decoded once, no per-call "
+                    "line", "Frontend disconnected.", "[METRICS]PredictionTime.Milliseconds:3.1|#Level:Model"]
