@@ -92,26 +92,31 @@ def _decode_value(value: bytearray, content_type: str, decode: bool) -> Any:
     return value
 
 
+def _records(buf: bytearray, pos: int, width: int) -> tuple[list[list[bytearray]], int]:
+    """A list of records of `width` fields each, ended by a -1 where a record would begin."""
+    records = []
+    while True:
+        first, pos = _field(buf, pos)
+        if first is None:
+            return records, pos
+        record = [first]
+        for _ in range(width - 1):
+            value, pos = _field(buf, pos)
+            record.append(value)
+        records.append(record)
+
+
 def _decode_entry(buf: bytearray, pos: int, request_id: bytearray, decode: bool) -> tuple[dict, int]:
-    """The entry after its id, at `pos`: its headers and parameters, as ts's `_retrieve_request` returns them."""
-    headers = []
-    while True:
-        name, pos = _field(buf, pos)
-        if name is None:
-            break
-        value, pos = _field(buf, pos)
-        headers.append({"name": name, "value": value})
-    parameters = []
-    while True:
-        name, pos = _field(buf, pos)
-        if name is None:
-            break
-        content_type, pos = _field(buf, pos)
-        value, pos = _field(buf, pos)
+    """The entry after its id, at `pos`: its headers (name, value) and parameters (name, content type, value), as
+    ts's `_retrieve_request` returns them."""
+    headers, pos = _records(buf, pos, 2)
+    parameters, pos = _records(buf, pos, 3)
+    params = []
+    for name, content_type, value in parameters:
         ctype = content_type.decode("utf-8")
-        parameters.append({"name": name.decode("utf-8"), "contentType": ctype,
-                           "value": _decode_value(value, ctype, decode)})
-    return {"requestId": request_id, "headers": headers, "parameters": parameters}, pos
+        params.append({"name": name.decode("utf-8"), "contentType": ctype, "value": _decode_value(value, ctype, decode)})
+    return {"requestId": request_id, "headers": [{"name": n, "value": v} for n, v in headers],
+            "parameters": params}, pos
 
 
 def read_inference_msg(conn) -> list[dict]:
