@@ -9,16 +9,17 @@
 - Its decoding of those entries, again on every call: the frontend re-sends each request in flight (its id
   and headers; the body only with the first call), and ts decodes every field into new objects, then
   ts/service.py turns them into the handler's inputs: about 14 us per request and call (0.45 ms per call at
-  32 streams, 12 ms at 1,024), all of it holding the GIL that the engine thread needs. Here an entry whose bytes are those of the same request's
-  entry in the previous call is not decoded again: the call gets the objects decoded then (`read_inference_msg`,
-  `inputs_for_handler`). Only the entries of the last call are kept.
+  32 streams, 12 ms at 1,024), all of it holding the GIL that the engine thread needs. Here an entry whose
+  bytes are those of the same request's entry in the previous call is not decoded again: the call gets the
+  objects decoded then (`read_inference_msg`, `inputs_for_handler`). Only the entries of the last call are kept.
 - Its "Backend received inference at: <time>" line, logged on every call to the worker's stdout, which
   the frontend reads and logs again. The lines TorchServe's metrics come from (`[METRICS]...`) stay.
 
-With the buffer the calling thread's CPU per streamed event fell to 0.5-0.6x at 32 and 64 streams (BENCHMARKS.md,
-"TorchServe's worker I/O"); decoding each request once cut the worker's CPU per token on the synthetic model to
-about 0.8x at 64 and 1,024 streams ("Each request decoded once"). TorchServe is pinned at 0.12.0, whose last release this is; `install` checks
-the functions it replaces are there and otherwise leaves TorchServe as it is.
+With the buffer the calling thread's CPU per streamed event fell to 0.5-0.6x at 32 and 64 streams
+(BENCHMARKS.md, "TorchServe's worker I/O"); decoding each request once cut the worker's CPU per token on the
+synthetic model to about 0.8x at 64 and 1,024 streams ("Each request decoded once"). TorchServe is pinned at
+0.12.0, whose last release this is; `install` checks the functions it replaces are there and otherwise leaves
+TorchServe as it is.
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def _decode_entry(buf: bytearray, pos: int, request_id: bytearray, decode: bool)
     params = []
     for name, content_type, value in parameters:
         ctype = content_type.decode("utf-8")
-        params.append({"name": name.decode("utf-8"), "contentType": ctype, "value": _decode_value(value, ctype, decode)})
+        params.append({"name": name.decode("utf-8"), "contentType": ctype,
+                       "value": _decode_value(value, ctype, decode)})
     return {"requestId": request_id, "headers": [{"name": n, "value": v} for n, v in headers],
             "parameters": params}, pos
 
@@ -170,8 +172,8 @@ def inputs_for_handler(batch: list[dict] | None) -> tuple[list, list[dict], dict
             headers: dict = {p["name"]: {"content-type": p["contentType"]} for p in request["parameters"]}
             for h in request.get("headers") or ():
                 headers[h["name"].decode("utf-8")] = h["value"].decode("utf-8")
-            made = request[_DECODED] = (RequestProcessor(headers), {p["name"]: p["value"] for p in request["parameters"]},
-                                        request["requestId"].decode("utf-8"))
+            inputs_of = {p["name"]: p["value"] for p in request["parameters"]}
+            made = request[_DECODED] = (RequestProcessor(headers), inputs_of, request["requestId"].decode("utf-8"))
         processors.append(made[0])
         inputs.append(made[1])
         ids[idx] = made[2]
@@ -193,8 +195,10 @@ def install() -> None:
         from ts.protocol import otf_message_handler
     except ImportError:  # not inside a TorchServe worker (unit tests of the handlers)
         return
-    if not all(callable(getattr(otf_message_handler, f, None)) for f in ("_retrieve_buffer", "_retrieve_inference_msg")) \
-            or not callable(getattr(service.Service, "retrieve_data_for_inference", None)):
+    replaced = [getattr(otf_message_handler, "_retrieve_buffer", None),
+                getattr(otf_message_handler, "_retrieve_inference_msg", None),
+                getattr(service.Service, "retrieve_data_for_inference", None)]
+    if not all(callable(f) for f in replaced):
         log.warning("TorchServe's worker lacks the functions worker_io replaces: its reads are left as they are")
         return
     otf_message_handler._retrieve_buffer = read_exactly

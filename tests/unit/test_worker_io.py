@@ -102,7 +102,8 @@ A_NEW = (b"id-a", HEADERS, b'{"prompt": "ROMEO:", "max_tokens": 4}')
 A_AGAIN = (b"id-a", HEADERS, None)
 B_NEW = (b"id-b", {b"Host": b"h"}, b'{"prompt": "' + "é".encode() * 40_000 + b'"}')
 B_AGAIN = (b"id-b", {b"Host": b"h"}, None)
-CALLS = [[A_NEW], [A_AGAIN, B_NEW], [A_AGAIN, B_AGAIN], [(b"id-a", {**HEADERS, b"X-Request-Id": b"r-2"}, None), B_AGAIN]]
+A_CHANGED = (b"id-a", {**HEADERS, b"X-Request-Id": b"r-2"}, None)
+CALLS = [[A_NEW], [A_AGAIN, B_NEW], [A_AGAIN, B_AGAIN], [A_CHANGED, B_AGAIN]]
 
 
 def in_flight_message(requests) -> bytes:
