@@ -96,8 +96,8 @@ def torchserves(conn) -> list:
         otf._retrieve_buffer = original
 
 
-# a stream's life in three calls: its first carries the body; then the frontend sends its id and headers again
-# (in flight), beside a new request; then once more, with one header changed
+# two streams over four calls: A's first carries its body; the frontend then sends A's id and headers again (in
+# flight) beside B's first; then both in flight, unchanged; then A with one header changed
 A_NEW = (b"id-a", HEADERS, b'{"prompt": "ROMEO:", "max_tokens": 4}')
 A_AGAIN = (b"id-a", HEADERS, None)
 B_NEW = (b"id-b", {b"Host": b"h"}, b'{"prompt": "' + "é".encode() * 40_000 + b'"}')
