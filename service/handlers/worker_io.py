@@ -45,18 +45,29 @@ _DECODED = "_rnnserve_inputs"  # a decoded entry's key: its handler inputs, once
 _entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def read_exactly(conn, length: int) -> bytearray:
-    """`length` bytes from `conn`, as ts's `_retrieve_buffer` returns them; like it, the process exits when
-    the frontend has closed the socket (the worker has nothing left to serve)."""
+def _buffer(conn) -> bytearray:
+    """The bytes read from `conn` and not yet taken."""
     buf = _buffers.get(conn)
     if buf is None:
         buf = _buffers[conn] = bytearray()
+    return buf
+
+
+def _receive(conn, buf: bytearray, wanted: int) -> None:
+    """One `recv` of at least RECV_BYTES (more when `wanted` is more) onto `buf`. Like ts's `_retrieve_buffer`,
+    the process exits when the frontend has closed the socket (the worker has nothing left to serve)."""
+    pkt = conn.recv(max(RECV_BYTES, wanted))
+    if not pkt:
+        logging.info("Frontend disconnected.")
+        sys.exit(0)
+    buf += pkt
+
+
+def read_exactly(conn, length: int) -> bytearray:
+    """`length` bytes from `conn`, as ts's `_retrieve_buffer` returns them."""
+    buf = _buffer(conn)
     while len(buf) < length:
-        pkt = conn.recv(max(RECV_BYTES, length - len(buf)))
-        if not pkt:
-            logging.info("Frontend disconnected.")
-            sys.exit(0)
-        buf += pkt
+        _receive(conn, buf, length - len(buf))
     data = buf[:length]
     del buf[:length]
     return data
@@ -126,9 +137,7 @@ def read_inference_msg(conn) -> list[dict]:
     """The requests of a predict message, as ts's `_retrieve_inference_msg` returns them. An entry whose bytes
     are those of the same request's entry in the socket's previous message is that entry's request again (the
     same objects: nothing reads them but ts/service.py, and `inputs_for_handler` only adds its key)."""
-    buf = _buffers.get(conn)
-    if buf is None:
-        buf = _buffers[conn] = bytearray()
+    buf = _buffer(conn)
     known = _entries.get(conn) or {}
     entries: dict[bytes, tuple[bytes, dict]] = {}
     decode_env = os.environ.get("TS_DECODE_INPUT_REQUEST")
@@ -148,12 +157,8 @@ def read_inference_msg(conn) -> list[dict]:
                 entries[rid] = (bytes(buf[pos:end]), request)
             msg.append(entries[rid][1])
             pos = end
-        except _Short:  # decode this entry again once more bytes are in
-            pkt = conn.recv(max(RECV_BYTES, len(buf)))
-            if not pkt:
-                logging.info("Frontend disconnected.")
-                sys.exit(0)
-            buf += pkt
+        except _Short:  # decode this entry again once more bytes are in (twice as many for a long entry)
+            _receive(conn, buf, len(buf))
     del buf[:end]
     _entries[conn] = entries
     return msg
