@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-connections", action="store_true",
                    help="lm: each client opens its connection inside the timed burst (default: before the clock "
                         "starts, as a service's clients keep their connections open)")
+    p.add_argument("--client", choices=["lean", "aiohttp"], default="lean",
+                   help="lm, cpu: the streaming clients' HTTP client: the gateway's lean one (default), which "
+                        "takes the least CPU from the cores the stack runs on, or aiohttp's")
     p.add_argument("--token-ms", type=float, default=1.0,
                    help="serving: the synthetic engine's step time, slept (a fast GPU's; 0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -7,7 +7,8 @@
     rnnserve bench cpu           # CPU per request and per streamed event of each process of the stack
 
 Every figure of a table comes from the same run on the same model, prompts and machine; quote the
-ratios (this machine is noisy). Clients are asyncio + aiohttp on loopback.
+ratios (this machine is noisy). The LM's streaming clients are asyncio tasks on loopback over the gateway's
+lean HTTP client (`--client aiohttp`: aiohttp's); translation's use aiohttp.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from rnnserve.engine.translation_engine import TranslationEngine, TranslationPar
 from rnnserve.models.folder import copy_model_folder, load_lm, load_translation
 from rnnserve.paths import DATA_DIR, MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
+from rnnserve.service.gateway.torchserve_client import TorchServeClient
 from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.bench.soak import cpu_seconds
-from rnnserve.bench.sse import read_stream
+from rnnserve.bench.sse import StreamRead, read_stream, read_stream_lines
 from rnnserve.training.corpus import read_lines
 
 WARMUP_ROUNDS = 3
@@ -149,14 +151,10 @@ def raw_translation(engine: TranslationEngine, clients: int, sentences: list[lis
 
 
 # -- through HTTP ------------------------------------------------------------------------------------
-async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, res: Result) -> None:
-    t0 = time.perf_counter()
-    async with session.post(url, json=body) as r:
-        if r.status != 200:
-            res.errors += 1
-            await r.read()
-            return
-        got = await read_stream(r, t0)
+CLIENTS = ("lean", "aiohttp")  # the LM's load generators (http_lm)
+
+
+def _count(res: Result, got: StreamRead) -> None:
     res.events += got.events
     res.ttft += [] if got.ttft is None else [got.ttft]
     res.itl += got.itl
@@ -166,28 +164,66 @@ async def _stream_one(session: aiohttp.ClientSession, url: str, body: dict, res:
         res.units += 1
 
 
+async def _stream_one(session: aiohttp.ClientSession, url: str, body: bytes, res: Result) -> None:
+    t0 = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        if r.status != 200:
+            res.errors += 1
+            await r.read()
+            return
+        _count(res, await read_stream(r, t0))
+
+
+async def _stream_lean(client: TorchServeClient, body: bytes, res: Result) -> None:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/generate", body, {})
+    try:
+        if r.status != 200:
+            res.errors += 1
+            await r.text()
+            return
+        _count(res, await read_stream_lines(r, t0))
+    finally:
+        r.release()
+
+
 async def _health(session: aiohttp.ClientSession, url: str) -> None:
     async with session.get(f"{url}/healthz") as r:
         await r.read()
 
 
-async def http_lm(url: str, model: str, name: str, clients: int, tokens: int, connect_first: bool = True) -> Result:
-    """Streaming clients on aiohttp: the load generator shares the cores with the stack, so it should
-    cost as little per event as it can (aiohttp's C parser costs less than httpx). With `connect_first`
-    each client opens its connection before the clock starts, as a service's clients (or the balancer in
-    front of it) keep theirs open: aiohttp takes 12-26 ms to open 32-64 connections before its first
-    request leaves, a cost of the load generator that the raw engine, whose requests are queued before
-    its clock starts, does not pay."""
+async def http_lm(url: str, model: str, name: str, clients: int, tokens: int, connect_first: bool = True,
+                  client: str = "lean") -> Result:
+    """`clients` streamed generations at once. The load generator shares the cores with the stack, and what it
+    spends comes out of the stack's figures, so it should cost as little per request and event as it can:
+    `lean` is the gateway's own client of TorchServe (httptools' parser, a line per read), which costs about a
+    third of `aiohttp` (BENCHMARKS.md). The bodies are encoded before the clock starts, as the raw engine's
+    requests are queued before its clock. With `connect_first` each client opens its connection before the
+    clock too, as a service's clients (or the balancer in front of it) keep theirs open: aiohttp takes 12-26 ms
+    to open 32-64 connections before its first request leaves."""
+    if client not in CLIENTS:
+        raise ValueError(f"client must be one of {CLIENTS}")
     res = Result(name, clients)
+    bodies = [json.dumps({"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
+                          "temperature": 0.8, "seed": i, "stream": True}).encode() for i in range(clients)]
+    if client == "lean":
+        lean = TorchServeClient(url, connect_timeout_s=30, read_timeout_s=600, max_line_bytes=1 << 20,
+                                max_idle=clients)
+        try:
+            if connect_first:  # one connection per client, in the pool for the burst
+                await lean.connect(clients)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(_stream_lean(lean, body, res) for body in bodies))
+            res.seconds = time.perf_counter() - t0
+        finally:
+            await lean.close()
+        return res
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients + 4)) as session:
         if connect_first:  # one connection per client, kept alive in the pool for the burst
             await asyncio.gather(*(_health(session, url) for _ in range(clients)))
         t0 = time.perf_counter()
-        await asyncio.gather(*(
-            _stream_one(session, f"{url}/v1/generate",
-                        {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
-                         "temperature": 0.8, "seed": i, "stream": True}, res) for i in range(clients)))
+        await asyncio.gather(*(_stream_one(session, f"{url}/v1/generate", body, res) for body in bodies))
         res.seconds = time.perf_counter() - t0
     return res
 
@@ -277,10 +313,11 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = Fal
 
 def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
              step_ms: float | None = None, repeat: int = 3, int8: bool = False,
-             fresh_connections: bool = False) -> list[dict]:
+             fresh_connections: bool = False, client: str = "lean") -> list[dict]:
     """Raw engine, naive handlers and full stack per level; with `int8`, the raw engine and the full stack
     again with the int8 decode step (a second copy of the model served beside the first), against both.
-    The clients connect before each burst's clock starts unless `fresh_connections` (http_lm)."""
+    The clients connect before each burst's clock starts unless `fresh_connections`; `client` is the load
+    generator (http_lm)."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
     step_ms = step_ms or MODEL_CONFIGS["lm"]["handler"]["target_step_ms"]
     rows = []
@@ -296,10 +333,10 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             served_int8 = loaded.meta.get("int8") is True and not int8
             raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
             for baseline in NAIVE:
-                asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16))
+                asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16, client=client))
             for _ in range(WARMUP_ROUNDS):
                 for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else []):
-                    asyncio.run(http_lm(stack.url, model, "warm-up", max(concurrency), 64))
+                    asyncio.run(http_lm(stack.url, model, "warm-up", max(concurrency), 64, client=client))
             baselines = {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2}
             connect = not fresh_connections
             if int8:
@@ -307,21 +344,23 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             for c in concurrency:
                 setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
                                                       int8=served_int8), c, tokens, step_ms),
-                          *(lambda c=c, m=model, n=label: asyncio.run(http_lm(stack.url, m, n, c, tokens, connect))
+                          *(lambda c=c, m=model, n=label: asyncio.run(http_lm(stack.url, m, n, c, tokens, connect,
+                                                                                   client))
                             for model, label in NAIVE.items()),
                           lambda c=c: asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens,
-                                                          connect))]
+                                                          connect, client))]
                 if int8:
                     setups += [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64, int8=True),
                                                   c, tokens, step_ms, "raw engine int8"),
                                lambda c=c: asyncio.run(http_lm(stack.url, INT8_LM, "full stack int8", c, tokens,
-                                                               connect))]
+                                                               connect, client))]
                 runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
                 rows += summarize(runs, "tokens_per_s", baselines)
         finally:
             stop_stack(stack)
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
-                 "step_ms": step_ms, "repeat": repeat, "int8": int8, "fresh_connections": fresh_connections})
+                 "step_ms": step_ms, "repeat": repeat, "int8": int8, "fresh_connections": fresh_connections,
+                 "client": client})
     return rows
 
 
@@ -384,11 +423,12 @@ def _named(res: Result, precision: str) -> Result:
 
 
 def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
-              repeat: int = 3) -> list[dict]:
+              repeat: int = 3, client: str = "lean") -> list[dict]:
     """CPU time of every process of the stack, per request and per streamed event: where the cores go.
 
     Per request: 200 one-token generations, one at a time. Per event: `c` streaming clients of `tokens`
-    tokens each. Medians of `repeat` runs (after a warm-up that lets the JVM compile its hot paths).
+    tokens each, on `client` (http_lm). Medians of `repeat` runs (after a warm-up that lets the JVM compile
+    its hot paths).
     """
     def cpu_s(procs: dict) -> dict[str, float]:
         out = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
@@ -409,7 +449,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
                      "worker": next(k for k in kids if "model_service_worker" in " ".join(k.cmdline())),
                      "client": psutil.Process()}
             for _ in range(WARMUP_ROUNDS):
-                asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64))
+                asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64, client=client))
 
             async def one_at_a_time(n: int) -> None:
                 async with aiohttp.ClientSession() as session:
@@ -431,7 +471,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
                 runs = []
                 for _ in range(repeat):
                     before = cpu_s(procs)
-                    res = asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens))
+                    res = asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens, client=client))
                     after = cpu_s(procs)
                     events = res.events
                     runs.append({k: 1e6 * (after[k] - before[k]) / events for k in after} |
@@ -442,7 +482,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
         finally:
             stop_stack(stack)
     print_table(rows, list(rows[0]) + [k for k in rows[-1] if k not in rows[0]])
-    _write(out, {"cpu": rows, "tokens": tokens, "repeat": repeat})
+    _write(out, {"cpu": rows, "tokens": tokens, "repeat": repeat, "client": client})
     return rows
 
 
@@ -532,10 +572,10 @@ def main(args) -> int:
             torch.set_num_threads(args.worker_threads)
         bench_engine(levels, args.tokens, out, args.repeat)
     elif args.task == "cpu":
-        bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat)
+        bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat, args.client)
     elif args.task == "lm":
         bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat, args.int8,
-                 args.fresh_connections)
+                 args.fresh_connections, args.client)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads,
                           args.repeat, args.int8)

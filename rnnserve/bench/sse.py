@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from rnnserve.service.gateway.torchserve_client import Response
+
 
 @dataclass
 class StreamRead:
@@ -16,29 +18,45 @@ class StreamRead:
     completion_tokens: int = 0
     finished: bool = False  # an event with finish_reason arrived
     error: bool = False  # an error event arrived
+    last_text_at: float | None = field(default=None, repr=False)
 
-
-async def read_stream(resp: aiohttp.ClientResponse, t0: float) -> StreamRead:
-    """The events of a 200 answer: `data: {...}` lines, then a blank line each; `t0` is when it was sent."""
-    out = StreamRead()
-    last = None
-    async for line in resp.content:
+    def take(self, line: bytes, t0: float) -> bool:
+        """One line of the body (`t0`: when the request was sent): a `data: {...}` line is an event, any other
+        (a blank line, `data: [DONE]`) is skipped. False once an error event ends the stream."""
         if not line.startswith(b"data: {"):
-            continue
+            return True
         event = json.loads(line[6:])
-        out.events += 1
+        self.events += 1
         if "error" in event:
-            out.error = True
-            return out
+            self.error = True
+            return False
         text = event.get("text", "")
         now = time.perf_counter()
         if text:
-            if last is None:
-                out.ttft = now - t0
+            if self.last_text_at is None:
+                self.ttft = now - t0
             else:
-                out.itl.extend([(now - last) / len(text)] * len(text))
-            last = now
+                self.itl.extend([(now - self.last_text_at) / len(text)] * len(text))
+            self.last_text_at = now
         if event.get("finish_reason"):
-            out.completion_tokens = event["usage"]["completion_tokens"]
-            out.finished = True
+            self.completion_tokens = event["usage"]["completion_tokens"]
+            self.finished = True
+        return True
+
+
+async def read_stream(resp: aiohttp.ClientResponse, t0: float) -> StreamRead:
+    """The events of a 200 answer read with aiohttp: `data: {...}` lines, then a blank line each."""
+    out = StreamRead()
+    async for line in resp.content:
+        if not out.take(line, t0):
+            break
+    return out
+
+
+async def read_stream_lines(resp: Response, t0: float) -> StreamRead:
+    """The same, read with the lean client (service/gateway/torchserve_client.py), which gives the body's lines."""
+    out = StreamRead()
+    while (line := await resp.readline()) is not None:
+        if not out.take(line, t0):
+            break
     return out

@@ -5,7 +5,8 @@ frame over a chunked body. A general client (aiohttp) spends CPU on every reques
 path never needs: URL, cookie and header machinery, a request writer, a connector with per-host
 bookkeeping, a stream reader (BENCHMARKS.md measures both). Here an asyncio Protocol per connection feeds httptools'
 response parser (uvicorn's), the de-chunked body is split into lines as it arrives, and idle connections
-wait in a pool for the next request.
+wait in a pool for the next request. The benchmarks drive the gateway's streams with it too (rnnserve/bench):
+a load generator that shares the cores with the stack should cost as little as it can.
 
 Errors are this module's own exceptions; service/gateway/upstream.py turns them into the gateway's answers.
 """
@@ -308,6 +309,26 @@ class TorchServeClient:
                 break
             if conn.usable():
                 return conn
+        return await self._open()
+
+    async def connect(self, n: int) -> None:
+        """Open `n` connections into the pool at once, as a client that keeps its connections open has them
+        before its first request."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        opened = await asyncio.gather(*(self._open() for _ in range(n)), return_exceptions=True)
+        conns = [c for c in opened if isinstance(c, _Connection)]
+        failed = [e for e in opened if isinstance(e, BaseException)]
+        if failed:  # none is kept: the caller asked for all of them
+            for conn in conns:
+                conn.close()
+            raise failed[0]
+        now = self.loop.time()
+        for conn in conns:
+            conn.idle_since = now
+        self.idle.extend(conns)
+
+    async def _open(self) -> _Connection:
         conn = _Connection(self)
         try:
             async with asyncio.timeout(self.connect_timeout_s):

@@ -1,3 +1,5 @@
+import pytest
+
 from rnnserve.bench.baselines import Result, summarize
 
 
@@ -44,17 +46,20 @@ def test_bench_lm_int8_serves_a_second_copy_of_the_model_with_the_int8_step(tmp_
     assert model_config("lm", fp32)["handler"]["int8"] is False
 
 
-def test_http_lm_clients_connect_before_the_clock_and_stream_on_those_connections():
-    """With connect_first every client opens its connection (a GET /healthz) before the burst, and each stream
-    goes out on one of those connections; without it the streams open their own."""
+@pytest.mark.parametrize("client", ["lean", "aiohttp"])
+def test_http_lm_clients_connect_before_the_clock_and_stream_on_those_connections(client):
+    """With connect_first every client's connection is open before the burst (aiohttp's by a GET /healthz, the lean
+    client's by connecting), and each stream goes out on one of those connections; without it the streams open
+    their own. Either client reads the same events."""
     import asyncio
 
     from aiohttp import web
 
     from rnnserve.bench.baselines import http_lm
 
-    async def run(connect_first: bool) -> tuple[list[tuple[int, str]], object]:
+    async def run(connect_first: bool) -> tuple[list[tuple[int, str]], object, list[int]]:
         seen: list[tuple[int, str]] = []  # (client port, path), in order
+        open_at_first: list[int] = []  # connections open when the first stream arrived
 
         async def health(request):
             seen.append((request.transport.get_extra_info("peername")[1], request.path))
@@ -62,7 +67,9 @@ def test_http_lm_clients_connect_before_the_clock_and_stream_on_those_connection
 
         async def generate(request):
             seen.append((request.transport.get_extra_info("peername")[1], request.path))
-            assert (await request.json())["stream"] is True
+            if not open_at_first:
+                open_at_first.append(len(runner.server.connections))
+            assert request.content_type == "application/json" and (await request.json())["stream"] is True
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
             await resp.write(b'data: {"text": "ab"}\n\n')
@@ -79,14 +86,35 @@ def test_http_lm_clients_connect_before_the_clock_and_stream_on_those_connection
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         try:
-            res = await http_lm(f"http://127.0.0.1:{port}", "m", "t", 4, 3, connect_first=connect_first)
+            res = await http_lm(f"http://127.0.0.1:{port}", "m", "t", 4, 3, connect_first=connect_first,
+                                client=client)
         finally:
             await runner.cleanup()
-        return seen, res
+        return seen, res, open_at_first
 
-    seen, res = asyncio.run(run(True))
-    assert res.tokens == 12 and res.units == 4 and res.errors == 0 and len(res.ttft) == 4
-    assert [path for _, path in seen] == ["/healthz"] * 4 + ["/v1/generate"] * 4
-    assert sorted(p for p, _ in seen[:4]) == sorted(p for p, _ in seen[4:])  # the same four connections
-    seen, res = asyncio.run(run(False))
+    seen, res, open_at_first = asyncio.run(run(True))
+    assert res.tokens == 12 and res.units == 4 and res.errors == 0 and res.events == 8 and len(res.ttft) == 4
+    assert open_at_first == [4]
+    streams = [p for p, path in seen if path == "/v1/generate"]
+    assert len(set(streams)) == 4
+    if client == "aiohttp":
+        assert [path for _, path in seen] == ["/healthz"] * 4 + ["/v1/generate"] * 4
+        assert sorted(p for p, _ in seen[:4]) == sorted(streams)  # the same four connections
+    else:
+        assert [path for _, path in seen] == ["/v1/generate"] * 4
+    seen, res, _ = asyncio.run(run(False))
     assert res.tokens == 12 and [path for _, path in seen] == ["/v1/generate"] * 4
+
+
+def test_a_stream_read_counts_events_texts_and_the_end_and_stops_at_an_error():
+    from rnnserve.bench.sse import StreamRead
+
+    got = StreamRead()
+    lines = [b'data: {"text": "ab"}', b"", b'data: {"text": ""}', b'data: {"text": "c", "finish_reason": "length", '
+             b'"usage": {"completion_tokens": 3}}\n', b"data: [DONE]"]
+    assert all(got.take(line, t0=0.0) for line in lines)
+    assert (got.events, got.completion_tokens, got.finished, got.error) == (3, 3, True, False)
+    assert got.ttft is not None and len(got.itl) == 1  # one entry per character after the first text
+    bad = StreamRead()
+    assert bad.take(b'data: {"error": {"message": "overloaded"}}', t0=0.0) is False
+    assert (bad.events, bad.error, bad.finished) == (1, True, False)

@@ -501,3 +501,48 @@ def test_a_header_with_a_line_break_is_refused():
         with pytest.raises(ValueError):
             await client.post("/p", b"{}", {"X-Request-Id": "a\r\nEvil: 1"})
     asyncio.run(main())
+
+
+def test_connect_opens_connections_that_the_next_requests_take(run):
+    """A client that connects first (the benchmarks' load generator): n connections before any request, and n
+    requests at once go out over exactly those."""
+    async def main():
+        async with stand_in(streamed) as s:
+            client = tsc.TorchServeClient(f"http://127.0.0.1:{s.port}", 5, HANG, 1 << 20)
+            try:
+                await client.connect(3)
+                async with asyncio.timeout(HANG):
+                    while len(s.connections) < 3:  # the stand-in's side of each accept
+                        await asyncio.sleep(0.01)
+                assert s.connections == [[], [], []]
+
+                async def one(i: int) -> list[bytes]:
+                    resp = await client.post("/predictions/lm", json.dumps({"seed": i}).encode(), {})
+                    lines = [ln async for ln in _lines(resp)]
+                    resp.release()
+                    return lines
+
+                async with asyncio.timeout(HANG):
+                    got = await asyncio.gather(*(one(i) for i in range(3)))
+            finally:
+                await client.close()
+        assert got == [[line(FRAME_A)[:-1], line(FRAME_B)[:-1], line(LAST)[:-1]]] * 3
+        assert [len(c) for c in s.connections] == [1, 1, 1]
+    run(main())
+
+
+def test_connect_keeps_no_connection_when_one_fails(run):
+    async def main():
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        client = tsc.TorchServeClient(f"http://127.0.0.1:{port}", 5, HANG, 1 << 20)
+        with pytest.raises(tsc.ConnectError):
+            await client.connect(2)
+        assert client.idle == []
+    run(main())
+
+
+async def _lines(resp: tsc.Response):
+    while (got := await resp.readline()) is not None:
+        yield got
