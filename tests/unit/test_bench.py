@@ -110,8 +110,8 @@ def test_a_stream_read_counts_events_texts_and_the_end_and_stops_at_an_error():
     from rnnserve.bench.sse import StreamRead
 
     got = StreamRead()
-    lines = [b'data: {"text": "ab"}', b"", b'data: {"text": ""}', b'data: {"text": "c", "finish_reason": "length", '
-             b'"usage": {"completion_tokens": 3}}\n', b"data: [DONE]"]
+    last = b'data: {"text": "c", "finish_reason": "length", "usage": {"completion_tokens": 3}}\n'
+    lines = [b'data: {"text": "ab"}', b"", b'data: {"text": ""}', last, b"data: [DONE]"]
     assert all(got.take(line, t0=0.0) for line in lines)
     assert (got.events, got.completion_tokens, got.finished, got.error) == (3, 3, True, False)
     assert got.ttft is not None and len(got.itl) == 1  # one entry per character after the first text
