@@ -69,11 +69,13 @@ MODEL_CONFIGS: dict[str, dict] = {
             # of them (every frame costs TorchServe's frontend, the gateway and the client the same CPU).
             # Equal to the step budget, it changes nothing where the engine fills the budget itself.
             "frame_interval_ms": 60,
-            # ... grown with the streams in flight: 2 ms per stream past 30 (64 streams: 128 ms), so that all
-            # streams together send about 500 frames/s, up to 250 ms between two frames of a stream. A new request
+            # ... grown with the streams in flight: 3 ms per stream past 20 (32 streams: 96 ms, 64: 192 ms), so that
+            # all streams together send about 330 frames/s, up to 250 ms between two frames of a stream. On a small
+            # CPU machine the relay of every frame slows the engine beside it: 3 ms gave the int8 stack 0.06 more of
+            # its raw engine's tokens/s than 2 ms (500 frames/s) at 32 and 64 streams (BENCHMARKS.md). A new request
             # waits for the running interval: a call that brings new requests ends the one after it at once, so
             # that they wait for one interval at most (streaming.py)
-            "frame_interval_per_stream_ms": 2,
+            "frame_interval_per_stream_ms": 3,
             "max_frame_interval_ms": 250,
             # a floor on each step's duration (0: none); the test suite sets it with max_tokens_per_step 1
             # (RNNSERVE_MIN_STEP_MS, RNNSERVE_MAX_TOKENS_PER_STEP) for streams slow on any machine
