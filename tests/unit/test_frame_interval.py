@@ -1,8 +1,6 @@
 from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.handlers.frame_interval import frame_interval
 
-ARCHIVE_HANDLER = MODEL_CONFIGS["lm"]["handler"]
-
 
 def test_the_frame_interval_grows_with_the_streams_between_its_floor_and_its_most():
     # 60 ms floor, 4 ms per stream, at most 250 ms
@@ -11,7 +9,7 @@ def test_the_frame_interval_grows_with_the_streams_between_its_floor_and_its_mos
 
 
 def test_the_archives_defaults_hold_frames_96_ms_apart_at_32_streams_and_192_at_64():
-    handler = ARCHIVE_HANDLER
+    handler = MODEL_CONFIGS["lm"]["handler"]
     interval = [frame_interval(handler["frame_interval_ms"] / 1000, handler["frame_interval_per_stream_ms"] / 1000,
                                handler["max_frame_interval_ms"] / 1000, n) for n in (1, 20, 32, 64, 84, 1024)]
     assert [round(x, 3) for x in interval] == [0.06, 0.06, 0.096, 0.192, 0.25, 0.25]
