@@ -197,10 +197,10 @@ async def http_lm(url: str, model: str, name: str, clients: int, tokens: int, co
     """`clients` streamed generations at once. The load generator shares the cores with the stack, and what it
     spends comes out of the stack's figures, so it should cost as little per request and event as it can:
     `lean` is the gateway's own client of TorchServe (httptools' parser, a line per read), which takes about
-    0.6-0.7x the CPU of `aiohttp` per request and event (BENCHMARKS.md). The bodies are encoded before the clock starts, as the raw engine's
-    requests are queued before its clock. With `connect_first` each client opens its connection before the
-    clock too, as a service's clients (or the balancer in front of it) keep theirs open: aiohttp takes 12-26 ms
-    to open 32-64 connections before its first request leaves."""
+    0.6-0.7x the CPU of `aiohttp` per request and event (BENCHMARKS.md). The bodies are encoded before the clock
+    starts, as the raw engine's requests are queued before its clock. With `connect_first` each client opens its
+    connection before the clock too, as a service's clients (or the balancer in front of it) keep theirs open:
+    aiohttp takes 12-26 ms to open 32-64 connections before its first request leaves."""
     if client not in CLIENTS:
         raise ValueError(f"client must be one of {CLIENTS}")
     res = Result(name, clients)
