@@ -34,7 +34,7 @@ from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.gateway.torchserve_client import TorchServeClient
 from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.bench.soak import cpu_seconds
-from rnnserve.bench.sse import StreamRead, read_stream, read_stream_lines
+from rnnserve.bench.sse import StreamRead, read_stream, read_stream_lines, run_client
 from rnnserve.training.corpus import read_lines
 
 WARMUP_ROUNDS = 3
@@ -333,10 +333,10 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             served_int8 = loaded.meta.get("int8") is True and not int8
             raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
             for baseline in NAIVE:
-                asyncio.run(http_lm(stack.url, baseline, "warm-up", 2, 16, client=client))
+                run_client(http_lm(stack.url, baseline, "warm-up", 2, 16, client=client))
             for _ in range(WARMUP_ROUNDS):
                 for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else []):
-                    asyncio.run(http_lm(stack.url, model, "warm-up", max(concurrency), 64, client=client))
+                    run_client(http_lm(stack.url, model, "warm-up", max(concurrency), 64, client=client))
             baselines = {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2}
             connect = not fresh_connections
             if int8:
@@ -344,15 +344,15 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             for c in concurrency:
                 setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
                                                       int8=served_int8), c, tokens, step_ms),
-                          *(lambda c=c, m=model, n=label: asyncio.run(http_lm(stack.url, m, n, c, tokens, connect,
+                          *(lambda c=c, m=model, n=label: run_client(http_lm(stack.url, m, n, c, tokens, connect,
                                                                                    client))
                             for model, label in NAIVE.items()),
-                          lambda c=c: asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens,
+                          lambda c=c: run_client(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens,
                                                           connect, client))]
                 if int8:
                     setups += [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64, int8=True),
                                                   c, tokens, step_ms, "raw engine int8"),
-                               lambda c=c: asyncio.run(http_lm(stack.url, INT8_LM, "full stack int8", c, tokens,
+                               lambda c=c: run_client(http_lm(stack.url, INT8_LM, "full stack int8", c, tokens,
                                                                connect, client))]
                 runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
                 rows += summarize(runs, "tokens_per_s", baselines)
@@ -402,12 +402,12 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
                             extra_env=_env(worker_threads))
         try:
             raw_translation(TranslationEngine(tr.model, int8=served_int8), 4, ids, 4, 2)  # warm-up
-            asyncio.run(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
+            run_client(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
             for beam in beams:
                 for c in concurrency:
                     setups = [lambda c=c, b=beam: raw_translation(TranslationEngine(tr.model, int8=served_int8), c,
                                                                   ids, b, per_client),
-                              lambda c=c, b=beam: asyncio.run(http_translation(stack.url, "translate-de-en", c, texts,
+                              lambda c=c, b=beam: run_client(http_translation(stack.url, "translate-de-en", c, texts,
                                                                                b, per_client))]
                     runs = [[measured(setup) for setup in setups] for _ in range(repeat)]
                     rows += summarize(runs, "units_per_s", {"vs_raw": 0})
@@ -449,7 +449,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
                      "worker": next(k for k in kids if "model_service_worker" in " ".join(k.cmdline())),
                      "client": psutil.Process()}
             for _ in range(WARMUP_ROUNDS):
-                asyncio.run(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64, client=client))
+                run_client(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64, client=client))
 
             async def one_at_a_time(n: int) -> None:
                 async with aiohttp.ClientSession() as session:
@@ -461,7 +461,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
             per_request = []
             for _ in range(repeat):
                 before = cpu_s(procs)
-                asyncio.run(one_at_a_time(200))
+                run_client(one_at_a_time(200))
                 after = cpu_s(procs)
                 per_request.append({k: 1000 * (after[k] - before[k]) / 200 for k in after})
             row = {"load": "one request at a time", "unit": "ms CPU per request"}
@@ -471,7 +471,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
                 runs = []
                 for _ in range(repeat):
                     before = cpu_s(procs)
-                    res = asyncio.run(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens, client=client))
+                    res = run_client(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens, client=client))
                     after = cpu_s(procs)
                     events = res.events
                     runs.append({k: 1e6 * (after[k] - before[k]) / events for k in after} |

@@ -27,7 +27,7 @@ import aiohttp
 import psutil
 
 from rnnserve.bench.baselines import PROMPTS, _median, _ms, _pct, _write, print_table
-from rnnserve.bench.sse import read_stream
+from rnnserve.bench.sse import read_stream, run_client
 from rnnserve.paths import MODELS_DIR
 from rnnserve.service.stack import Stack, start_stack, stop_stack
 
@@ -136,7 +136,7 @@ def measure(stack: Stack, model: str, n: int, tokens: int, ceiling: float | None
     processes' fixed background CPU (the JVM's compiler and collector) weighs the same in each."""
     roles = stack_processes(stack)
     before = cpu_seconds(roles)
-    run = asyncio.run(streams(stack.url, model, n, tokens, bursts=max(1, round(requests / n))))
+    run = run_client(streams(stack.url, model, n, tokens, bursts=max(1, round(requests / n))))
     after = cpu_seconds(roles)
     per_token = {f"{role}_us_per_token": (1e6 * (after[role] - before[role]) / run.tokens if run.tokens else None)
                  for role in roles}
@@ -183,7 +183,7 @@ def bench_serving(levels: list[int], tokens: int, out: Path | None, repeat: int 
         stack = start_stack(Path(tmp), models_dir=synthetic_models_dir(Path(tmp), token_ms), extra_env=env)
         try:
             # TorchServe's JVM compiles its hot paths over the first few thousand frames
-            asyncio.run(streams(stack.url, SYNTHETIC, min(256, top), tokens, bursts=WARMUP_ROUNDS))
+            run_client(streams(stack.url, SYNTHETIC, min(256, top), tokens, bursts=WARMUP_ROUNDS))
             for n in levels:
                 ceiling = min(n, batch) * 1000 / token_ms if token_ms else None
                 rows.append(summarize([measure(stack, SYNTHETIC, n, tokens, ceiling) for _ in range(repeat)]))

@@ -18,6 +18,7 @@ from statistics import median
 import httpx
 import psutil
 
+from rnnserve.bench.sse import run_client
 from rnnserve.service.stack import start_stack, stop_stack
 
 WARMUP_FRACTION = 0.2
@@ -112,7 +113,7 @@ def soak(minutes: float, users: int, out: Path | None) -> dict:
                     await asyncio.sleep(5)
                 await load
 
-            asyncio.run(run())
+            run_client(run())
         finally:
             stop_stack(stack)
     warm = [s for s in samples if s["t"] >= WARMUP_FRACTION * minutes * 60]
