@@ -13,7 +13,9 @@ connection (and, for a stream, its admission slot) for ever.
 - `scope["extensions"]["rnnserve.abort"]`: lets the app drop the connection at once, which a stream
   does when its deadline passes during a blocked write (generation.py); `"rnnserve.write_paused"` says
   whether a write would block now (uvicorn's send suspends only then), so that the stream arms a
-  timer only for such a write, not for every event.
+  timer only for such a write, not for every event;
+- a response's head held back until its first body bytes (or the end of the event loop's turn): one write,
+  one system call and one wake-up of the client for both, where uvicorn makes two.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,49 @@ class ConnectionBounds:
     send_buffer_bytes: int | None = None  # the kernel's send buffer per connection; None: its autotuning
 
 
+class HeadHoldingTransport:
+    """A connection's transport whose next write, once armed, waits for the write after it or for the end of
+    the event loop's turn, whichever comes first. Armed before each response: its head then goes out with its
+    first body bytes, which a stream's first event and a JSON answer send in the same turn. Order is kept: held
+    bytes always go out before any later ones."""
+
+    __slots__ = ("_armed", "_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._armed = False
+        self._held: bytes | None = None
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        elif self._armed:
+            self._armed, self._held = False, bytes(data)
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            data, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str):  # everything else is the transport's
+        return getattr(self._transport, name)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args, bounds: ConnectionBounds, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -48,7 +93,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(HeadHoldingTransport(transport, self.loop))  # type: ignore[arg-type]
         sock = transport.get_extra_info("socket")
         if self.bounds.send_buffer_bytes and sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.bounds.send_buffer_bytes)
@@ -66,6 +111,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         flow = self.flow
         extensions[WRITE_PAUSED] = lambda: flow.write_paused
         self._arm_read(self.bounds.body_timeout_s, "request body")
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
+        # each response's head waits for its first body bytes (an "100 Continue" must not wait)
+        if not cycle.waiting_for_100_continue:
+            self.transport.arm()  # type: ignore[attr-defined]
+        super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
