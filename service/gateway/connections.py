@@ -67,6 +67,9 @@ class HeadHoldingTransport:
             return
         self._transport.write(data)
 
+    def writelines(self, chunks) -> None:
+        self.write(b"".join(chunks))
+
     def flush(self) -> None:
         if self._held is not None:
             data, self._held = self._held, None

@@ -140,8 +140,12 @@ def test_held_bytes_keep_their_order_and_are_flushed_on_close_not_on_abort():
         assert t.out[-1] == b"head2"
         held.arm()
         held.write(b"head3")
+        held.writelines([b"x", b"y"])
+        assert t.out[-1] == b"head3xy"
+        held.arm()
+        held.write(b"head4")
         held.close()
-        assert t.out[-1] == b"head3" and t.closed
+        assert t.out[-1] == b"head4" and t.closed
         t2 = FakeTransport()
         held2 = HeadHoldingTransport(t2, loop)  # type: ignore[arg-type]
         held2.arm()
