@@ -4,7 +4,6 @@ the connection's end with a bound only a hang reaches, so they do not depend on 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -13,6 +12,7 @@ import uvicorn
 from rnnserve.service.gateway.connections import ConnectionBounds, protocol_factory
 from rnnserve.service.stack import free_ports
 from tests.rawsockets import connect, read_to_end
+from tests.uvicorn_thread import serving
 
 HANG_S = 30.0
 ended: list[str] = []  # what the app saw end: "stream" when a stream's body generator was closed
@@ -59,16 +59,8 @@ def server():
     bounds = ConnectionBounds(header_timeout_s=0.5, body_timeout_s=0.5, write_timeout_s=0.5)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol_factory(bounds), log_config=None,
                             timeout_keep_alive=30, lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + HANG_S
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield port
-    srv.should_exit = True
-    thread.join(HANG_S)
+    with serving(config):
+        yield port
 
 
 def test_a_prompt_client_is_served_and_kept_alive(server):

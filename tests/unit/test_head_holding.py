@@ -3,7 +3,6 @@ gateway's protocol: what the protocol writes to the connection's transport is re
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from rnnserve.service.gateway.connections import BoundedHttpToolsProtocol, Conne
 from rnnserve.service.gateway.generation import DONE, SSE_HEADERS, serve_events
 from rnnserve.service.stack import free_ports
 from tests.rawsockets import connect, read_to_end
+from tests.uvicorn_thread import serving
 
 HANG_S = 30.0
 EVENTS = [b"data: {\"text\": \"a\"}\n\n", b"data: {\"text\": \"b\"}\n\n", b"data: {\"text\": \"c\"}\n\n" + DONE]
@@ -64,16 +64,8 @@ def server():
     bounds = ConnectionBounds(header_timeout_s=HANG_S, body_timeout_s=HANG_S, write_timeout_s=HANG_S)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off",
                             http=lambda *a, **k: RecordedProtocol(*a, bounds=bounds, **k))
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + HANG_S
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield port
-    srv.should_exit = True
-    thread.join(HANG_S)
+    with serving(config):
+        yield port
 
 
 def request(port: int, path: str) -> bytes:
