@@ -17,7 +17,6 @@ from tests.uvicorn_thread import serving
 HANG_S = 30.0
 EVENTS = [b"data: {\"text\": \"a\"}\n\n", b"data: {\"text\": \"b\"}\n\n", b"data: {\"text\": \"c\"}\n\n" + DONE]
 writes: list[bytes] = []  # what the protocol wrote to the connection's transport, in order
-late = asyncio.Event()  # set by the test: the /late answer's body may go
 
 
 class Recorder:
