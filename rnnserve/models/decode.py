@@ -78,6 +78,17 @@ def _pad_to(n: int, multiple: int = 8) -> int:
 
 
 SMALL_BATCH = 8  # up to this many rows the CPU multiplies by the column-major copy of the weights
+# fp32 holds every integer below 2^24 exactly, so a dot product of K int8 pairs (each at most 127 x 127 in size) is
+# exact in fp32 in any order of summation while K x 127^2 < 2^24: K up to 1,040
+EXACT_FP32_K = 2**24 // 127**2
+
+
+def int8_gemm_native() -> bool:
+    """Whether this CPU multiplies int8 matrices in int8 (AVX-512 VNNI, with which oneDNN runs torch._int_mm).
+    Without it torch._int_mm takes a reference loop, 15-40x slower than an fp32 GEMM of the same shape on an AVX2
+    machine (BENCHMARKS.md), and `Int8Linear` computes the same integers with fp32 GEMMs instead."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe()) if probe is not None else True
 
 
 class Int8Linear:
@@ -87,7 +98,7 @@ class Int8Linear:
     int32 through `torch._int_mm` (exact: no rounding, no order to depend on), and the dequantization is
     element-wise, so a row's result depends on that row alone: the same bits whatever else is in the
     batch, and on any device. K and N are padded with zeros to multiples of 8 (cuBLAS's int8 GEMM needs
-    them)."""
+    them). On a CPU without int8 GEMM kernels the same integers come from fp32 GEMMs (`int8_gemm_native`)."""
 
     def __init__(self, w_t: torch.Tensor, bias: torch.Tensor, bound: float) -> None:
         K, N = w_t.shape
@@ -102,6 +113,9 @@ class Int8Linear:
         self.in_scale = 127.0 / bound
         self.out_scale = (w_scale * (bound / 127.0)).float()  # (N,): per column, activation x weight scale
         self.bias = bias.detach().float().contiguous()
+        # on a CPU without int8 kernels: the int8 weights as fp32, in row blocks whose products are exact in fp32
+        self.w_float = None if int8_gemm_native() else [
+            c.contiguous() for c in self.w[:K, :N].float().split(EXACT_FP32_K, 0)]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, K) float with |x| <= bound -> (B, Kp) int8 (one rounding per element, so exact anywhere)."""
@@ -111,21 +125,42 @@ class Int8Linear:
     def acc(self, q: torch.Tensor) -> torch.Tensor:
         """(B, Kp) int8 -> (B, N) int32, exact."""
         B = q.size(0)
+        if self.w_float is not None and not q.is_cuda:
+            return self._float_acc(q[:, : self.k].float()).to(torch.int32)
         if q.is_cuda and B <= 16:  # cuBLAS's int8 GEMM wants more than 16 rows: zero rows, cut after
             q = torch.nn.functional.pad(q, (0, 0, 0, 17 - B))
         # either layout gives the same integers; the choice only moves time
         out = torch._int_mm(q, self.w_cols if q.is_cuda or B <= SMALL_BATCH else self.w)
         return out[:B, : self.n]
 
+    def _float_acc(self, q: torch.Tensor) -> torch.Tensor:
+        """`acc` through fp32 GEMMs: q (B, K) holds int8 values as fp32. Each block's sums are integers below 2^24,
+        exact in any order of summation; several blocks add in int32. So these are torch._int_mm's integers to the
+        bit, in fp32 for one block (exactly) and in int32 for more."""
+        if len(self.w_float) == 1:
+            return torch.mm(q, self.w_float[0])
+        out, start = None, 0
+        for w in self.w_float:
+            part = torch.mm(q[:, start: start + w.size(0)], w).to(torch.int32)
+            out = part if out is None else out.add_(part)
+            start += w.size(0)
+        return out
+
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w + (add if given, else the bias); `add` (B, N) replaces the bias (a table row holding it)."""
         # addcmul with a broadcast (N,) operand iterates row by row: the same operations for every row
         # (the int32 products convert to float inside it, exactly: |products| < 2^24)
-        return torch.addcmul(self.bias if add is None else add, self.acc(self.quantize(x)), self.out_scale)
+        if self.w_float is not None and not x.is_cuda:  # the same integers, as fp32 (no int8 kernels here)
+            acc = self._float_acc(torch.round(x.float() * self.in_scale))
+        else:
+            acc = self.acc(self.quantize(x))
+        return torch.addcmul(self.bias if add is None else add, acc, self.out_scale)
 
     def to(self, device: torch.device) -> "Int8Linear":
         self.w, self.out_scale, self.bias = (t.to(device) for t in (self.w, self.out_scale, self.bias))
         self.w_cols = self.w.t().contiguous().t()
+        if self.w_float is not None:  # a GPU multiplies int8 in int8
+            self.w_float = [w.to(device) for w in self.w_float] if torch.device(device).type == "cpu" else None
         return self
 
 

@@ -92,3 +92,66 @@ def test_int8_step_gives_every_row_the_same_bits_in_any_batch(residual, table):
             assert torch.equal(got, logits[index])
             for (gh, gc), (h, c) in zip(got_state, new, strict=True):
                 assert torch.equal(gh, h[:, index]) and torch.equal(gc, c[:, index])
+
+
+@pytest.fixture
+def int8_gemm(monkeypatch):
+    """Build int8 steps with torch._int_mm ("native", oneDNN's int8 kernels) or with fp32 GEMMs ("fp32", for a CPU
+    without them), whatever this machine has."""
+    from rnnserve.models import decode
+
+    def use(path: str) -> None:
+        monkeypatch.setattr(decode, "int8_gemm_native", lambda: path == "native")
+
+    return use
+
+
+@pytest.mark.parametrize("K", [8, 1040, 1041, 2500])
+def test_int8_products_through_fp32_are_int_mm_s_integers(int8_gemm, K):
+    """Every operand at +-127, the most a sum can reach: one fp32 block holds K up to 1,040 exactly; longer rows
+    add blocks in int32. Both paths give the same int32 integers and the same layer outputs, to the bit."""
+    from rnnserve.models.decode import EXACT_FP32_K, Int8Linear
+
+    assert EXACT_FP32_K == 1040
+    torch.manual_seed(2)
+    N = 19
+    w = torch.where(torch.rand(K, N) < 0.5, 1.0, -1.0)  # per-channel scales: every weight quantizes to +-127
+    bias = torch.randn(N)
+    int8_gemm("native")
+    native = Int8Linear(w, bias, 1.0)
+    int8_gemm("fp32")
+    by_fp32 = Int8Linear(w, bias, 1.0)
+    assert native.w_float is None and len(by_fp32.w_float) == -(-K // EXACT_FP32_K)
+    x = torch.where(torch.rand(9, K) < 0.5, 1.0, -1.0)
+    x[0], x[1] = w[:, 0], -w[:, 0]  # rows whose sums reach +-127^2 K in column 0
+    x[2:] *= torch.rand(7, K)  # and ordinary ones
+    q = native.quantize(x)
+    want = native.acc(q)
+    assert want[0, 0] == 127 * 127 * K and want[1, 0] == -127 * 127 * K
+    got = by_fp32.acc(q)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    assert torch.equal(by_fp32(x), native(x))
+    assert torch.equal(by_fp32(x[3:4]), native(x)[3:4])  # a row alone, the same bits
+
+
+@pytest.mark.parametrize("residual,table", [(False, True), (True, False)])
+def test_int8_step_is_the_same_bits_through_fp32_gemms(int8_gemm, residual, table):
+    """A CPU without int8 GEMM kernels runs the exact step through fp32 GEMMs: the same logits and states as
+    torch._int_mm's, alone and in a batch."""
+    from rnnserve.models.decode import Int8LSTMStep
+
+    torch.set_num_threads(1)
+    m = _model("lstm", num_layers=3, residual=residual)
+    limit = 10**9 if table else 0
+    int8_gemm("native")
+    native = Int8LSTMStep(m, limit)
+    int8_gemm("fp32")
+    by_fp32 = Int8LSTMStep(m, limit)
+    tokens = torch.randint(0, 13, (21, 10))
+    with torch.inference_mode():
+        want, want_state = _roll(native, m, tokens)
+        got, got_state = _roll(by_fp32, m, tokens)
+        alone, _ = _roll(by_fp32, m, tokens[4:5])
+    assert torch.equal(got, want) and torch.equal(alone[0], want[4])
+    for (gh, gc), (h, c) in zip(got_state, want_state, strict=True):
+        assert torch.equal(gh, h) and torch.equal(gc, c)

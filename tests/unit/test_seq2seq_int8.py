@@ -201,3 +201,29 @@ def test_int8_is_a_cpu_gru_path_and_falls_back_elsewhere():
     assert not TranslationEngine(tiny("lstm"), int8=True).int8  # an LSTM decoder keeps the fp32 step
     with pytest.raises(ValueError, match="needs a GRU decoder"):
         Int8GRUDecoderStep(tiny("lstm").decoder)
+
+
+@torch.inference_mode()
+def test_the_encoder_and_decoder_step_are_the_same_bits_through_fp32_gemms(monkeypatch):
+    """A CPU without int8 GEMM kernels runs the int8 translation steps through fp32 GEMMs (models/decode.py): the
+    same annotations, states, logits and attention as torch._int_mm's."""
+    from rnnserve.models import decode
+
+    model = tiny()
+    built = {}
+    for path in ("native", "fp32"):
+        monkeypatch.setattr(decode, "int8_gemm_native", lambda path=path: path == "native")
+        built[path] = (Int8GRUEncoder(model), Int8GRUDecoderStep(model.decoder))
+    assert built["native"][1].q_h.w_float is None and built["fp32"][1].q_h.w_float is not None
+    rng = random.Random(11)
+    sentences = [[rng.randrange(4, 50) for _ in range(rng.randint(1, 12))] for _ in range(6)]
+    prevs = [rng.randrange(4, 37) for _ in sentences]
+    outs = {}
+    for path, (enc8, step) in built.items():
+        encoded = _encode_rows(enc8, sentences)
+        _, state, keys, enc, mask = _batch(model, sentences, prevs)
+        with mkldnn_enabled(True):
+            outs[path] = encoded, step(torch.tensor(prevs), state, keys, enc, mask)
+    for want, got in zip(outs["native"], outs["fp32"], strict=True):
+        for a, b in zip(want, got, strict=True):
+            assert torch.equal(a, b)
