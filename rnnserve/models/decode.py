@@ -91,6 +91,13 @@ def int8_gemm_native() -> bool:
     return bool(probe()) if probe is not None else True
 
 
+def int8_gemm_path(device: torch.device | str) -> str:
+    """How the exact int8 steps multiply on `device`, for the logs."""
+    if torch.device(device).type != "cpu" or int8_gemm_native():
+        return "int8 GEMMs"
+    return "fp32 GEMMs over the int8 values (no AVX-512 VNNI on this CPU)"
+
+
 class Int8Linear:
     """x @ w + b with int8 weights (symmetric, per output channel) and an int8 activation whose scale is
     FIXED: `bound / 127`, where `bound` is what |x| cannot exceed (1 for an LSTM's hidden state, a known

@@ -16,6 +16,7 @@ from pathlib import Path
 from rnnserve.engine.lm_engine import LMEngine, StepOutput, merge_outputs
 from rnnserve.engine.synthetic import SyntheticEngine
 from rnnserve.engine.state import StateError, fingerprint, from_bytes
+from rnnserve.models.decode import int8_gemm_path
 from rnnserve.models.folder import WEIGHTS_FILE, load_lm
 from rnnserve.service.handlers.frame_interval import frame_interval
 from rnnserve.service.handlers.frames import (decode_body, output_frame, parse_generate_body, parse_score_body)
@@ -57,7 +58,8 @@ class LanguageModelHandler(ContinuousBatchingHandler):
         self.min_step_s = float(cfg.get("min_step_ms", 0)) / 1000
         self.step_s = max(self.target_step_s, self.frame_interval_floor_s)  # a long step's length at the floor
         self.initialized = True
-        log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
+        step = f"exact int8 step, {int8_gemm_path(device)}" if getattr(self.engine, "exact", False) else "float step"
+        log.info("loaded %s on %s (%s, %s), pid %d", loaded.meta.get("name"), device, dtype, step, os.getpid())
 
     @staticmethod
     def _engine(loaded, cfg: dict, device) -> LMEngine:

@@ -11,6 +11,7 @@ import os
 import time
 
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationOutput, merge_outputs
+from rnnserve.models.decode import int8_gemm_path
 from rnnserve.models.folder import load_translation
 from rnnserve.service.handlers.answer_size import check_translation, token_bytes
 from rnnserve.service.handlers.frames import (TextStreams, decode_body, parse_translate_body,
@@ -44,7 +45,8 @@ class TranslationHandler(ContinuousBatchingHandler):
         self.src_token_bytes = token_bytes(self.src.pieces(list(range(self.src.vocab_size))))
         self.tgt_token_bytes = token_bytes(self.tgt.pieces(list(range(self.tgt.vocab_size))))
         self.initialized = True
-        log.info("loaded %s on %s (%s), pid %d", loaded.meta.get("name"), device, dtype, os.getpid())
+        step = f"exact int8 steps, {int8_gemm_path(device)}" if self.engine.int8 else "float steps"
+        log.info("loaded %s on %s (%s, %s), pid %d", loaded.meta.get("name"), device, dtype, step, os.getpid())
 
     def engine_ids(self) -> list[str]:
         return self.engine.request_ids()
