@@ -76,3 +76,62 @@ def test_seeded_requests_are_bit_identical_alone_and_in_random_batches(model_nam
                 _record(out, o)
         for i, want in enumerate(alone):
             assert out[f"p{i}"] == want, (trial, i)
+
+
+def _run_to_end(engine: LMEngine, out: dict, states: dict, n: int = 8) -> None:
+    while engine.has_work():
+        for o in engine.step(n):
+            _record(out, o)
+            if o.state is not None:
+                states[o.request_id] = o.state
+
+
+@pytest.mark.parametrize("return_state", [False, True])
+def test_a_request_joining_running_rows_reads_its_prompt_in_their_decode_steps(tiny_lm, monkeypatch, return_state):
+    """With the exact step, a short prompt that arrives while rows run is read one token per decode step beside
+    them, not by a prefill they wait for: the step that admits it still gives it its first token, the running
+    rows advance meanwhile, and its text, logprobs and final state are the bits it gets alone."""
+    torch.set_num_threads(1)
+    req = {"prompt": "ROMEO:", "logprobs": 2,
+           "params": SamplingParams(max_tokens=20, temperature=0.9, top_k=20, stop=["zz"], seed=3)}
+    alone: dict = {}
+    alone_states: dict = {}
+    engine = LMEngine(tiny_lm.model, tiny_lm.tokenizer, max_batch_size=LIMIT, int8=True)
+    engine.add("b", req["prompt"], req["params"], logprobs=2, return_state=return_state)
+    _run_to_end(engine, alone, alone_states)
+
+    engine = LMEngine(tiny_lm.model, tiny_lm.tokenizer, max_batch_size=LIMIT, int8=True)
+    engine.add("a", "To be", SamplingParams(max_tokens=60, seed=1))
+    out: dict = {}
+    states: dict = {}
+    for o in engine.step(8):
+        _record(out, o)
+    before = len(out["a"]["text"])
+    engine.add("b", req["prompt"], req["params"], logprobs=2, return_state=return_state)
+    monkeypatch.setattr(engine, "_prefill", lambda reads: pytest.fail("the joining prompt was prefilled"))
+    outputs = {o.request_id: o for o in engine.step(8, budget_s=0.0)}  # a budget spent at once
+    assert outputs["b"].completion_tokens == 1  # its first token, with this step (its text held for the stop string)
+    # ... after its 6 prompt tokens, read beside "a", which made 7 tokens meanwhile
+    assert outputs["a"].completion_tokens - before == len(tiny_lm.tokenizer.encode(req["prompt"])) + 1
+    for o in outputs.values():
+        _record(out, o)
+    monkeypatch.undo()
+    _run_to_end(engine, out, states)
+    assert out["b"] == alone["b"]
+    if return_state:
+        got, want = states["b"], alone_states["b"]
+        assert (got.pending, got.tokens, got.line_start) == (want.pending, want.tokens, want.line_start)
+        for (h, c), (wh, wc) in zip(got.layers, want.layers, strict=True):
+            assert torch.equal(h, wh) and torch.equal(c, wc)
+
+
+def test_a_prompt_longer_than_the_step_is_prefilled(tiny_lm):
+    """A prompt the step could not read whole with a token to spare waits for a prefill, as before: its first token
+    still leaves with the step that admits it."""
+    engine = LMEngine(tiny_lm.model, tiny_lm.tokenizer, max_batch_size=LIMIT, int8=True)
+    engine.add("a", "To be", SamplingParams(max_tokens=60, seed=1))
+    engine.step(8)
+    engine.add("b", "First Citizen", SamplingParams(max_tokens=5, seed=2))
+    outputs = {o.request_id: o for o in engine.step(8, budget_s=0.0)}
+    assert outputs["b"].completion_tokens == 1 and not engine._running[1].feed
+    assert outputs["a"].completion_tokens == 8 + 1
