@@ -322,8 +322,6 @@ class LMEngine:
             else:
                 reads.append((s, len(s.prompt_ids) if chunk is None else min(len(s.prompt_ids), s.read + chunk)))
         if fed:
-            log.info("%d requests joined %d running rows; their prompts are read in the decode steps", len(fed),
-                     len(self._running))
             dtype = self.model.embed.weight.dtype
             for s in fed:
                 s.feed = list(s.prompt_ids)

@@ -147,24 +147,3 @@ def test_requests_reaching_an_idle_model_share_one_prefill_and_keep_their_seeded
     for t in threads:
         t.join()
     assert all(len(t) == 24 for t in alone) and streamed == alone
-
-
-def test_a_request_joining_a_running_stream_is_read_beside_it_and_keeps_its_seeded_text(stack):
-    """A short prompt that reaches the model while a stream runs joins it at once (lm-shakespeare's exact step reads
-    it in the running rows' decode steps, which the model log records) and gets the text it gets alone."""
-    import re
-
-    from tests.e2e.waits import wait_for
-
-    log_path = stack.run_dir / "logs" / "model_log.log"
-    joined = re.compile(r"(\d+) requests joined (\d+) running rows")
-    body = {"model": "lm-shakespeare", "prompt": "JULIET:", "max_tokens": 16, "temperature": 0.9, "seed": 5}
-    with stack.client() as c:
-        alone = c.post("/v1/generate", json=body).json()["text"]
-        before = len(joined.findall(log_path.read_text()))
-        long = {"model": "lm-shakespeare", "prompt": "ROMEO:", "max_tokens": 2000, "stream": True}
-        with c.stream("POST", "/v1/generate", json=long) as r:
-            assert next(line for line in r.iter_lines() if line.startswith("data: "))  # the stream runs
-            beside = c.post("/v1/generate", json=body)
-        assert beside.status_code == 200 and beside.json()["text"] == alone
-    wait_for(lambda: len(joined.findall(log_path.read_text())) > before, "the model log")
