@@ -9,9 +9,6 @@ batch, so a long prompt is read across several steps (its state carried between 
 running rows keep decoding, and short prompts arriving meanwhile are read at once beside it. Texts to
 score are read the same way: at most `prefill_chunk` tokens of each and at most MAX_SCORE_TEXTS texts per
 step, their states carried between steps, so a step's scoring work is bounded whatever is queued.
-With the exact (int8) step, a short prompt that arrives while rows run joins them at once and is read in
-their decode steps, a prompt token in place of a sampled one: the running rows do not wait for its
-prefill, and its rows' bits are the same either way (`_feeds`).
 Nothing here knows about TorchServe or HTTP.
 """
 from __future__ import annotations
@@ -136,7 +133,6 @@ class _Sequence:
     final_state: LMState | None = None
     read: int = 0  # prompt tokens read by earlier steps (a prompt read in chunks)
     partial: State | None = None  # the state after them, while the rest waits
-    feed: list[int] = field(default_factory=list)  # prompt tokens a running row still reads in the decode steps
 
 
 def check_generation(ids: set[str], request_id: str, prompt: object, params: SamplingParams,
@@ -280,16 +276,13 @@ class LMEngine:
         """
         t0 = time.perf_counter()
         scored = self._score()
-        fed = self._admit(num_tokens)
+        self._admit()
         if not self._running:
             return scored
-        # no row runs past its max_tokens: the step ends where the longest remaining one does (a row still
-        # reading its prompt has those tokens to read first)
-        room = max(s.params.max_tokens - len(s.token_ids) + len(s.feed) for s in self._running)
-        # the rows that joined by reading their prompts in the decode steps get their first token in this step
-        self._decode(min(num_tokens, room), t0, budget_s, stop, at_least=1 + max((len(s.feed) for s in fed), default=0))
-        # a row still reading its prompt has nothing to say yet
-        outputs = [self._output(s) for s in self._running if not s.feed]
+        # no row runs past its max_tokens: the step ends where the longest remaining one does
+        room = max(s.params.max_tokens - len(s.token_ids) for s in self._running)
+        self._decode(min(num_tokens, room), t0, budget_s, stop)
+        outputs = [self._output(s) for s in self._running]
         alive = [i for i, s in enumerate(self._running) if not s.finish_reason]
         if len(alive) != len(self._running):
             for s in self._running:
@@ -298,38 +291,24 @@ class LMEngine:
             self._keep_rows(alive)
         return scored + outputs
 
-    def _admit(self, num_tokens: int = 1) -> list[_Sequence]:
+    def _admit(self) -> None:
         """Read waiting prompts while rows are free, each up to `prefill_chunk` more tokens, all in one packed
-        prefill; a longer prompt goes on next step. Prompts read to their end join the running batch. With the
-        exact step, a short prompt joins rows that are running at once instead (`_feeds`) and returns in the list:
-        it is read in the step's decode steps, beside the running rows, which then do not wait for a prefill."""
+        prefill; a longer prompt goes on next step. Prompts read to their end join the running batch."""
         room = self.max_batch_size - len(self._running)
         if room <= 0 or not self._waiting:
-            return []
+            return
         chunk = self.prefill_chunk
         # an empty prompt after a state is the step a longer request would have run next: run that same
         # decode step, so that continuing is exact; everything else is read by one packed prefill
         stepped: list[_Sequence] = []
         reads: list[tuple[_Sequence, int]] = []  # (sequence, prompt position it is read to)
-        fed: list[_Sequence] = []
         for s in self._waiting:
-            if len(stepped) + len(reads) + len(fed) >= room:
+            if len(stepped) + len(reads) >= room:
                 break
             if s.init is not None and len(s.prompt_ids) == 1:
                 stepped.append(s)  # a decode step, not a prompt: no budget
-            elif self._feeds(s, num_tokens):
-                fed.append(s)
             else:
                 reads.append((s, len(s.prompt_ids) if chunk is None else min(len(s.prompt_ids), s.read + chunk)))
-        if fed:
-            dtype = self.model.embed.weight.dtype
-            for s in fed:
-                s.feed = list(s.prompt_ids)
-            # a row's logits are not read before its prompt's last token: zeros until then
-            self._append(fed, torch.zeros(len(fed), self._logits.size(1), dtype=self._logits.dtype, device=self.device),
-                         _cat_states([s.init.layers if s.init is not None else self.model.init_state(1, self.device,
-                                                                                                     dtype)
-                                      for s in fed]))
         done = [i for i, (s, end) in enumerate(reads) if end == len(s.prompt_ids)]  # read to the end this step
         read = [reads[i][0] for i in done]
         echo = [(s, s.read, end, self._read_from(s)) for s, end in reads if s.echo and s.logprobs is not None]
@@ -355,18 +334,8 @@ class LMEngine:
             with mkldnn_enabled(self._use_mkldnn(len(stepped))):
                 logits, state = self._step(tokens, _cat_states([s.init.layers for s in stepped]))
             self._append(stepped, logits, state)
-        joined = {id(s) for s in read + stepped + fed}
+        joined = {id(s) for s in read + stepped}
         self._waiting = [s for s in self._waiting if id(s) not in joined]
-        return fed
-
-    def _feeds(self, s: _Sequence, num_tokens: int) -> bool:
-        """Whether `s` joins the running rows and reads its prompt in the decode steps. Only with the exact step,
-        whose rows are independent of their batch, so the prompt's state is the same bits read either way; only
-        while rows run (else nothing waits for a prefill); only a prompt that this step reads whole with a token to
-        spare (its first token leaves with this step, as after a prefill); not with echo (read with every position)
-        nor on a graphed step (its tokens are all sampled inside the graph)."""
-        return (self.exact and bool(self._running) and self._graphed_decode is None and not s.echo and s.read == 0
-                and len(s.prompt_ids) < num_tokens)
 
     def _read_from(self, s: _Sequence) -> State | None:
         """The state the rest of a prompt is read from: after its earlier chunks, else its `init`, else None
@@ -542,29 +511,18 @@ class LMEngine:
         return outputs
 
     def _decode(self, num_tokens: int, t0: float, budget_s: float | None,
-                stop: Callable[[], bool] | None = None, at_least: int = 1) -> None:
+                stop: Callable[[], bool] | None = None) -> None:
         """Decode up to `num_tokens` tokens for every running row, all on the device, then read them back
         at once: the step's only host sync. Text, stop strings, logprobs and states are then settled on
         the host, token by token. A row that finished inside the step decodes on until the step ends
-        (its extra tokens are dropped), which costs less than a sync per token on a GPU. A row still reading its
-        prompt (`feed`) reads its next prompt token in place of a sampled one, until its last; the step runs at
-        least `at_least` tokens, whatever its budget."""
+        (its extra tokens are dropped), which costs less than a sync per token on a GPU."""
         seqs = self._running
         dev = self.device
         temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev)
-        # a row reading its prompt samples its first token after the prompt's last: position 0 there
-        lead = [len(s.feed) for s in seqs]
-        positions = torch.tensor([len(s.token_ids) - n for s, n in zip(seqs, lead)], dtype=torch.long, device=dev)
-        prompt_tokens: torch.Tensor | None = None  # (B, longest feed): the prompt token each row reads, or -1
-        if any(lead):
-            prompt_tokens = torch.full((len(seqs), max(lead)), -1, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                if s.feed:
-                    prompt_tokens[i, : len(s.feed)] = torch.tensor(s.feed)
-            prompt_tokens = prompt_tokens.to(dev)
+        positions = torch.tensor([len(s.token_ids) for s in seqs], dtype=torch.long, device=dev)
         lp_rows = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         lp_index = torch.tensor(lp_rows, dtype=torch.long, device=dev)
         top_n = max((seqs[i].logprobs for i in lp_rows), default=0)
@@ -574,7 +532,7 @@ class LMEngine:
         chosen, top_values, top_ids = [], [], []
         states: list[State] = []  # per token, the return_state rows' state before it was read
         graphed = self._graphed_decode
-        if graphed is not None and num_tokens == graphed.n and not state_rows and prompt_tokens is None:
+        if graphed is not None and num_tokens == graphed.n and not state_rows:
             with mkldnn_enabled(self._use_mkldnn(len(seqs))):
                 out = graphed(self._logits, temperature, top_k, top_p, seeds, positions, self._state)
             self._logits, self._state = out.logits, out.state
@@ -598,8 +556,6 @@ class LMEngine:
         with mkldnn_enabled(self._use_mkldnn(len(seqs))):
             for j in range(num_tokens):
                 tokens = sampler(self._logits, functools.partial(draw, j))
-                if prompt_tokens is not None and j < prompt_tokens.size(1):
-                    tokens = torch.where(prompt_tokens[:, j] >= 0, prompt_tokens[:, j], tokens)
                 if lp_rows:
                     lp = torch.log_softmax(self._logits.index_select(0, lp_index).float(), -1)
                     chosen.append(lp.gather(1, tokens.index_select(0, lp_index).unsqueeze(1)).squeeze(1))
@@ -611,8 +567,7 @@ class LMEngine:
                     states.append(select_rows(self._state, state_index))
                 self._logits, self._state = self._step(tokens, self._state)
                 steps.append(tokens)
-                if j + 1 >= at_least and ((budget_s is not None and time.perf_counter() - t0 >= budget_s)
-                                          or (stop is not None and stop())):
+                if (budget_s is not None and time.perf_counter() - t0 >= budget_s) or (stop is not None and stop()):
                     break
         toks = torch.stack(steps, 1).tolist()  # (B, n): the one sync
         lps = torch.stack(chosen, 1).tolist() if chosen else []
@@ -620,14 +575,9 @@ class LMEngine:
         lp_of = {i: r for r, i in enumerate(lp_rows)}
         state_of = {i: r for r, i in enumerate(state_rows)}
         for i, s in enumerate(seqs):
-            start = lead[i]  # the tokens before are the prompt's, read
-            if start:
-                s.feed = s.feed[len(toks[i]):]
-                if start >= len(toks[i]):
-                    continue
             if i not in lp_of and not s.params.stop:
                 # no logprobs and no stop string: only max_tokens ends the row, so its tokens settle at once
-                row = toks[i][start: start + s.params.max_tokens - len(s.token_ids)]
+                row = toks[i][: s.params.max_tokens - len(s.token_ids)]
                 s.token_ids += row
                 new = "".join(map(s.decoder.add, row))
                 s.text += new
@@ -636,10 +586,9 @@ class LMEngine:
                 if len(s.token_ids) >= s.params.max_tokens:
                     s.finish_reason = "length"
                     if s.return_state:
-                        s.final_state = self._final_state(s, states[start + len(row) - 1], state_of[i])
+                        s.final_state = self._final_state(s, states[len(row) - 1], state_of[i])
                 continue
-            for j in range(start, len(toks[i])):
-                tok = toks[i][j]
+            for j, tok in enumerate(toks[i]):
                 s.token_ids.append(tok)
                 new = s.decoder.add(tok)
                 s.text += new
