@@ -28,6 +28,7 @@ import torch
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
+from rnnserve.models.decode import int8_gemm_path
 from rnnserve.models.folder import copy_model_folder, load_lm, load_translation
 from rnnserve.paths import DATA_DIR, MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
@@ -490,6 +491,7 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None, repeat: int 
     """Decode tokens/s of the engine alone, per batch size: the modules' step on oneDNN (mkldnn) and on
     torch's native kernels, and the folded step (models/decode.py) on native kernels, in fp32 and int8."""
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
+    print(f"the int8 step multiplies through {int8_gemm_path('cpu')}", flush=True)
     variants = {"onednn_modules": (0, False, False), "native_modules": (None, False, False),
                 "native_folded": (None, True, False), "native_folded_int8": (None, True, True)}
     rows = []
@@ -517,7 +519,7 @@ def bench_engine(batches: list[int], tokens: int, out: Path | None, repeat: int 
         print(row, flush=True)
     sampling = bench_sampling(batches, loaded.tokenizer.vocab_size)
     _write(out, {"engine": rows, "sampling": sampling, "tokens": tokens, "threads": torch.get_num_threads(),
-                 "repeat": repeat})
+                 "repeat": repeat, "int8_gemm": int8_gemm_path("cpu")})
     return rows
 
 
