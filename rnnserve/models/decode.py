@@ -121,6 +121,7 @@ class Int8Linear:
         self.out_scale = (w_scale * (bound / 127.0)).float()  # (N,): per column, activation x weight scale
         self.bias = bias.detach().float().contiguous()
         # on a CPU without int8 kernels: the int8 weights as fp32, in row blocks whose products are exact in fp32
+        # (dropped by `to` for a GPU, which multiplies int8 in int8)
         self.w_float = None if int8_gemm_native() else [
             c.contiguous() for c in self.w[:K, :N].float().split(EXACT_FP32_K, 0)]
 
@@ -132,7 +133,7 @@ class Int8Linear:
     def acc(self, q: torch.Tensor) -> torch.Tensor:
         """(B, Kp) int8 -> (B, N) int32, exact."""
         B = q.size(0)
-        if self.w_float is not None and not q.is_cuda:
+        if self.w_float is not None:
             return self._float_acc(q[:, : self.k].float()).to(torch.int32)
         if q.is_cuda and B <= 16:  # cuBLAS's int8 GEMM wants more than 16 rows: zero rows, cut after
             q = torch.nn.functional.pad(q, (0, 0, 0, 17 - B))
@@ -157,7 +158,7 @@ class Int8Linear:
         """x @ w + (add if given, else the bias); `add` (B, N) replaces the bias (a table row holding it)."""
         # addcmul with a broadcast (N,) operand iterates row by row: the same operations for every row
         # (the int32 products convert to float inside it, exactly: |products| < 2^24)
-        if self.w_float is not None and not x.is_cuda:  # the same integers, as fp32 (no int8 kernels here)
+        if self.w_float is not None:  # the same integers, as fp32 (no int8 kernels on this CPU)
             acc = self._float_acc(torch.round(x.float() * self.in_scale))
         else:
             acc = self.acc(self.quantize(x))

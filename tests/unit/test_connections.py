@@ -12,9 +12,8 @@ import uvicorn
 from rnnserve.service.gateway.connections import ConnectionBounds, protocol_factory
 from rnnserve.service.stack import free_ports
 from tests.rawsockets import connect, read_to_end
-from tests.uvicorn_thread import serving
+from tests.uvicorn_thread import HANG_S, serving
 
-HANG_S = 30.0
 ended: list[str] = []  # what the app saw end: "stream" when a stream's body generator was closed
 
 

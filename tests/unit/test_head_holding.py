@@ -12,9 +12,8 @@ from rnnserve.service.gateway.connections import BoundedHttpToolsProtocol, Conne
 from rnnserve.service.gateway.generation import DONE, SSE_HEADERS, serve_events
 from rnnserve.service.stack import free_ports
 from tests.rawsockets import connect, read_to_end
-from tests.uvicorn_thread import serving
+from tests.uvicorn_thread import HANG_S, serving
 
-HANG_S = 30.0
 EVENTS = [b"data: {\"text\": \"a\"}\n\n", b"data: {\"text\": \"b\"}\n\n", b"data: {\"text\": \"c\"}\n\n" + DONE]
 writes: list[bytes] = []  # what the protocol wrote to the connection's transport, in order
 
