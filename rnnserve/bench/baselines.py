@@ -36,6 +36,7 @@ from rnnserve.service.gateway.torchserve_client import TorchServeClient
 from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.bench.soak import cpu_seconds
 from rnnserve.bench.sse import StreamRead, read_stream, read_stream_lines, run_client
+from rnnserve.bench.warmup import jvm_pid, warm_until_compiled
 from rnnserve.training.corpus import read_lines
 
 WARMUP_ROUNDS = 3
@@ -329,15 +330,16 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
                             extra_env=env)
         try:
             # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
-            # JVM compiles its hot paths over the first few thousand frames (its CPU per frame falls ~3x)
+            # JVM compiles its hot paths over the first few thousand frames (warmup.py)
             # the raw engine runs the step the served model runs (fp32 with --int8, which adds int8 beside it)
             served_int8 = loaded.meta.get("int8") is True and not int8
             raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
             for baseline in NAIVE:
                 run_client(http_lm(stack.url, baseline, "warm-up", 2, 16, client=client))
-            for _ in range(WARMUP_ROUNDS):
-                for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else []):
-                    run_client(http_lm(stack.url, model, "warm-up", max(concurrency), 64, client=client))
+            warm = warm_until_compiled(
+                lambda: [run_client(http_lm(stack.url, model, "warm-up", max(concurrency), tokens, client=client))
+                         for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else [])],
+                jvm_pid(stack), min_bursts=WARMUP_ROUNDS)
             baselines = {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2}
             connect = not fresh_connections
             if int8:
@@ -361,7 +363,7 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             stop_stack(stack)
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
                  "step_ms": step_ms, "repeat": repeat, "int8": int8, "fresh_connections": fresh_connections,
-                 "client": client})
+                 "client": client, "warm_up": warm})
     return rows
 
 
@@ -449,8 +451,10 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
             procs = {"gateway": gateway, "torchserve_java": next(k for k in kids if k.name() == "java"),
                      "worker": next(k for k in kids if "model_service_worker" in " ".join(k.cmdline())),
                      "client": psutil.Process()}
-            for _ in range(WARMUP_ROUNDS):
-                run_client(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), 64, client=client))
+            warm = warm_until_compiled(
+                lambda: run_client(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), tokens,
+                                           client=client)),
+                procs["torchserve_java"].pid, min_bursts=WARMUP_ROUNDS)
 
             async def one_at_a_time(n: int) -> None:
                 async with aiohttp.ClientSession() as session:
@@ -483,7 +487,7 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
         finally:
             stop_stack(stack)
     print_table(rows, list(rows[0]) + [k for k in rows[-1] if k not in rows[0]])
-    _write(out, {"cpu": rows, "tokens": tokens, "repeat": repeat, "client": client})
+    _write(out, {"cpu": rows, "tokens": tokens, "repeat": repeat, "client": client, "warm_up": warm})
     return rows
 
 

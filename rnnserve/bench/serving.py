@@ -28,6 +28,7 @@ import psutil
 
 from rnnserve.bench.baselines import PROMPTS, _median, _ms, _pct, _write, print_table
 from rnnserve.bench.sse import read_stream, run_client
+from rnnserve.bench.warmup import jvm_pid, warm_until_compiled
 from rnnserve.paths import MODELS_DIR
 from rnnserve.service.stack import Stack, start_stack, stop_stack
 
@@ -182,8 +183,9 @@ def bench_serving(levels: list[int], tokens: int, out: Path | None, repeat: int 
     with tempfile.TemporaryDirectory() as tmp:
         stack = start_stack(Path(tmp), models_dir=synthetic_models_dir(Path(tmp), token_ms), extra_env=env)
         try:
-            # TorchServe's JVM compiles its hot paths over the first few thousand frames
-            run_client(streams(stack.url, SYNTHETIC, min(256, top), tokens, bursts=WARMUP_ROUNDS))
+            # TorchServe's JVM compiles its hot paths over the first few thousand frames (warmup.py)
+            warm = warm_until_compiled(lambda: run_client(streams(stack.url, SYNTHETIC, min(256, top), tokens)),
+                                       jvm_pid(stack), min_bursts=WARMUP_ROUNDS)
             for n in levels:
                 ceiling = min(n, batch) * 1000 / token_ms if token_ms else None
                 rows.append(summarize([measure(stack, SYNTHETIC, n, tokens, ceiling) for _ in range(repeat)]))
@@ -192,7 +194,7 @@ def bench_serving(levels: list[int], tokens: int, out: Path | None, repeat: int 
             stop_stack(stack)
     print_table(rows, COLUMNS)
     _write(out, {"serving": rows, "tokens": tokens, "repeat": repeat, "token_ms": token_ms, "batch": batch,
-                 "env": env})
+                 "env": env, "warm_up": warm})
     return rows
 
 
