@@ -112,23 +112,28 @@ class Int8Linear:
         w = w_t.float()
         w_scale = (w.abs().amax(0) / 127.0).clamp(min=1e-12)  # (N,)
         q = torch.round(w / w_scale).to(torch.int8)
-        self.k, self.n = K, N
-        self.w = torch.nn.functional.pad(q, (0, _pad_to(N) - N, 0, _pad_to(K) - K)).contiguous()  # (Kp, Np)
-        # the same weights column-major, (Np, Kp) stored: oneDNN's small-batch GEMM is 2-3x faster on them
-        # (each output a dot product over a contiguous row), cuBLAS's int8 GEMM takes them as torchao does
-        self.w_cols = self.w.t().contiguous().t()
+        self.k, self.n, self.kp = K, N, _pad_to(K)
         self.in_scale = 127.0 / bound
         self.out_scale = (w_scale * (bound / 127.0)).float()  # (N,): per column, activation x weight scale
         self.bias = bias.detach().float().contiguous()
-        # on a CPU without int8 kernels: the int8 weights as fp32, in row blocks whose products are exact in fp32
-        # (dropped by `to` for a GPU, which multiplies int8 in int8)
-        self.w_float = None if int8_gemm_native() else [
-            c.contiguous() for c in self.w[:K, :N].float().split(EXACT_FP32_K, 0)]
+        # int8 kernels multiply the int8 weights (`_set_int8`); a CPU without them, the same weights as fp32 in row
+        # blocks whose products are exact in fp32, and no int8 copy (`to` makes one for a GPU)
+        self.w = self.w_cols = None
+        self.w_float = None if int8_gemm_native() else [c.contiguous() for c in q.float().split(EXACT_FP32_K, 0)]
+        if self.w_float is None:
+            self._set_int8(q)
+
+    def _set_int8(self, q: torch.Tensor) -> None:
+        """The (K, N) int8 weights, padded to (Kp, Np), and the same column-major ((Np, Kp) stored): oneDNN's
+        small-batch GEMM is 2-3x faster on those (each output a dot product over a contiguous row), and cuBLAS's
+        int8 GEMM takes them as torchao does."""
+        self.w = torch.nn.functional.pad(q, (0, _pad_to(self.n) - self.n, 0, self.kp - self.k)).contiguous()
+        self.w_cols = self.w.t().contiguous().t()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, K) float with |x| <= bound -> (B, Kp) int8 (one rounding per element, so exact anywhere)."""
         q = torch.round(x.float() * self.in_scale).to(torch.int8)  # |x| <= bound: no clamp needed
-        return q if self.k == self.w.size(0) else torch.nn.functional.pad(q, (0, self.w.size(0) - self.k))
+        return q if self.k == self.kp else torch.nn.functional.pad(q, (0, self.kp - self.k))
 
     def acc(self, q: torch.Tensor) -> torch.Tensor:
         """(B, Kp) int8 -> (B, N) int32, exact."""
@@ -164,11 +169,15 @@ class Int8Linear:
             acc = self.acc(self.quantize(x))
         return torch.addcmul(self.bias if add is None else add, acc, self.out_scale)
 
-    def to(self, device: torch.device) -> "Int8Linear":
-        self.w, self.out_scale, self.bias = (t.to(device) for t in (self.w, self.out_scale, self.bias))
-        self.w_cols = self.w.t().contiguous().t()
-        if self.w_float is not None:  # a GPU multiplies int8 in int8
-            self.w_float = [w.to(device) for w in self.w_float] if torch.device(device).type == "cpu" else None
+    def to(self, device: torch.device) -> Int8Linear:
+        self.out_scale, self.bias = self.out_scale.to(device), self.bias.to(device)
+        if self.w_float is not None and torch.device(device).type != "cpu":  # a GPU multiplies int8 in int8
+            self._set_int8(torch.cat(self.w_float).to(torch.int8))  # integers held exactly in fp32
+            self.w_float = None
+        if self.w_float is not None:
+            self.w_float = [w.to(device) for w in self.w_float]
+        else:
+            self._set_int8(self.w[: self.k, : self.n].to(device))
         return self
 
 

@@ -134,6 +134,25 @@ def test_int8_products_through_fp32_are_int_mm_s_integers(int8_gemm, K):
     assert torch.equal(by_fp32(x[3:4]), native(x)[3:4])  # a row alone, the same bits
 
 
+def test_int8_weights_kept_once_on_a_cpu_without_int8_kernels(int8_gemm):
+    """The fp32 path keeps its weights as fp32 only (no unused int8 copy); moved to a GPU, it makes the int8 weights
+    the native path holds, from the fp32 integers."""
+    from rnnserve.models.decode import Int8Linear
+
+    torch.manual_seed(3)
+    w, bias = torch.randn(1100, 21), torch.randn(21)
+    int8_gemm("native")
+    native = Int8Linear(w, bias, 1.0)
+    int8_gemm("fp32")
+    by_fp32 = Int8Linear(w, bias, 1.0)
+    assert by_fp32.w is None and by_fp32.w_cols is None and native.w_float is None
+    assert torch.equal(torch.cat(by_fp32.w_float).to(torch.int8), native.w[:1100, :21])
+    assert by_fp32.to(torch.device("cpu")).w is None  # stays on the fp32 path on a CPU
+    moved = by_fp32.to(torch.device("meta"))  # any device but the CPU multiplies in int8
+    assert moved.w_float is None and moved.w.device.type == "meta"
+    assert (moved.w.shape, moved.w.dtype, moved.w_cols.stride()) == (native.w.shape, torch.int8, native.w_cols.stride())
+
+
 @pytest.mark.parametrize("residual,table", [(False, True), (True, False)])
 def test_int8_step_is_the_same_bits_through_fp32_gemms(int8_gemm, residual, table):
     """A CPU without int8 GEMM kernels runs the exact step through fp32 GEMMs: the same logits and states as
