@@ -25,6 +25,9 @@ import aiohttp
 import psutil
 import torch
 
+from rnnserve.bench.soak import cpu_seconds
+from rnnserve.bench.sse import StreamRead, read_stream, read_stream_lines, run_client
+from rnnserve.bench.warmup import jvm_pid, warm_until_compiled
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
@@ -34,9 +37,6 @@ from rnnserve.paths import DATA_DIR, MODELS_DIR
 from rnnserve.service.archive import MODEL_CONFIGS
 from rnnserve.service.gateway.torchserve_client import TorchServeClient
 from rnnserve.service.stack import start_stack, stop_stack
-from rnnserve.bench.soak import cpu_seconds
-from rnnserve.bench.sse import StreamRead, read_stream, read_stream_lines, run_client
-from rnnserve.bench.warmup import jvm_pid, warm_until_compiled
 from rnnserve.training.corpus import read_lines
 
 WARMUP_ROUNDS = 3
@@ -83,7 +83,7 @@ def _pct(xs: list[float], p: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def _ms(x: float | None) -> float | None:
@@ -353,7 +353,8 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
                           lambda c=c: run_client(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens,
                                                           connect, client))]
                 if int8:
-                    setups += [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64, int8=True),
+                    setups += [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
+                                                           int8=True),
                                                   c, tokens, step_ms, "raw engine int8"),
                                lambda c=c: run_client(http_lm(stack.url, INT8_LM, "full stack int8", c, tokens,
                                                                connect, client))]
@@ -405,7 +406,10 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
                             extra_env=_env(worker_threads))
         try:
             raw_translation(TranslationEngine(tr.model, int8=served_int8), 4, ids, 4, 2)  # warm-up
-            run_client(http_translation(stack.url, "translate-de-en", 2, texts, 4, 2))
+            warm = warm_until_compiled(  # until TorchServe's JVM has compiled its hot paths (warmup.py)
+                lambda: run_client(http_translation(stack.url, "translate-de-en", max(concurrency), texts,
+                                                    max(beams), 1)),
+                jvm_pid(stack), min_bursts=WARMUP_ROUNDS)
             for beam in beams:
                 for c in concurrency:
                     setups = [lambda c=c, b=beam: raw_translation(TranslationEngine(tr.model, int8=served_int8), c,
@@ -416,7 +420,7 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
                     rows += summarize(runs, "units_per_s", {"vs_raw": 0})
         finally:
             stop_stack(stack)
-    _write(out, {"translation": rows, "per_client": per_client, "repeat": repeat})
+    _write(out, {"translation": rows, "per_client": per_client, "repeat": repeat, "warm_up": warm})
     return rows
 
 
@@ -538,18 +542,20 @@ def bench_sampling(batches: list[int], vocab: int, steps: int = 2000) -> list[di
     counter-based draw of the whole batch (engine/sampling.py)."""
     from rnnserve.engine.sampling import sample_with, uniforms
 
-    rows = []
-    for b in batches:
+    def variants(b: int) -> dict[str, Callable[[], torch.Tensor]]:
         logits = torch.randn(b, vocab)
         temperature, top_k, top_p = torch.full((b,), 0.8), torch.zeros(b, dtype=torch.long), torch.ones(b)
         generators = [torch.Generator().manual_seed(i) for i in range(b)]
         seeds, positions = torch.arange(b), torch.zeros(b, dtype=torch.long)
-        variants = {"per_row_generators": lambda: sample_with(logits, temperature, top_k, top_p,
-                                                              lambda: _per_row_generators(generators)),
-                    "counter_based": lambda: sample_with(logits, temperature, top_k, top_p,
-                                                         lambda: uniforms(seeds, positions))}
+        return {"per_row_generators": lambda: sample_with(logits, temperature, top_k, top_p,
+                                                          lambda: _per_row_generators(generators)),
+                "counter_based": lambda: sample_with(logits, temperature, top_k, top_p,
+                                                     lambda: uniforms(seeds, positions))}
+
+    rows = []
+    for b in batches:
         row = {"batch": b}
-        for name, fn in variants.items():
+        for name, fn in variants(b).items():
             runs = []
             for _ in range(3):
                 fn()

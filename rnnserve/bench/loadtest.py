@@ -32,17 +32,21 @@ def run_locust(host: str, users: int, run_time: str, out: Path, arrival_rate: fl
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host, "-u", str(users),
            "-r", str(users), "-t", run_time, "--stop-timeout", str(stop_timeout), "--csv", str(out / "locust"),
            "--html", str(out / "report.html"), "--only-summary", "--loglevel", "WARNING"]
-    subprocess.run(cmd, env=env, cwd=REPO_ROOT, check=False, stdout=open(out / "locust.log", "wb"),
-                   stderr=subprocess.STDOUT)
+    with open(out / "locust.log", "wb") as log:
+        subprocess.run(cmd, env=env, cwd=REPO_ROOT, check=False, stdout=log, stderr=subprocess.STDOUT)
     return out
 
 
 def summarize(out: Path) -> dict:
     """Read locust's CSVs into one summary (response times in ms)."""
-    stats = list(csv.DictReader(open(out / "locust_stats.csv")))
-    failures = list(csv.DictReader(open(out / "locust_failures.csv"))) if (out / "locust_failures.csv").exists() else []
-    history = list(csv.DictReader(open(out / "locust_stats_history.csv"))) \
-        if (out / "locust_stats_history.csv").exists() else []
+    def read(name: str, optional: bool = False) -> list[dict]:
+        if optional and not (out / name).exists():
+            return []
+        with open(out / name, newline="") as f:
+            return list(csv.DictReader(f))
+
+    stats = read("locust_stats.csv")
+    failures, history = read("locust_failures.csv", True), read("locust_stats_history.csv", True)
     agg = next(r for r in stats if r["Name"] == "Aggregated")
     seconds = max(1e-9, (int(history[-1]["Timestamp"]) - int(history[0]["Timestamp"]))) if len(history) > 1 else None
     requests = [r for r in stats if r["Type"] in ("POST", "GET")]

@@ -69,7 +69,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict, run: Run
                 await r.read()
                 return
             got = await read_stream(r, t0)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         run.errors[type(e).__name__] += 1
         return
     run.events += got.events
@@ -144,7 +144,8 @@ def measure(stack: Stack, model: str, n: int, tokens: int, ceiling: float | None
     gw, fe = per_token["gateway_us_per_token"], per_token["frontend_us_per_token"]
     return {"streams": n, "completed": run.completed, "tokens_per_s": run.tokens / run.seconds,
             "vs_engine": run.tokens / run.seconds / ceiling if ceiling else None,
-            "events_per_s": run.events / run.seconds, "tokens_per_event": run.tokens / run.events if run.events else None,
+            "events_per_s": run.events / run.seconds,
+            "tokens_per_event": run.tokens / run.events if run.events else None,
             "ttft_p50_ms": _ms(_pct(run.ttft, 50)), "ttft_p99_ms": _ms(_pct(run.ttft, 99)),
             "itl_p50_ms": _ms(_pct(run.itl, 50)), "itl_p99_ms": _ms(_pct(run.itl, 99)),
             **per_token, "gateway_plus_frontend_us_per_token": gw + fe if gw is not None and fe is not None else None,
@@ -166,14 +167,14 @@ def summarize(runs: list[dict]) -> dict:
     return row
 
 
-COLUMNS = ["streams", "completed", "tokens_per_s", "vs_engine", "events_per_s", "tokens_per_event", "ttft_p50_ms", "ttft_p99_ms",
-           "itl_p50_ms", "itl_p99_ms", "gateway_us_per_token", "frontend_us_per_token", "worker_us_per_token",
+COLUMNS = ["streams", "completed", "tokens_per_s", "vs_engine", "events_per_s", "tokens_per_event", "ttft_p50_ms",
+           "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "gateway_us_per_token", "frontend_us_per_token", "worker_us_per_token",
            "client_us_per_token", "gateway_plus_frontend_us_per_token", "errors"]
 
 
 def bench_serving(levels: list[int], tokens: int, out: Path | None, repeat: int = 3, token_ms: float = 1.0,
                   extra_env: dict | None = None) -> list[dict]:
-    from rnnserve.service.archive import MODEL_CONFIGS, GPU_SETTINGS, archive_profile
+    from rnnserve.service.archive import GPU_SETTINGS, MODEL_CONFIGS, archive_profile
 
     batch = (GPU_SETTINGS if archive_profile() == "gpu" else MODEL_CONFIGS)["lm"]["batchSize"]
     rows = []

@@ -8,6 +8,7 @@ Passes when memory after warm-up grows less than 5% and no request fails.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import tempfile
@@ -49,7 +50,7 @@ def steal_per_minute(samples: list[dict]) -> dict[int, float]:
     latency that rises while memory stays flat can be this rather than the stack."""
     cpu: dict[int, float] = {}
     stolen: dict[int, float] = {}
-    for a, b in zip(samples, samples[1:]):
+    for a, b in itertools.pairwise(samples):
         m = int(b["t"] // 60)
         cpu[m] = cpu.get(m, 0.0) + b["cpu_s"] - a["cpu_s"]
         stolen[m] = stolen.get(m, 0.0) + b["steal_s"] - a["steal_s"]
@@ -58,7 +59,7 @@ def steal_per_minute(samples: list[dict]) -> dict[int, float]:
 
 def rss_mb(run_dir: Path, gateway_pid: int) -> dict[str, float]:
     """Resident memory of the gateway process and of every TorchServe worker of the stack, in MB."""
-    out = subprocess.run(["ps", "-eww", "-o", "pid=,rss=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,rss=,args="], capture_output=True, text=True, check=True).stdout
     mem = {"gateway": 0.0, "workers": 0.0, "java": 0.0}
     for line in out.splitlines():
         pid, rss, args = line.split(None, 2)
