@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", choices=["lean", "aiohttp"], default="lean",
                    help="lm, cpu: the streaming clients' HTTP client: the gateway's lean one (default), which "
                         "takes the least CPU from the cores the stack runs on, or aiohttp's")
+    p.add_argument("--no-naive", dest="naive", action="store_false",
+                   help="lm: leave the naive handlers out: the raw engine against the full stack only, so that many "
+                        "--repeat runs (each an adjacent pair, whose ratio the table's median takes) fit in a sitting")
     p.add_argument("--token-ms", type=float, default=1.0,
                    help="serving: the synthetic engine's step time, slept (a fast GPU's; 0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

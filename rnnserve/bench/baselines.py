@@ -315,17 +315,18 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = Fal
 
 def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
              step_ms: float | None = None, repeat: int = 3, int8: bool = False,
-             fresh_connections: bool = False, client: str = "lean") -> list[dict]:
-    """Raw engine, naive handlers and full stack per level; with `int8`, the raw engine and the full stack
-    again with the int8 decode step (a second copy of the model served beside the first), against both.
-    The clients connect before each burst's clock starts unless `fresh_connections`; `client` is the load
+             fresh_connections: bool = False, client: str = "lean", naive: bool = True) -> list[dict]:
+    """Raw engine, naive handlers (unless not `naive`) and full stack per level; with `int8`, the raw engine and
+    the full stack again with the int8 decode step (a second copy of the model served beside the first), against
+    both. The clients connect before each burst's clock starts unless `fresh_connections`; `client` is the load
     generator (http_lm)."""
+    baseline_names = NAIVE if naive else {}
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
     step_ms = step_ms or MODEL_CONFIGS["lm"]["handler"]["target_step_ms"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**_env(worker_threads), "RNNSERVE_TARGET_STEP_MS": str(step_ms)}
-        stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=True,
+        stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=naive,
                                                                     int8=int8),
                             extra_env=env)
         try:
@@ -334,22 +335,24 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             # the raw engine runs the step the served model runs (fp32 with --int8, which adds int8 beside it)
             served_int8 = loaded.meta.get("int8") is True and not int8
             raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
-            for baseline in NAIVE:
+            for baseline in baseline_names:
                 run_client(http_lm(stack.url, baseline, "warm-up", 2, 16, client=client))
             warm = warm_until_compiled(
                 lambda: [run_client(http_lm(stack.url, model, "warm-up", max(concurrency), tokens, client=client))
                          for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else [])],
                 jvm_pid(stack), min_bursts=WARMUP_ROUNDS)
-            baselines = {"vs_raw": 0, "vs_naive": 1, "vs_naive_modules": 2}
+            # each ratio's denominator: its setup's index in `setups`
+            k = len(baseline_names)
+            baselines = {"vs_raw": 0} | ({"vs_naive": 1, "vs_naive_modules": 2} if naive else {})
             connect = not fresh_connections
             if int8:
-                baselines |= {"vs_raw_int8": 4, "vs_stack_fp32": 3}
+                baselines |= {"vs_raw_int8": k + 2, "vs_stack_fp32": k + 1}
             for c in concurrency:
                 setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
                                                       int8=served_int8), c, tokens, step_ms),
                           *(lambda c=c, m=model, n=label: run_client(http_lm(stack.url, m, n, c, tokens, connect,
                                                                                    client))
-                            for model, label in NAIVE.items()),
+                            for model, label in baseline_names.items()),
                           lambda c=c: run_client(http_lm(stack.url, "lm-shakespeare", "full stack", c, tokens,
                                                           connect, client))]
                 if int8:
@@ -364,7 +367,7 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             stop_stack(stack)
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
                  "step_ms": step_ms, "repeat": repeat, "int8": int8, "fresh_connections": fresh_connections,
-                 "client": client, "warm_up": warm})
+                 "client": client, "naive": naive, "warm_up": warm})
     return rows
 
 
@@ -587,7 +590,7 @@ def main(args) -> int:
         bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat, args.client)
     elif args.task == "lm":
         bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat, args.int8,
-                 args.fresh_connections, args.client)
+                 args.fresh_connections, args.client, args.naive)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads,
                           args.repeat, args.int8)

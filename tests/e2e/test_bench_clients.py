@@ -38,3 +38,19 @@ def test_the_warm_up_reads_the_frontends_compiler_threads(stack):
     got = warm_until_compiled(burst, pid, min_bursts=2, max_bursts=4)
     assert 2 <= got["bursts"] <= 4 and bursts == [(0, CLIENTS * TOKENS)] * got["bursts"]
     assert all(ms >= 0 for ms in got["jit_ms_last_bursts"]) and len(got["jit_ms_last_bursts"]) == min(3, got["bursts"])
+
+
+def test_bench_lm_without_the_naive_handlers_pairs_the_raw_engine_with_the_stack(tmp_path):
+    """`bench lm --int8 --no-naive`: its own stack, warmed up; per run the raw engine and the full stack, in fp32 and
+    in int8, each ratio against its own setup of the same run."""
+    import json
+
+    from rnnserve.bench.baselines import bench_lm
+
+    rows = bench_lm([2], 8, tmp_path / "lm.json", worker_threads=1, repeat=2, int8=True, naive=False)
+    assert [r["name"] for r in rows] == ["raw engine", "full stack", "raw engine int8", "full stack int8"]
+    assert all(r["errors"] == 0 and r["runs"] == 2 and r["clients"] == 2 for r in rows)
+    assert rows[2]["vs_raw_int8"] == 1.0 and rows[1]["vs_stack_fp32"] == 1.0 and rows[0]["vs_raw"] == 1.0
+    assert "vs_naive" not in rows[3] and rows[3]["vs_raw_int8"] > 0
+    saved = json.loads((tmp_path / "lm.json").read_text())
+    assert saved["naive"] is False and saved["warm_up"]["bursts"] >= 3
