@@ -269,7 +269,9 @@ def summarize(runs: list[list[Result]], unit: str, baselines: dict[str, int]) ->
                 m = _median([r[key] for r in per_run])
                 row[key] = round(m, 2) if isinstance(m, float) else m  # an even count averages two
         for name, b in baselines.items():
-            row[name] = round(_median([run[k].row()[unit] / run[b].row()[unit] for run in runs]), 2)
+            ratios = [run[k].row()[unit] / run[b].row()[unit] for run in runs]
+            row[name] = round(_median(ratios), 2)
+            row[f"{name}_per_run"] = [round(r, 3) for r in ratios]  # in the JSON (--out), not the table
         rows.append(row)
     print_table(rows, ["name", "clients", unit, "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
                        *baselines, "errors", "steal_pct"])

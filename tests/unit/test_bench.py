@@ -15,6 +15,7 @@ def test_summary_takes_medians_and_the_median_of_per_run_ratios(capsys):
     assert (raw["tokens_per_s"], full["tokens_per_s"]) == (1000.0, 800.0)
     assert full["ttft_p99_ms"] == 200.0 and raw["ttft_p99_ms"] is None
     assert full["vs_raw"] == 0.8  # per-run ratios 0.8, 0.9, 0.5: their median, not 800 / 1000 by chance
+    assert full["vs_raw_per_run"] == [0.8, 0.9, 0.5] and raw["vs_raw_per_run"] == [1.0, 1.0, 1.0]
     assert raw["vs_raw"] == 1.0 and full["runs"] == 3
     assert "| full stack | 4 | 800.0 | 200.0 | 200.0 | - | - | 0.8 | 0 |" in capsys.readouterr().out
 
