@@ -168,8 +168,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 COLUMNS = ["streams", "completed", "tokens_per_s", "vs_engine", "events_per_s", "tokens_per_event", "ttft_p50_ms",
-           "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "gateway_us_per_token", "frontend_us_per_token", "worker_us_per_token",
-           "client_us_per_token", "gateway_plus_frontend_us_per_token", "errors"]
+           "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "gateway_us_per_token", "frontend_us_per_token",
+           "worker_us_per_token", "client_us_per_token", "gateway_plus_frontend_us_per_token", "errors"]
 
 
 def bench_serving(levels: list[int], tokens: int, out: Path | None, repeat: int = 3, token_ms: float = 1.0,

@@ -141,7 +141,8 @@ def test_translations_through_the_int8_engine_are_the_same_bits_alone_and_in_ran
         rng.shuffle(pending)
         out, companions = {}, 0
         while pending or engine.has_work():
-            for _ in range(rng.randint(0, 4) if companions < 40 else 0):  # random companions, random arrivals, past the rows (queued)
+            # random companions, random arrivals, past the rows (queued)
+            for _ in range(rng.randint(0, 4) if companions < 40 else 0):
                 src, params, prefix = probe()
                 texts = [src, src[::-1]] if rng.random() < 0.3 else [src]
                 engine.add(f"c{companions}", texts, params, prefix * len(texts) if prefix else None)
