@@ -45,9 +45,15 @@ def test_bench_lm_without_the_naive_handlers_pairs_the_raw_engine_with_the_stack
     in int8, each ratio against its own setup of the same run."""
     import json
 
+    import torch
+
     from rnnserve.bench.baselines import bench_lm
 
-    rows = bench_lm([2], 8, tmp_path / "lm.json", worker_threads=1, repeat=2, int8=True, naive=False)
+    threads = torch.get_num_threads()
+    try:
+        rows = bench_lm([2], 8, tmp_path / "lm.json", worker_threads=1, repeat=2, int8=True, naive=False)
+    finally:
+        torch.set_num_threads(threads)  # the raw engine ran on the workers' thread count, in this process
     assert [r["name"] for r in rows] == ["raw engine", "full stack", "raw engine int8", "full stack int8"]
     assert all(r["errors"] == 0 and r["runs"] == 2 and r["clients"] == 2 for r in rows)
     assert rows[2]["vs_raw_int8"] == 1.0 and rows[1]["vs_stack_fp32"] == 1.0 and rows[0]["vs_raw"] == 1.0

@@ -43,7 +43,10 @@ def test_streamed_generation_matches_the_non_streamed_one_for_the_same_seed(stac
             events = sse_events(r)
     assert events[-1] == "[DONE]"
     chunks, last = events[:-2], events[-2]
-    assert len(chunks) >= 2  # it really streamed
+    # it really streamed: the first token left in an event of its own, ahead of the rest (a stream's first frame never
+    # waits). How many events the other 199 take depends on the machine's speed: a fast engine sends bigger frames.
+    texts = [e["text"] for e in events[:-1]]
+    assert len(texts) >= 2 and 0 < len(texts[0]) < 200
     assert all(set(e) == {"id", "model", "text"} for e in chunks)
     assert last["finish_reason"] == "length"
     assert last["usage"] == {"prompt_tokens": 8, "completion_tokens": 200, "total_tokens": 208}
