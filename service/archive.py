@@ -2,8 +2,8 @@
 
 The archive holds the handler module, the model folder's files (weights in safetensors, config,
 tokenizer files, model card) and a model-config.yaml: the task's settings below, with the limits of
-the model's own config.json (its "limits") where it sets lower ones. The handlers import the engine from the installed `rnnserve`
-package, so the worker's Python must be the project's environment (the launcher sees to that).
+the model's own config.json (its "limits") where it sets lower ones. The handlers import the engine from the
+installed `rnnserve` package, so the worker's Python must be the project's environment (the launcher sees to that).
 """
 from __future__ import annotations
 

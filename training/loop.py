@@ -48,7 +48,8 @@ class ProgressBar:
         eta = (self.total - self.n) / max(rate, 1e-9)
         done = int(30 * self.n / self.total)
         text = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
-        line = f"{self.desc} [{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {text}"
+        bar = "#" * done + "." * (30 - done)
+        line = f"{self.desc} [{bar}] {self.n}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {text}"
         sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
         sys.stderr.flush()
 

@@ -13,7 +13,8 @@ ERRORS = "validation|overloaded|timeout|cancelled|upstream|internal"
 
 
 def quantiles(metric: str) -> list[tuple[str, str]]:
-    return [(f"histogram_quantile({q}, sum by (le, model) (rate({metric}_bucket[1m])))", f"p{int(q * 100)} {{{{model}}}}")
+    return [(f"histogram_quantile({q}, sum by (le, model) (rate({metric}_bucket[1m])))",
+             f"p{int(q * 100)} {{{{model}}}}")
             for q in (0.5, 0.9, 0.99)]
 
 
@@ -31,7 +32,8 @@ PANELS = [
         ("sum by (model) (rate(rnnserve_batch_size_sum[1m])) / sum by (model) (rate(rnnserve_batch_size_count[1m]))",
          "mean {{model}}"),
         ("histogram_quantile(0.9, sum by (le, model) (rate(rnnserve_batch_size_bucket[1m])))", "p90 {{model}}")]),
-    ("Errors by reason", "reqps", [(f'sum by (model, outcome) (rate(rnnserve_requests_total{{outcome=~"{ERRORS}"}}[5m]))',
+    ("Errors by reason", "reqps", [(f'sum by (model, outcome) '
+                                     f'(rate(rnnserve_requests_total{{outcome=~"{ERRORS}"}}[5m]))',
                                     "{{model}} {{outcome}}"),
                                    ("sum by (model) (rate(rnnserve_client_disconnects_total[5m]))",
                                     "{{model}} client disconnects")]),

@@ -5,8 +5,9 @@ deterministic text without any model arithmetic: each request's completion is a 
 an offset given by its seed (0 without one), one character per token. A decode step of the whole batch
 takes `token_ms` of wall time (slept, not computed: like a GPU, whatever the batch), so a step with a
 budget makes as many tokens as fit in it, as `LMEngine` does, and the handler, TorchServe's frontend, the
-gateway and the client are all that costs CPU. `token_ms` 0 gives `num_tokens` tokens at once. Stop strings and max_tokens end a request exactly as in `LMEngine`
-(the text stops before the stop string; a possible stop string's start is held back until it is known).
+gateway and the client are all that costs CPU. `token_ms` 0 gives `num_tokens` tokens at once. Stop strings
+and max_tokens end a request exactly as in `LMEngine` (the text stops before the stop string; a possible stop
+string's start is held back until it is known).
 
 A model folder is served with this engine when its config.json says `"engine": "synthetic"`, with
 `"synthetic_token_ms"` its step time (`rnnserve bench serving` makes one from lm-shakespeare).

@@ -136,10 +136,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     counts = None
     if settings.gateway_workers > 1:  # one of several gateway processes (launcher.py): bounds for the service
         if settings.gateway_shared_dir is None:
-            raise RuntimeError("RNNSERVE_GATEWAY_WORKERS > 1 needs the launcher (`rnnserve serve` or `rnnserve gateway`)")
+            raise RuntimeError("RNNSERVE_GATEWAY_WORKERS > 1 needs the launcher "
+                               "(`rnnserve serve` or `rnnserve gateway`)")
         # a dead process's gauges (requests running, sessions) must stop counting in the service's sums
-        counts = SharedCounts(settings.gateway_shared_dir / "admission", list(registry.models), settings.gateway_workers,
-                              on_dead=multiprocess.mark_process_dead)
+        counts = SharedCounts(settings.gateway_shared_dir / "admission", list(registry.models),
+                              settings.gateway_workers, on_dead=multiprocess.mark_process_dead)
     for name in registry.models:
         metrics.init_model(name)
         if counts is None:

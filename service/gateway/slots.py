@@ -1,10 +1,10 @@
 """Admission counters shared by the gateway processes of one service (RNNSERVE_GATEWAY_WORKERS > 1).
 
 One small file, mapped into every process: per model and per process, the generations it has in flight,
-the tokens they cost and the generations it has queued; a table of which process holds which column. Every change happens under an
-exclusive flock held for a few microseconds, so the service-wide sums bound admission wherever a request
-lands. A process that dies leaves its column behind: the process that replaces it takes the column over
-and zeroes it, and a full service checks for dead owners before it refuses.
+the tokens they cost and the generations it has queued; a table of which process holds which column. Every
+change happens under an exclusive flock held for a few microseconds, so the service-wide sums bound admission
+wherever a request lands. A process that dies leaves its column behind: the process that replaces it takes the
+column over and zeroes it, and a full service checks for dead owners before it refuses.
 """
 from __future__ import annotations
 

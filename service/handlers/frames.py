@@ -308,7 +308,8 @@ def score_frame(out: TranslationOutput, candidates: list[str], pieces: list[list
     for text, toks, s in zip(candidates, pieces, out.scores):
         item = {"text": text, **s}
         if "token_logprobs" in s:
-            item["token_logprobs"] = [{"token": t, "logprob": lp} for t, lp in zip(toks + ["</s>"], s["token_logprobs"])]
+            item["token_logprobs"] = [{"token": t, "logprob": lp}
+                                      for t, lp in zip(toks + ["</s>"], s["token_logprobs"])]
         scores.append(item)
     return json.dumps({"deltas": [], "batch": out.batch_size, "finish_reason": "stop", "scores": scores,
                        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": 0}},
