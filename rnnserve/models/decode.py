@@ -171,13 +171,13 @@ class Int8Linear:
 
     def to(self, device: torch.device) -> Int8Linear:
         self.out_scale, self.bias = self.out_scale.to(device), self.bias.to(device)
-        if self.w_float is not None and torch.device(device).type != "cpu":  # a GPU multiplies int8 in int8
-            self._set_int8(torch.cat(self.w_float).to(torch.int8))  # integers held exactly in fp32
-            self.w_float = None
-        if self.w_float is not None:
+        if self.w_float is not None and torch.device(device).type == "cpu":
             self.w_float = [w.to(device) for w in self.w_float]
-        else:
-            self._set_int8(self.w[: self.k, : self.n].to(device))
+            return self
+        # int8 weights on the device; a GPU multiplies int8 in int8, so fp32 ones become int8 (integers held exactly)
+        q = self.w[: self.k, : self.n] if self.w_float is None else torch.cat(self.w_float).to(torch.int8)
+        self.w_float = None
+        self._set_int8(q.to(device))
         return self
 
 
