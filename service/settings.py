@@ -5,6 +5,7 @@ Read once, at start-up, and passed down; nothing else reads the environment.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -72,7 +73,11 @@ class Settings(BaseSettings):
     ts_grpc_inference_port: int = Field(7070, ge=1, le=65535)
     ts_grpc_management_port: int = Field(7071, ge=1, le=65535)
     ts_worker_port: int = Field(9000, ge=1, le=65535)  # workers use Unix sockets /tmp/.ts.sock.<port>
-    ts_url: str | None = None  # inference URL of a TorchServe not started by us (compose, k8s)
+    # TorchServe's inference API on this Unix socket instead of ts_inference_port: the gateway's requests and
+    # frames then skip the loopback TCP stack (BENCHMARKS.md). Only where both run on one machine.
+    ts_inference_socket: Path | None = None
+    # inference URL of a TorchServe not started by us (compose, k8s): http(s)://host:port or unix:/path/to.sock
+    ts_url: str | None = Field(None, pattern=r"^(https?://|unix:/)")
     ts_management_url: str | None = None
     ts_key_file: Path | None = None  # TorchServe's key_file.json; default run_dir/key_file.json
     ts_token_auth: bool = True
@@ -118,6 +123,15 @@ class Settings(BaseSettings):
             parse_cpus(v)  # a clear error at start, not when TorchServe is launched
         return v
 
+    @field_validator("ts_inference_socket", mode="before")
+    @classmethod
+    def _socket_path(cls, v: object) -> object:
+        if v is None or v == "":
+            return None  # an empty variable (compose's default) means unset
+        if len(os.fsencode(Path(v).resolve())) > 107:  # sun_path holds 108 bytes with its NUL
+            raise ValueError(f"{Path(v).resolve()} is longer than a Unix socket's path may be (107 bytes)")
+        return v
+
     @field_validator("state_key")
     @classmethod
     def _long_key(cls, v: SecretStr | None) -> SecretStr | None:
@@ -154,7 +168,11 @@ class Settings(BaseSettings):
 
     @property
     def inference_url(self) -> str:
-        return self.ts_url or f"http://{self.ts_host}:{self.ts_inference_port}"
+        if self.ts_url:
+            return self.ts_url
+        if self.ts_inference_socket:
+            return f"unix:{self.ts_inference_socket.resolve()}"
+        return f"http://{self.ts_host}:{self.ts_inference_port}"
 
     @property
     def management_url(self) -> str:

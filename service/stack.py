@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from rnnserve.paths import MODELS_DIR
 from rnnserve.service.archive import build_archives
@@ -46,6 +47,26 @@ class Stack:
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
 
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        """The stack's running processes by role: gateway (the serve process and any gateway processes it
+        forked), frontend (TorchServe's JVM) and worker (its Python workers)."""
+        top = psutil.Process(self.proc.pid)
+        roles: dict[str, list[psutil.Process]] = {"gateway": [top], "frontend": [], "worker": []}
+        for p in top.children(recursive=True):
+            try:
+                name, cmd = p.name(), " ".join(p.cmdline())
+            except psutil.Error:  # ended meanwhile
+                continue
+            if name == "java":
+                roles["frontend"].append(p)
+            elif "model_service_worker" in cmd:
+                roles["worker"].append(p)
+            elif "rnnserve.service.guard" in cmd or "torchserve" in cmd:
+                continue  # the guard and TorchServe's launcher script sleep
+            elif "python" in name or "rnnserve" in cmd:
+                roles["gateway"].append(p)
+        return roles
+
 
 def start_stack(tmp: Path, extra_env: dict | None = None, models_dir: Path = MODELS_DIR) -> Stack:
     store = tmp / "model_store"
@@ -60,8 +81,10 @@ def start_stack(tmp: Path, extra_env: dict | None = None, models_dir: Path = MOD
            "--ts-grpc-management-port", str(gm), "--ts-worker-port", str(worker)]
     log = tmp / "serve.log"
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    sock = env.get("RNNSERVE_TS_INFERENCE_SOCKET")
+    inference = f"unix:{Path(sock).resolve()}" if sock else f"http://127.0.0.1:{inf}"
     stack = Stack(f"http://127.0.0.1:{gw}", proc, tmp / "run", env, log, f"http://127.0.0.1:{met}/metrics",
-                  f"http://127.0.0.1:{inf}", f"http://127.0.0.1:{mgmt}")
+                  inference, f"http://127.0.0.1:{mgmt}")
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:

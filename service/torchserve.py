@@ -53,7 +53,8 @@ def write_config(settings: Settings, models: list[str]) -> Path:
     h = settings.ts_host
     store = settings.model_store.resolve()
     props = {
-        "inference_address": f"http://{h}:{settings.ts_inference_port}",
+        "inference_address": settings.inference_url if settings.ts_inference_socket
+        else f"http://{h}:{settings.ts_inference_port}",
         "management_address": f"http://{h}:{settings.ts_management_port}",
         "metrics_address": f"http://{h}:{settings.ts_metrics_port}",
         "grpc_inference_address": h,
@@ -105,6 +106,8 @@ class TorchServeProcess:
         config = write_config(self.settings, models)
         run_dir = self.settings.run_dir
         (run_dir / "key_file.json").unlink(missing_ok=True)  # a stale key file would mislead the gateway
+        if self.settings.ts_inference_socket:  # left by a TorchServe that was killed: binding would fail
+            self.settings.ts_inference_socket.unlink(missing_ok=True)
         env = dict(os.environ, LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"),
                    TEMP=str(run_dir / "tmp"))
         (run_dir / "tmp").mkdir(exist_ok=True)

@@ -342,7 +342,7 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             warm = warm_until_compiled(
                 lambda: [run_client(http_lm(stack.url, model, "warm-up", max(concurrency), tokens, client=client))
                          for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else [])],
-                jvm_pid(stack), min_bursts=WARMUP_ROUNDS)
+                jvm_pid(stack.processes()), min_bursts=WARMUP_ROUNDS)
             # each ratio's denominator: its setup's index in `setups`
             k = len(baseline_names)
             baselines = {"vs_raw": 0} | ({"vs_naive": 1, "vs_naive_modules": 2} if naive else {})
@@ -414,7 +414,7 @@ def bench_translation(concurrency: list[int], beams: list[int], per_client: int,
             warm = warm_until_compiled(  # until TorchServe's JVM has compiled its hot paths (warmup.py)
                 lambda: run_client(http_translation(stack.url, "translate-de-en", max(concurrency), texts,
                                                     max(beams), 1)),
-                jvm_pid(stack), min_bursts=WARMUP_ROUNDS)
+                jvm_pid(stack.processes()), min_bursts=WARMUP_ROUNDS)
             for beam in beams:
                 for c in concurrency:
                     setups = [lambda c=c, b=beam: raw_translation(TranslationEngine(tr.model, int8=served_int8), c,
@@ -455,11 +455,9 @@ def bench_cpu(concurrency: list[int], tokens: int, out: Path | None, worker_thre
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=False),
                             extra_env=_env(worker_threads))
         try:
-            gateway = psutil.Process(stack.proc.pid)
-            kids = gateway.children(recursive=True)
-            procs = {"gateway": gateway, "torchserve_java": next(k for k in kids if k.name() == "java"),
-                     "worker": next(k for k in kids if "model_service_worker" in " ".join(k.cmdline())),
-                     "client": psutil.Process()}
+            roles = stack.processes()
+            procs = {"gateway": roles["gateway"][0], "torchserve_java": roles["frontend"][0],
+                     "worker": roles["worker"][0], "client": psutil.Process()}
             warm = warm_until_compiled(
                 lambda: run_client(http_lm(stack.url, "lm-shakespeare", "warm-up", max(concurrency), tokens,
                                            client=client)),

@@ -98,25 +98,8 @@ async def streams(url: str, model: str, n: int, tokens: int, bursts: int = 1) ->
 
 
 def stack_processes(stack: Stack) -> dict[str, list[psutil.Process]]:
-    """The stack's processes by role: gateway (the serve process and any gateway processes it forked),
-    TorchServe's frontend (the JVM), its workers, and this client."""
-    top = psutil.Process(stack.proc.pid)
-    roles: dict[str, list[psutil.Process]] = {"gateway": [top], "frontend": [], "worker": [],
-                                              "client": [psutil.Process()]}
-    for p in top.children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if p.name() == "java":
-            roles["frontend"].append(p)
-        elif "model_service_worker" in cmd:
-            roles["worker"].append(p)
-        elif "rnnserve.service.guard" in cmd or "torchserve" in cmd:
-            continue  # the guard and TorchServe's launcher script sleep
-        elif "python" in p.name() or "rnnserve" in cmd:
-            roles["gateway"].append(p)
-    return roles
+    """The stack's processes by role (Stack.processes), and this client."""
+    return {**stack.processes(), "client": [psutil.Process()]}
 
 
 def cpu_seconds(roles: dict[str, list[psutil.Process]]) -> dict[str, float]:
@@ -186,7 +169,7 @@ def bench_serving(levels: list[int], tokens: int, out: Path | None, repeat: int 
         try:
             # TorchServe's JVM compiles its hot paths over the first few thousand frames (warmup.py)
             warm = warm_until_compiled(lambda: run_client(streams(stack.url, SYNTHETIC, min(256, top), tokens)),
-                                       jvm_pid(stack), min_bursts=WARMUP_ROUNDS)
+                                       jvm_pid(stack.processes()), min_bursts=WARMUP_ROUNDS)
             for n in levels:
                 ceiling = min(n, batch) * 1000 / token_ms if token_ms else None
                 rows.append(summarize([measure(stack, SYNTHETIC, n, tokens, ceiling) for _ in range(repeat)]))

@@ -21,15 +21,9 @@ SETTLED_BURSTS = 3
 MAX_BURSTS = 60
 
 
-def jvm_pid(stack) -> int | None:
-    """The pid of a started stack's TorchServe frontend (its JVM), or None."""
-    for p in psutil.Process(stack.proc.pid).children(recursive=True):
-        try:
-            if p.name() == "java":
-                return p.pid
-        except psutil.Error:
-            continue
-    return None
+def jvm_pid(roles: dict[str, list[psutil.Process]]) -> int | None:
+    """The pid of TorchServe's frontend (its JVM) among a stack's processes (Stack.processes), or None."""
+    return roles["frontend"][0].pid if roles.get("frontend") else None
 
 
 def compiler_cpu_ms(pid: int) -> float | None:
@@ -52,8 +46,8 @@ def warm_until_compiled(burst: Callable[[], object], jvm_pid: int | None, min_bu
                         max_bursts: int = MAX_BURSTS) -> dict:
     """Run `burst` at least `min_bursts` times, then until the JVM's compilers spent under SETTLED_MS in each of
     SETTLED_BURSTS bursts in a row, at most `max_bursts` times -> what it took. Without the JVM's counters (not
-    Linux, or no pid) it runs `min_bursts`. A compiler thread that ends takes its counter with it, so a burst
-    whose total fell counts as settled."""
+    Linux, or no pid) it runs `min_bursts` and reports `jit_settled` as None (unknown). A compiler thread that
+    ends takes its counter with it, so a burst whose total fell counts as settled."""
     last = compiler_cpu_ms(jvm_pid) if jvm_pid else None
     quiet, spent, n = 0, [], 0
     while n < max_bursts:
@@ -69,7 +63,7 @@ def warm_until_compiled(burst: Callable[[], object], jvm_pid: int | None, min_bu
         quiet = quiet + 1 if spent[-1] < SETTLED_MS else 0
         if n >= min_bursts and quiet >= SETTLED_BURSTS:
             break
-    settled = last is None or quiet >= SETTLED_BURSTS
+    settled = None if last is None else quiet >= SETTLED_BURSTS  # None: no counters to tell
     log.info("warm-up: %d bursts, the JVM's compilers %s (ms per burst, last ones: %s)", n,
-             "settled" if settled else "still busy", spent[-5:])
+             {None: "unobserved", True: "settled", False: "still busy"}[settled], spent[-5:])
     return {"bursts": n, "jit_settled": settled, "jit_ms_last_bursts": spent[-SETTLED_BURSTS:]}

@@ -262,7 +262,9 @@ class TorchServeClient:
 
     def __init__(self, url: str, connect_timeout_s: float, read_timeout_s: float, max_line_bytes: int,
                  max_idle: int = 1024) -> None:
-        parts = urlsplit(url)
+        # unix:/path/to.sock: TorchServe's inference address on a Unix socket (settings.ts_inference_socket)
+        self.unix_path = url[len("unix:"):] if url.startswith("unix:") else None
+        parts = urlsplit("http://localhost" if self.unix_path else url)
         self.host = parts.hostname or "localhost"
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self.port = parts.port or (443 if self.ssl else 80)
@@ -272,6 +274,10 @@ class TorchServeClient:
         self.max_line_bytes, self.max_idle = max_line_bytes, max_idle
         self.idle: list[_Connection] = []  # most recently used last: taken first, while its socket is warm
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def address(self) -> str:
+        return self.unix_path or f"{self.host}:{self.port}"
 
     async def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
         """Send the request and wait for the answer's status line and headers."""
@@ -332,12 +338,15 @@ class TorchServeClient:
         conn = _Connection(self)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                await self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self.ssl)
+                if self.unix_path:
+                    await self.loop.create_unix_connection(lambda: conn, self.unix_path)
+                else:
+                    await self.loop.create_connection(lambda: conn, self.host, self.port, ssl=self.ssl)
         except TimeoutError:  # before OSError: TimeoutError is one
             conn.close()
-            raise ConnectTimeout(f"connecting to {self.host}:{self.port} timed out") from None
+            raise ConnectTimeout(f"connecting to {self.address} timed out") from None
         except OSError as e:
-            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {e}") from e
+            raise ConnectError(f"cannot connect to {self.address}: {e}") from e
         return conn
 
     def _release(self, conn: _Connection) -> None:

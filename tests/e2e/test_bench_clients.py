@@ -25,8 +25,11 @@ def test_the_warm_up_reads_the_frontends_compiler_threads(stack):
     real bursts until they settle or its bound is reached."""
     from rnnserve.bench.warmup import compiler_cpu_ms, jvm_pid, warm_until_compiled
 
-    pid = jvm_pid(stack)
-    assert pid is not None
+    roles = stack.processes()
+    assert len(roles["frontend"]) == 1 and roles["frontend"][0].name() == "java"
+    assert len(roles["worker"]) >= 1 and roles["gateway"][0].pid == stack.proc.pid
+    pid = jvm_pid(roles)
+    assert pid == roles["frontend"][0].pid
     before = compiler_cpu_ms(pid)
     assert before > 0  # the JVM compiled its start-up paths
     bursts = []

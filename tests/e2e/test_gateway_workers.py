@@ -1,5 +1,6 @@
 """Two gateway processes on one port (RNNSERVE_GATEWAY_WORKERS=2) over one TorchServe, on the synthetic model:
-admission bounds, /metrics and readiness are the whole service's wherever a request lands.
+admission bounds, /metrics and readiness are the whole service's wherever a request lands. TorchServe's
+inference API listens on a Unix socket here (RNNSERVE_TS_INFERENCE_SOCKET), which both processes stream through.
 
 Streams are paced (waits.PACED): a 2,048-token stream holds its slot for over 40 s on any machine. Each request
 below opens its own connection, so the kernel hands them to either process.
@@ -29,7 +30,7 @@ def two(tmp_path_factory):
     shutil.copytree(MODELS_DIR / LM, models / LM)  # a real model, for states
     s = start_stack(tmp, models_dir=models, extra_env={
         "RNNSERVE_GATEWAY_WORKERS": "2", "RNNSERVE_MAX_RUNNING_PER_MODEL": "2", "RNNSERVE_MAX_WAITING_PER_MODEL": "1",
-        **PACED})
+        "RNNSERVE_TS_INFERENCE_SOCKET": str(tmp / "ts.sock"), **PACED})
     yield s
     stop_stack(s)
 
@@ -54,6 +55,20 @@ def test_the_service_runs_two_gateway_processes_that_answer_ready(two):
         for _ in range(8):
             r = c.get("/readyz")
             assert r.status_code == 200 and r.json()["models"] == {SYNTHETIC: "ready", LM: "ready"}, r.text
+
+
+def test_both_processes_stream_through_torchserves_unix_socket(two):
+    sock = str((two.run_dir.parent / "ts.sock").resolve())
+    assert two.ts_inference_url == f"unix:{sock}"
+    assert f"inference_address=unix:{sock}" in (two.run_dir / "config.properties").read_text().splitlines()
+    java = two.processes()["frontend"][0]
+    assert sock in [c.laddr for c in java.net_connections("unix")]  # TorchServe listens there, on no TCP port
+    # nothing answers inference over TCP, so every answer below came through the socket, from either process
+    body = {"model": LM, "prompt": "ROMEO:", "max_tokens": 12, "seed": 3}
+    with fresh(two) as c:
+        answers = [c.post("/v1/generate", json=body) for _ in range(6)]
+    assert [r.status_code for r in answers] == [200] * 6, answers[-1].text
+    assert len({r.json()["text"] for r in answers}) == 1 and answers[0].json()["usage"]["completion_tokens"] == 12
 
 
 def test_admission_bounds_hold_for_the_whole_service(two):

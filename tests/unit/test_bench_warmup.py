@@ -38,10 +38,18 @@ def test_a_compiler_thread_that_ended_counts_as_a_quiet_burst(monkeypatch):
     assert got == {"bursts": 4, "jit_settled": True, "jit_ms_last_bursts": [0.0, 0.1, 0.1]}
 
 
-def test_without_the_jvms_counters_it_runs_min_bursts():
+def test_without_the_jvms_counters_it_runs_min_bursts_and_cannot_tell():
     bursts = []
     got = warmup.warm_until_compiled(lambda: bursts.append(1), jvm_pid=None, min_bursts=4)
-    assert got == {"bursts": 4, "jit_settled": True, "jit_ms_last_bursts": []}
+    assert got == {"bursts": 4, "jit_settled": None, "jit_ms_last_bursts": []}
+    assert len(bursts) == 4
+
+
+def test_jvm_pid_is_the_frontends():
+    class P:
+        pid = 42
+    assert warmup.jvm_pid({"gateway": [], "frontend": [P()], "worker": []}) == 42
+    assert warmup.jvm_pid({"gateway": [], "frontend": [], "worker": []}) is None
 
 
 def test_compiler_cpu_ms_reads_only_compiler_threads():

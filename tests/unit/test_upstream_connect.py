@@ -58,10 +58,10 @@ class StandIn:
 
 
 @asynccontextmanager
-async def stand_in(answer):
-    """A TorchServe inference address on a free loopback port. `answer(request, writer, n)` writes the
-    answer to the n-th request (0-based, over all connections); the connection stays open for the next
-    request unless the answer closes it."""
+async def stand_in(answer, unix_path: str | None = None):
+    """A TorchServe inference address on a free loopback port, or on the Unix socket `unix_path`.
+    `answer(request, writer, n)` writes the answer to the n-th request (0-based, over all connections); the
+    connection stays open for the next request unless the answer closes it."""
     seen = StandIn()
     count = 0
 
@@ -89,8 +89,11 @@ async def stand_in(answer):
             seen.closed_by_client.append(index)
             seen.closed.set()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    seen.port = server.sockets[0].getsockname()[1]
+    if unix_path:
+        server = await asyncio.start_unix_server(handle, unix_path)
+    else:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        seen.port = server.sockets[0].getsockname()[1]
     try:
         yield seen
     finally:
@@ -205,6 +208,38 @@ def test_finished_streams_reuse_their_connection(run):
         assert sorted(len(c) for c in s.connections) in ([1, 5], [2, 4])  # 6 requests over 2 connections
         assert [json.loads(r.body).get("seed") for r in s.connections[0][:3]] == [0, 1, 2]
     run(main())
+
+
+def test_a_unix_socket_address_streams_and_reuses_its_connection(run, tmp_path):
+    """ts_url=unix:/path (settings.ts_inference_socket): the same requests and frames over a Unix socket."""
+    path = str(tmp_path / "ts.sock")
+
+    async def main():
+        async with stand_in(streamed, unix_path=path) as s:
+            up = Upstream(Settings(ts_url=f"unix:{path}", ts_token_auth=False))
+            try:
+                for i in range(2):
+                    assert await collect(up, "lm-shakespeare", {**BODY, "seed": i}) == [FRAME_A, FRAME_B, LAST]
+            finally:
+                await up.close()
+        (first, second), = s.connections  # one connection, kept alive
+        assert first.head[0] == "POST /predictions/lm-shakespeare HTTP/1.1"
+        assert first.header("host") == "localhost"
+        assert [json.loads(r.body)["seed"] for r in (first, second)] == [0, 1]
+    run(main())
+
+
+def test_a_unix_socket_nobody_listens_on_answers_503(run, tmp_path):
+    async def main():
+        up = Upstream(Settings(ts_url=f"unix:{tmp_path / 'none.sock'}", ts_token_auth=False))
+        try:
+            with pytest.raises(UpstreamError) as e:
+                await collect(up)
+        finally:
+            await up.close()
+        return e.value
+    err = run(main())
+    assert (err.status, err.message, err.reason) == (503, "model server is not reachable", "unavailable")
 
 
 def test_a_connection_idle_too_long_is_closed_not_reused(run, monkeypatch):
