@@ -4,8 +4,9 @@ Two gateways over one TorchServe: the stack's, with the fast path (the default),
 RNNSERVE_GATEWAY_FAST_PATH=false. The same requests go to both, with the same X-Request-Id, and get the same
 status, headers (but the date) and bytes. A seeded stream's text is certain, not how its tokens fall into frames
 (a request arriving meanwhile, such as a readiness probe, joins a step and two tokens leave in one frame): streams
-are compared with every event's text joined, and their last event (but its text) and [DONE] byte for byte. Each gateway admits one
-stream and queues none, and streams are paced (waits.PACED), so a second stream gets 429 while one holds the slot.
+are compared with every event's text joined, and their last event (but its text) and [DONE] byte for byte. Each
+gateway admits one stream and queues none, and streams are paced (waits.PACED), so a second stream gets 429 while
+one holds the slot.
 """
 import json
 import re

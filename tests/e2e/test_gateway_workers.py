@@ -145,5 +145,6 @@ def test_a_state_signed_by_one_process_is_accepted_by_every_one_and_sessions_are
             assert r.json() == {"error": {
                 "message": "sessions are held in one gateway process's memory and this service runs 2 "
                            "(RNNSERVE_GATEWAY_WORKERS); set RNNSERVE_SESSION_STORE (Redis) to share them, or continue "
-                           "from a returned state instead (`return_state`, then `state`)", "type": "invalid_request_error", "param": "session", "code": 400}}
+                           "from a returned state instead (`return_state`, then `state`)",
+                "type": "invalid_request_error", "param": "session", "code": 400}}
             assert c.get("/v1/sessions").status_code == 400

@@ -37,7 +37,8 @@ def assert_error(r, status):
     assert "Traceback" not in r.text
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+json_values = st.recursive(st.none() | st.booleans() | st.integers()
+                           | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
                            lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
                                                                                             max_size=4),
                            max_leaves=8)
@@ -100,7 +101,8 @@ def test_torchserve_down_fails_fast_with_503_and_readyz_says_why(client):
     assert_error(r, 503)  # a stream that cannot start is a plain error, not an event stream
     ready = client.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"status": "not ready", "models": {"lm-shakespeare": "not ready: model server is not reachable"}}
+    assert ready.json() == {"status": "not ready",
+                            "models": {"lm-shakespeare": "not ready: model server is not reachable"}}
 
 
 def test_request_id_is_echoed_or_generated(client):

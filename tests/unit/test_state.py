@@ -48,7 +48,8 @@ def test_continuing_from_a_state_is_exact_in_the_engine(tiny_lm):
 @pytest.mark.parametrize("mangle, message", [
     (lambda b: b[:10], "state is truncated"),
     (lambda b: b"XXXX" + b[4:], "state is not a state of this server's format"),
-    (lambda b: b[: HEADER.size - 16] + bytes(16) + b[HEADER.size:], "state was made by other weights than this model's"),
+    (lambda b: b[: HEADER.size - 16] + bytes(16) + b[HEADER.size:],
+     "state was made by other weights than this model's"),
     (lambda b: b + b"\0\0\0\0", "state has 516 bytes of layers; this model's have 512"),
     (lambda b: b[:HEADER.size] + b"\xff\xff\xff\x7f" * 128, "state holds values that are not finite"),
 ])

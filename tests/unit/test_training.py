@@ -13,8 +13,8 @@ from rnnserve.training.lm import LMTrainConfig, train_lm
 
 SHAKESPEARE = str(DATA_DIR / "tinyshakespeare" / "input.txt")
 RAW = DATA_DIR / "multi30k" / "raw"
-TINY_LM = ["--train-file", SHAKESPEARE, "--limit-chars", "20000", "--hidden-size", "32", "--embed-dim", "16", "--batch-size", "8",
-           "--seq-len", "32", "--warmup-steps", "5", "--threads", "1"]
+TINY_LM = ["--train-file", SHAKESPEARE, "--limit-chars", "20000", "--hidden-size", "32", "--embed-dim", "16",
+           "--batch-size", "8", "--seq-len", "32", "--warmup-steps", "5", "--threads", "1"]
 
 
 def test_train_lm_writes_a_servable_folder_and_learns(tmp_path, capsys):
@@ -40,8 +40,8 @@ def test_train_lm_writes_a_servable_folder_and_learns(tmp_path, capsys):
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path):
-    cfg = LMTrainConfig(train_file=SHAKESPEARE, out=str(tmp_path / "lm"), epochs=3, limit_chars=20000, hidden_size=32, embed_dim=16,
-                        batch_size=8, seq_len=32, warmup_steps=5, threads=1, max_minutes=0.0)
+    cfg = LMTrainConfig(train_file=SHAKESPEARE, out=str(tmp_path / "lm"), epochs=3, limit_chars=20000, hidden_size=32,
+                        embed_dim=16, batch_size=8, seq_len=32, warmup_steps=5, threads=1, max_minutes=0.0)
     first = train_lm(cfg)  # the time budget stops it within the first epoch
     # the checkpoint lies next to the folder: the folder, which is archived and deployed, holds the model only
     assert len(first["history"]) == 1 and (tmp_path / "lm.train_state.pt").exists()
