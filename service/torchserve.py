@@ -97,6 +97,8 @@ class TorchServeProcess:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.proc: subprocess.Popen | None = None
+        self.stopping = False  # stop() was called: an exit from then on is expected
+        self.out_path = settings.run_dir / "torchserve.out"
 
     def start(self) -> None:
         problem = java_problem()
@@ -120,18 +122,28 @@ class TorchServeProcess:
         log.info("starting TorchServe: inference %s, management %s, metrics %s (logs in %s)",
                  self.settings.inference_url, self.settings.management_url, self.settings.metrics_url,
                  run_dir / "logs")
-        self.out = open(run_dir / "torchserve.out", "ab")
+        self.out = open(self.out_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=self.out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def output_tail(self, lines: int = 20) -> str:
+        """The last lines TorchServe wrote to its output (the JVM's errors land there)."""
+        try:
+            with open(self.out_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError as e:
+            return f"(unreadable: {e})"
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to the whole group: java runs its own shutdown and the workers exit. SIGKILL only for what is
         still running after `grace_s` (logged as a warning: TorchServe did not honour SIGTERM)."""
         if self.proc is None:
             return
+        self.stopping = True
         pgid = self.proc.pid  # leader of its own session/group
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:

@@ -1,4 +1,5 @@
-"""Starting and stopping `rnnserve serve`: Ctrl-C or SIGTERM leaves no java or worker process behind."""
+"""Starting and stopping `rnnserve serve`: Ctrl-C or SIGTERM leaves no java or worker process behind; a TorchServe
+that exits on its own takes the gateway down with it."""
 import signal
 import subprocess
 import sys
@@ -6,7 +7,8 @@ import time
 
 import pytest
 
-from rnnserve.service.stack import start_stack, stop_stack
+from rnnserve.service.stack import free_ports, start_stack, stop_stack
+from tests.e2e.waits import HANG_S
 
 pytestmark = pytest.mark.e2e
 
@@ -87,3 +89,43 @@ def test_a_killed_harness_takes_its_stack_down(tmp_path):
         assert "is gone; stopping" in log and "TorchServe stopped" in log
     finally:
         harness.kill()
+
+
+def test_a_torchserve_that_dies_stops_the_gateway_with_its_status(tmp_path):
+    """TorchServe's JVM killed under a running service: `rnnserve serve` says so and exits 1 (a supervisor restarts
+    it), where a gateway left alone would answer 503 for ever."""
+    stack = start_stack(tmp_path)
+    try:
+        (java,) = stack.processes()["frontend"]
+        java.kill()
+        assert stack.proc.wait(timeout=HANG_S) == 1
+    finally:
+        stop_stack(stack)
+    log = stack.log.read_text()
+    assert "TorchServe exited with status" in log and "stopping the gateway" in log
+    assert "TorchServe stopped" in log
+    deadline = time.monotonic() + HANG_S
+    while processes_of(stack.run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(stack.run_dir) == []  # the workers went with their frontend
+
+
+def test_a_jvm_that_cannot_start_stops_serve_with_its_error(tmp_path, stack):
+    """A Java that passes the version check but cannot run TorchServe (a broken install, too little memory): the
+    error TorchServe printed reaches the service's log, and `rnnserve serve` exits 1 instead of waiting."""
+    java = tmp_path / "jdk" / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    java.write_text('#!/bin/sh\nif [ "$1" = -version ]; then echo \'openjdk version "17.0.99"\' >&2; exit 0; fi\n'
+                    'echo "Error occurred during initialization of VM: the test JVM" >&2\nexit 1\n')
+    java.chmod(0o755)
+    ports = free_ports(7)
+    env = {**stack.env, "JAVA_HOME": str(tmp_path / "jdk"), "RNNSERVE_RUN_DIR": str(tmp_path / "run")}
+    env.pop("RNNSERVE_PARENT_PID", None)
+    cmd = [sys.executable, "-m", "rnnserve.cli", "serve"] + [
+        a for flag, port in zip(("--port", "--ts-inference-port", "--ts-management-port", "--ts-metrics-port",
+                                 "--ts-grpc-inference-port", "--ts-grpc-management-port", "--ts-worker-port"), ports)
+        for a in (flag, str(port))]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_S * 2)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "TorchServe exited with status" in r.stderr
+    assert "Error occurred during initialization of VM: the test JVM" in r.stderr
