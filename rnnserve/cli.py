@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", dest="naive", action="store_false",
                    help="lm: leave the naive handlers out: the raw engine against the full stack only, so that many "
                         "--repeat runs (each an adjacent pair, whose ratio the table's median takes) fit in a sitting")
+    p.add_argument("--gpu", action="store_true",
+                   help="lm: on a CUDA GPU: the stack's archives take the GPU profile, the raw engine is built as its "
+                        "worker builds it (fp16, CUDA graphs), and the admission limits are raised to the largest "
+                        "--concurrency")
     p.add_argument("--token-ms", type=float, default=1.0,
                    help="serving: the synthetic engine's step time, slept (a fast GPU's; 0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -68,9 +68,11 @@ class Stack:
         return roles
 
 
-def start_stack(tmp: Path, extra_env: dict | None = None, models_dir: Path = MODELS_DIR) -> Stack:
+def start_stack(tmp: Path, extra_env: dict | None = None, models_dir: Path = MODELS_DIR,
+                profile: str | None = None) -> Stack:
+    """`profile`: the archives' worker profile, "cpu" or "gpu" (default: RNNSERVE_ARCHIVE_PROFILE, else cpu)."""
     store = tmp / "model_store"
-    build_archives(models_dir, store)
+    build_archives(models_dir, store, profile)
     gw, inf, mgmt, met, gi, gm, worker = free_ports(7)
     env = {**os.environ, "RNNSERVE_RUN_DIR": str(tmp / "run"), "RNNSERVE_MODEL_STORE": str(store),
            "RNNSERVE_MODELS_DIR": str(models_dir), "RNNSERVE_READY_PROBE_INTERVAL_S": "1",

@@ -34,7 +34,7 @@ from rnnserve.engine.translation_engine import TranslationEngine, TranslationPar
 from rnnserve.models.decode import int8_gemm_path
 from rnnserve.models.folder import copy_model_folder, load_lm, load_translation
 from rnnserve.paths import DATA_DIR, MODELS_DIR
-from rnnserve.service.archive import MODEL_CONFIGS
+from rnnserve.service.archive import MODEL_CONFIGS, PROFILE_ENV, model_config
 from rnnserve.service.gateway.torchserve_client import TorchServeClient
 from rnnserve.service.stack import start_stack, stop_stack
 from rnnserve.training.corpus import read_lines
@@ -315,28 +315,54 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = Fal
     return models
 
 
+def gpu_engine(int8: bool = False) -> LMEngine:
+    """The LM's engine on the GPU as the GPU profile's worker builds it (service/archive.py's GPU_SETTINGS over the
+    model's config: fp16, CUDA graphs, 1,024 rows), for `bench lm --gpu`'s raw engine. Built once: capturing its
+    graphs is not part of a run."""
+    from rnnserve.service.handlers.lm_handler import LanguageModelHandler
+
+    folder = MODELS_DIR / "lm-shakespeare"
+    cfg = model_config("lm", json.loads((folder / "config.json").read_text()), "gpu")["handler"]
+    device = torch.device("cuda")
+    loaded = load_lm(folder, device=device, dtype=torch.float16 if cfg.get("half_precision") else torch.float32)
+    return LanguageModelHandler._engine(loaded, {**cfg, "int8": int8}, device)
+
+
 def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
              step_ms: float | None = None, repeat: int = 3, int8: bool = False,
-             fresh_connections: bool = False, client: str = "lean", naive: bool = True) -> list[dict]:
+             fresh_connections: bool = False, client: str = "lean", naive: bool = True,
+             gpu: bool = False) -> list[dict]:
     """Raw engine, naive handlers (unless not `naive`) and full stack per level; with `int8`, the raw engine and
     the full stack again with the int8 decode step (a second copy of the model served beside the first), against
     both. The clients connect before each burst's clock starts unless `fresh_connections`; `client` is the load
-    generator (http_lm)."""
+    generator (http_lm). With `gpu`, the stack's archives take the GPU profile and the raw engine is built as its
+    worker builds it (gpu_engine), on the GPU; the admission limits are raised to the largest level."""
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("bench lm --gpu needs a CUDA GPU, and torch sees none")
+    if gpu and int8:
+        raise SystemExit("bench lm --gpu measures the GPU profile's step; --int8 is the CPU's comparison")
+    profile = "gpu" if gpu else "cpu"
     baseline_names = NAIVE if naive else {}
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")
     step_ms = step_ms or MODEL_CONFIGS["lm"]["handler"]["target_step_ms"]
+    limit = str(max(64, *concurrency))  # the gateway's default admission (64) or the largest level
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**_env(worker_threads), "RNNSERVE_TARGET_STEP_MS": str(step_ms)}
+        env = {**_env(worker_threads), "RNNSERVE_TARGET_STEP_MS": str(step_ms), PROFILE_ENV: profile,
+               "RNNSERVE_MAX_RUNNING_PER_MODEL": limit, "RNNSERVE_MAX_WAITING_PER_MODEL": limit}
         stack = start_stack(Path(tmp), models_dir=_bench_models_dir(Path(tmp), ["lm-shakespeare"], naive=naive,
                                                                     int8=int8),
-                            extra_env=env)
+                            extra_env=env, profile=profile)
         try:
             # warm-up: first calls pay one-off costs (allocator, kernels, connections), and TorchServe's
             # JVM compiles its hot paths over the first few thousand frames (warmup.py)
             # the raw engine runs the step the served model runs (fp32 with --int8, which adds int8 beside it)
             served_int8 = loaded.meta.get("int8") is True and not int8
-            raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
+            on_gpu = gpu_engine() if gpu else None
+            if on_gpu is not None:
+                raw_lm(on_gpu, max(concurrency), 32, step_ms)
+            else:
+                raw_lm(LMEngine(loaded.model, loaded.tokenizer, int8=served_int8), 4, 32, step_ms)
             for baseline in baseline_names:
                 run_client(http_lm(stack.url, baseline, "warm-up", 2, 16, client=client))
             warm = warm_until_compiled(
@@ -350,7 +376,8 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             if int8:
                 baselines |= {"vs_raw_int8": k + 2, "vs_stack_fp32": k + 1}
             for c in concurrency:
-                setups = [lambda c=c: raw_lm(LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
+                setups = [lambda c=c: raw_lm(on_gpu if on_gpu is not None else
+                                             LMEngine(loaded.model, loaded.tokenizer, max_batch_size=64,
                                                       int8=served_int8), c, tokens, step_ms),
                           *(lambda c=c, m=model, n=label: run_client(http_lm(stack.url, m, n, c, tokens, connect,
                                                                                    client))
@@ -369,7 +396,7 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             stop_stack(stack)
     _write(out, {"lm": rows, "tokens": tokens, "threads": torch.get_num_threads(), "worker_threads": worker_threads,
                  "step_ms": step_ms, "repeat": repeat, "int8": int8, "fresh_connections": fresh_connections,
-                 "client": client, "naive": naive, "warm_up": warm})
+                 "client": client, "naive": naive, "warm_up": warm, "profile": profile})
     return rows
 
 
@@ -590,7 +617,7 @@ def main(args) -> int:
         bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat, args.client)
     elif args.task == "lm":
         bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat, args.int8,
-                 args.fresh_connections, args.client, args.naive)
+                 args.fresh_connections, args.client, args.naive, args.gpu)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads,
                           args.repeat, args.int8)

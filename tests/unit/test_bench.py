@@ -47,6 +47,33 @@ def test_bench_lm_int8_serves_a_second_copy_of_the_model_with_the_int8_step(tmp_
     assert model_config("lm", fp32)["handler"]["int8"] is False
 
 
+def test_bench_lm_gpu_refuses_without_a_gpu_and_with_int8(monkeypatch, tmp_path):
+    import torch
+
+    from rnnserve.bench.baselines import bench_lm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU, and torch sees none"):
+        bench_lm([256], 16, tmp_path / "out.json", gpu=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="--int8 is the CPU's comparison"):
+        bench_lm([256], 16, tmp_path / "out.json", gpu=True, int8=True)
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_raw_engine_is_built_as_the_gpu_profiles_worker_builds_it():
+    import torch
+
+    from rnnserve.bench.baselines import gpu_engine, raw_lm
+
+    engine = gpu_engine()
+    assert engine.max_batch_size == 1024 and engine.device.type == "cuda"
+    assert next(engine.model.parameters()).dtype == torch.float16
+    res = raw_lm(engine, 8, 16, 60.0)
+    assert res.tokens == 8 * 16 and len(res.ttft) == 8
+
+
 @pytest.mark.parametrize("client", ["lean", "aiohttp"])
 def test_http_lm_clients_connect_before_the_clock_and_stream_on_those_connections(client):
     """With connect_first every client's connection is open before the burst (aiohttp's by a GET /healthz, the lean
