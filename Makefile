@@ -71,6 +71,11 @@ docker-smoke:
 # says so and fails. Runs without the venv (a GPU machine may have only python3 and torch): the checkout on
 # PYTHONPATH, with the links that pyproject's package-dir makes for rnnserve.service and rnnserve.training.
 GPU_PYTHON ?= python3
+# Java 17, TorchServe and the gateway's packages for a GPU machine with python3 and torch but no network, in parts
+# (README, "A GPU machine with no network"): needs a JDK 17 with jmods and the package index
+gpu-kit:
+	deploy/gpu_kit.sh build
+
 gpu-check:
 	@made=""; for p in service training; do test -e rnnserve/$$p || { ln -s ../$$p rnnserve/$$p; made="$$made rnnserve/$$p"; }; done; \
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m rnnserve.gpu_check --out gpu-check; \

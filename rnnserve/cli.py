@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm: on a CUDA GPU: the stack's archives take the GPU profile, the raw engine is built as its "
                         "worker builds it (fp16, CUDA graphs), and the admission limits are raised to the largest "
                         "--concurrency")
+    p.add_argument("--max-warm-up-bursts", type=int, default=60,
+                   help="lm: the warm-up's bound: bursts of the largest level until TorchServe's JVM has compiled "
+                        "its hot paths, at most this many (a 1,024-stream burst takes seconds)")
     p.add_argument("--token-ms", type=float, default=1.0,
                    help="serving: the synthetic engine's step time, slept (a fast GPU's; 0: none)")
     p.add_argument("--out", default=None, help="write the results as JSON here")

@@ -27,7 +27,7 @@ import torch
 
 from rnnserve.bench.soak import cpu_seconds
 from rnnserve.bench.sse import StreamRead, read_stream, read_stream_lines, run_client
-from rnnserve.bench.warmup import jvm_pid, warm_until_compiled
+from rnnserve.bench.warmup import MAX_BURSTS, jvm_pid, warm_until_compiled
 from rnnserve.engine.lm_engine import LMEngine
 from rnnserve.engine.sampling import SamplingParams
 from rnnserve.engine.translation_engine import TranslationEngine, TranslationParams
@@ -331,12 +331,13 @@ def gpu_engine(int8: bool = False) -> LMEngine:
 def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
              step_ms: float | None = None, repeat: int = 3, int8: bool = False,
              fresh_connections: bool = False, client: str = "lean", naive: bool = True,
-             gpu: bool = False) -> list[dict]:
+             gpu: bool = False, max_warm_up: int = MAX_BURSTS) -> list[dict]:
     """Raw engine, naive handlers (unless not `naive`) and full stack per level; with `int8`, the raw engine and
     the full stack again with the int8 decode step (a second copy of the model served beside the first), against
     both. The clients connect before each burst's clock starts unless `fresh_connections`; `client` is the load
     generator (http_lm). With `gpu`, the stack's archives take the GPU profile and the raw engine is built as its
-    worker builds it (gpu_engine), on the GPU; the admission limits are raised to the largest level."""
+    worker builds it (gpu_engine), on the GPU; the admission limits are raised to the largest level. The warm-up
+    runs at most `max_warm_up` bursts of the largest level (warmup.py)."""
     if gpu and not torch.cuda.is_available():
         raise SystemExit("bench lm --gpu needs a CUDA GPU, and torch sees none")
     if gpu and int8:
@@ -368,7 +369,7 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
             warm = warm_until_compiled(
                 lambda: [run_client(http_lm(stack.url, model, "warm-up", max(concurrency), tokens, client=client))
                          for model in ["lm-shakespeare"] + ([INT8_LM] if int8 else [])],
-                jvm_pid(stack.processes()), min_bursts=WARMUP_ROUNDS)
+                jvm_pid(stack.processes()), min_bursts=min(WARMUP_ROUNDS, max_warm_up), max_bursts=max_warm_up)
             # each ratio's denominator: its setup's index in `setups`
             k = len(baseline_names)
             baselines = {"vs_raw": 0} | ({"vs_naive": 1, "vs_naive_modules": 2} if naive else {})
@@ -617,7 +618,7 @@ def main(args) -> int:
         bench_cpu(levels, args.tokens, out, args.worker_threads, args.repeat, args.client)
     elif args.task == "lm":
         bench_lm(levels, args.tokens, out, args.worker_threads, args.step_ms, args.repeat, args.int8,
-                 args.fresh_connections, args.client, args.naive, args.gpu)
+                 args.fresh_connections, args.client, args.naive, args.gpu, args.max_warm_up_bursts)
     else:
         bench_translation(levels, [int(b) for b in args.beams.split(",")], args.per_client, out, args.worker_threads,
                           args.repeat, args.int8)
