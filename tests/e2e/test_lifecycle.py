@@ -91,14 +91,20 @@ def test_a_killed_harness_takes_its_stack_down(tmp_path):
         harness.kill()
 
 
-def test_a_torchserve_that_dies_stops_the_gateway_with_its_status(tmp_path):
+@pytest.mark.parametrize("gateways", [1, 2])
+def test_a_torchserve_that_dies_stops_the_gateway_with_its_status(tmp_path, gateways):
     """TorchServe's JVM killed under a running service: `rnnserve serve` says so and exits 1 (a supervisor restarts
-    it), where a gateway left alone would answer 503 for ever."""
-    stack = start_stack(tmp_path)
+    it), where a gateway left alone would answer 503 for ever; with several gateway processes, all of them go."""
+    stack = start_stack(tmp_path, extra_env={"RNNSERVE_GATEWAY_WORKERS": str(gateways)})
     try:
-        (java,) = stack.processes()["frontend"]
+        roles = stack.processes()
+        (java,) = roles["frontend"]
+        # the serve process, and with several gateway processes those and multiprocessing's helper
+        assert len(roles["gateway"]) == 1 if gateways == 1 else len(roles["gateway"]) >= 1 + gateways
         java.kill()
         assert stack.proc.wait(timeout=HANG_S) == 1
+        for p in roles["gateway"][1:]:
+            p.wait(timeout=HANG_S)  # psutil: returns once the process is gone
     finally:
         stop_stack(stack)
     log = stack.log.read_text()
