@@ -53,7 +53,7 @@ def write_config(settings: Settings, models: list[str]) -> Path:
     h = settings.ts_host
     store = settings.model_store.resolve()
     props = {
-        "inference_address": settings.inference_url if settings.ts_inference_socket
+        "inference_address": f"unix:{settings.ts_inference_socket.resolve()}" if settings.ts_inference_socket
         else f"http://{h}:{settings.ts_inference_port}",
         "management_address": f"http://{h}:{settings.ts_management_port}",
         "metrics_address": f"http://{h}:{settings.ts_metrics_port}",
