@@ -342,6 +342,9 @@ def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threa
         raise SystemExit("bench lm --gpu needs a CUDA GPU, and torch sees none")
     if gpu and int8:
         raise SystemExit("bench lm --gpu measures the GPU profile's step; --int8 is the CPU's comparison")
+    if gpu and naive:
+        raise SystemExit("bench lm --gpu needs --no-naive: the naive handlers answer one request at a time, and "
+                         "hundreds of streams through them would take hours")
     profile = "gpu" if gpu else "cpu"
     baseline_names = NAIVE if naive else {}
     loaded = load_lm(MODELS_DIR / "lm-shakespeare")

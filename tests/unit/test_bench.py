@@ -57,7 +57,9 @@ def test_bench_lm_gpu_refuses_without_a_gpu_and_with_int8(monkeypatch, tmp_path)
         bench_lm([256], 16, tmp_path / "out.json", gpu=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit, match="--int8 is the CPU's comparison"):
-        bench_lm([256], 16, tmp_path / "out.json", gpu=True, int8=True)
+        bench_lm([256], 16, tmp_path / "out.json", gpu=True, int8=True, naive=False)
+    with pytest.raises(SystemExit, match="--gpu needs --no-naive"):
+        bench_lm([256], 16, tmp_path / "out.json", gpu=True)
     assert not (tmp_path / "out.json").exists()
 
 
