@@ -73,11 +73,12 @@ class Settings(BaseSettings):
     ts_grpc_inference_port: int = Field(7070, ge=1, le=65535)
     ts_grpc_management_port: int = Field(7071, ge=1, le=65535)
     ts_worker_port: int = Field(9000, ge=1, le=65535)  # workers use Unix sockets /tmp/.ts.sock.<port>
-    # TorchServe's inference API on this Unix socket instead of ts_inference_port: the gateway's requests and
-    # frames then skip the loopback TCP stack (BENCHMARKS.md). Only where both run on one machine.
+    # TorchServe's inference API on this Unix socket instead of ts_inference_port, where both run on one machine:
+    # nothing answers inference over TCP, and only users who may open the file reach it (no change in speed was
+    # measured, BENCHMARKS.md)
     ts_inference_socket: Path | None = None
     # inference URL of a TorchServe not started by us (compose, k8s): http(s)://host:port or unix:/path/to.sock
-    ts_url: str | None = Field(None, pattern=r"^(https?://|unix:/)")
+    ts_url: str | None = Field(None, pattern=r"^$|^(https?://|unix:/)")  # empty: unset
     ts_management_url: str | None = None
     ts_key_file: Path | None = None  # TorchServe's key_file.json; default run_dir/key_file.json
     ts_token_auth: bool = True

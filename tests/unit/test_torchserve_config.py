@@ -41,3 +41,4 @@ def test_a_unix_socket_path_too_long_or_a_url_of_another_scheme_is_refused(tmp_p
     with pytest.raises(pydantic.ValidationError, match="ts_url"):
         Settings(ts_url="ftp://torchserve:8080")
     assert Settings(ts_url="unix:/run/ts.sock").inference_url == "unix:/run/ts.sock"
+    assert Settings(ts_url="", ts_inference_port=8123).inference_url == "http://127.0.0.1:8123"  # empty: unset
