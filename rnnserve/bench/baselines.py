@@ -315,7 +315,7 @@ def _bench_models_dir(tmp: Path, names: list[str], naive: bool, int8: bool = Fal
     return models
 
 
-def gpu_engine(int8: bool = False) -> LMEngine:
+def gpu_engine() -> LMEngine:
     """The LM's engine on the GPU as the GPU profile's worker builds it (service/archive.py's GPU_SETTINGS over the
     model's config: fp16, CUDA graphs, 1,024 rows), for `bench lm --gpu`'s raw engine. Built once: capturing its
     graphs is not part of a run."""
@@ -325,7 +325,7 @@ def gpu_engine(int8: bool = False) -> LMEngine:
     cfg = model_config("lm", json.loads((folder / "config.json").read_text()), "gpu")["handler"]
     device = torch.device("cuda")
     loaded = load_lm(folder, device=device, dtype=torch.float16 if cfg.get("half_precision") else torch.float32)
-    return LanguageModelHandler._engine(loaded, {**cfg, "int8": int8}, device)
+    return LanguageModelHandler._engine(loaded, cfg, device)
 
 
 def bench_lm(concurrency: list[int], tokens: int, out: Path | None, worker_threads: int = 0,
