@@ -3,7 +3,7 @@
 # packages and no network (README, "GPU"). The kit is built here, carried there in parts small enough to travel
 # beside the checkout, and unpacked there under /tmp/rnnserve-kit; nothing is installed system-wide.
 #
-#   deploy/gpu_kit.sh build     here: .gpu-kit/part-NN (15 MB each, KIT_PART_BYTES=...) and .gpu-kit/MANIFEST
+#   deploy/gpu_kit.sh build     here: .gpu-kit/part-NN (12 MB each, KIT_PART_BYTES=...) and .gpu-kit/MANIFEST
 #   deploy/gpu_kit.sh add       there: keep the parts present in this checkout's .gpu-kit/ (one call or several)
 #   deploy/gpu_kit.sh install   there, once every part is kept: Java 17, TorchServe and the packages under
 #                               /tmp/rnnserve-kit, and rnnserve's package links in the checkout
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=.gpu-kit
 ROOT=${KIT_ROOT:-/tmp/rnnserve-kit}
-PART_BYTES=${KIT_PART_BYTES:-15000000}
+PART_BYTES=${KIT_PART_BYTES:-12000000}
 
 # the wheels the stack needs that such a machine lacks (pyproject.toml's pins, and what they need)
 PACKAGES=(torchserve==0.12.0 torch-model-archiver==0.12.0 enum-compat==0.0.3 pydantic==2.14.3 pydantic-core==2.50.4
