@@ -82,7 +82,7 @@ def test_without_step_on_admit_the_call_returns_and_the_background_step_prefills
         step = fe.h.engine.step
         fe.h.engine.step = lambda: (threads.append(threading.current_thread().name), step())[1]
         handle, in_call = fe.h.handle, []
-        fe.h.handle = lambda data, ctx: (out := handle(data, ctx), in_call.append(len(threads)))[0]
+        fe.h.handle = lambda data, ctx: (handle(data, ctx), in_call.append(len(threads)))[0]
         fe.submit("a", {"texts": ["Ein Mann läuft.", "Zwei Hunde spielen!"], "beam_size": 2, "max_tokens": 8})
         fe.step()
         first_call = list(threads)
