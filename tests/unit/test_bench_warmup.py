@@ -59,7 +59,6 @@ def test_compiler_cpu_ms_reads_only_compiler_threads():
     assert warmup.compiler_cpu_ms(dead.pid) is None
 
 
-
 def test_the_command_lines_bound_on_warm_up_bursts_is_the_warm_ups_own():
     # cli.py spells the default out (building the parser must not import the benchmarks, hence torch)
     from rnnserve.cli import build_parser
