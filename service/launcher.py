@@ -164,19 +164,16 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _stop_when_torchserve_exits(ts: TorchServeProcess) -> list[int]:
+def _stop_when_torchserve_exits(ts: TorchServeProcess) -> None:
     """Stop the gateway (SIGTERM to this process) if TorchServe exits on its own: its JVM failed to start, or
     died. A gateway left running would only answer 503, and a supervisor (systemd, a restart policy) restarts a
-    process that exits, not one that stays. Logs TorchServe's exit status and the end of its output; returns a
-    list that holds the status once that happened."""
-    exited: list[int] = []
+    process that exits, not one that stays. Logs TorchServe's exit status and the end of its output."""
     proc = ts.proc
 
     def watch() -> None:
         code = proc.wait()
         if ts.stopping:
             return
-        exited.append(code)
         log.error("TorchServe exited with status %s; stopping the gateway. The end of its output (%s):\n%s",
                   code, ts.out_path, ts.output_tail())
         while True:  # a signal that comes before the gateway's server has its handlers is only noted: again
@@ -184,7 +181,6 @@ def _stop_when_torchserve_exits(ts: TorchServeProcess) -> list[int]:
             time.sleep(15)  # longer than the gateway's graceful shutdown (10 s)
 
     threading.Thread(target=watch, name="torchserve-watch", daemon=True).start()
-    return exited
 
 
 def serve(**overrides) -> int:
@@ -196,10 +192,11 @@ def serve(**overrides) -> int:
     log.info("rnnserve: gateway http://%s:%d (docs at /docs), TorchServe %s; Ctrl-C stops both",
              settings.host, settings.port, settings.inference_url)
     _record_signals()
-    exited = _stop_when_torchserve_exits(ts)
+    _stop_when_torchserve_exits(ts)
     try:
         _run_gateway(settings)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan TorchServe
+        died = not ts.running()  # it exited before we stopped it: the watcher stopped the gateway
         ts.stop()
-    return 1 if exited else 0
+    return 1 if died else 0

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
+
 from rnnserve.service.gateway import torchserve_client as tsc
 from rnnserve.service.gateway.upstream import Upstream, UpstreamError
 from rnnserve.service.settings import Settings
