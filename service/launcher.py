@@ -141,8 +141,7 @@ def torchserve(**overrides) -> int:
         while ts.running() and not received:
             time.sleep(0.5)
         if not received:
-            log.error("TorchServe exited with status %s. The end of its output (%s):\n%s", ts.proc.returncode,
-                      ts.out_path, ts.output_tail())
+            ts.log_exit()
     finally:
         ts.stop()
     return 0 if received else 1
@@ -171,11 +170,10 @@ def _stop_when_torchserve_exits(ts: TorchServeProcess) -> None:
     proc = ts.proc
 
     def watch() -> None:
-        code = proc.wait()
+        proc.wait()
         if ts.stopping:
             return
-        log.error("TorchServe exited with status %s; stopping the gateway. The end of its output (%s):\n%s",
-                  code, ts.out_path, ts.output_tail())
+        ts.log_exit("; stopping the gateway")
         while True:  # a signal that comes before the gateway's server has its handlers is only noted: again
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(15)  # longer than the gateway's graceful shutdown (10 s)

@@ -138,6 +138,12 @@ class TorchServeProcess:
         except OSError as e:
             return f"(unreadable: {e})"
 
+    def log_exit(self, then: str = "") -> None:
+        """Log that TorchServe exited on its own (`then`: what follows from it), with the end of its output."""
+        code = self.proc.returncode if self.proc is not None else None
+        log.error("TorchServe exited with status %s%s. The end of its output (%s):\n%s", code, then, self.out_path,
+                  self.output_tail())
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to the whole group: java runs its own shutdown and the workers exit. SIGKILL only for what is
         still running after `grace_s` (logged as a warning: TorchServe did not honour SIGTERM)."""
